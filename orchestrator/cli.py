@@ -1,0 +1,92 @@
+"""The ``orchestrator`` command: Hydra composes the config, :func:`orchestrator.runner.run` does the work.
+
+Errors end in one line (``error: ...``) naming the bad key/value and what is valid. Hydra prints multi-line
+reports (and tracebacks for errors raised inside the job), so its reporter is replaced by :func:`report_error`;
+``HYDRA_FULL_ERROR=1`` still gives the full traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import hydra
+from omegaconf import DictConfig
+
+from .config import register_configs
+from .errors import OrchestratorError
+
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+log = logging.getLogger("orchestrator")
+
+
+def _first(text: str) -> str:
+    text = str(text).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
+def _valid_keys(object_type: Any) -> Optional[str]:
+    fields = getattr(object_type, "__dataclass_fields__", None)
+    return ", ".join(fields) if fields else None
+
+
+def one_line(ex: BaseException) -> str:
+    """A single line for any error Hydra, OmegaConf or the run can raise."""
+    from hydra.errors import ConfigCompositionException, MissingConfigException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(ex, OrchestratorError):
+        return str(ex)
+    m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", str(ex))
+    if m and isinstance(ex, (MissingConfigException, ConfigCompositionException)):
+        group, choice = m.groups()
+        options = getattr(ex, "options", None) or sorted(p.stem for p in Path(CONF_DIR, group).glob("*.yaml"))
+        return f"{group}={choice}: unknown choice; valid: {', '.join(options) or '(none)'}"
+    cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
+    if isinstance(ex, OmegaConfBaseException) and cause is None:
+        cause = ex
+    if cause is not None:
+        key = getattr(cause, "full_key", None) or ""
+        msg = _first(cause)
+        if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
+            valid = _valid_keys(getattr(cause, "object_type", None))
+            return f"{key}: unknown key" + (f"; valid keys here: {valid}" if valid else f" ({msg})")
+        return f"{key}: {msg}" if key and key not in msg else msg
+    return f"{type(ex).__name__}: {_first(ex)}" if not _first(ex).startswith(type(ex).__name__) else _first(ex)
+
+
+def report_error(func: Any) -> Any:
+    """Drop-in for hydra._internal.utils.run_and_report: one line on stderr, exit 2 (user error) or 1."""
+    try:
+        return func()
+    except Exception as ex:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        sys.stderr.write(f"error: {one_line(ex)}\n")
+        sys.exit(ex.exit_code if isinstance(ex, OrchestratorError) else 1)
+
+
+def _task(cfg: DictConfig) -> Any:
+    from hydra.core.hydra_config import HydraConfig
+
+    from .runner import run
+
+    try:
+        return run(cfg)
+    except Exception as ex:
+        if HydraConfig.get().mode.name == "MULTIRUN":
+            # the launcher stores the exception and goes on with the next job: say why this one failed
+            log.error("job %s failed: %s", HydraConfig.get().job.num, one_line(ex))
+        raise
+
+
+def main() -> None:
+    import hydra._internal.utils as hydra_utils
+
+    register_configs()
+    hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
+    app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
+    app()

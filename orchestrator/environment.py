@@ -1,0 +1,58 @@
+"""What the numbers were measured on: versions, CPU model and ISA, git SHA, threads."""
+from __future__ import annotations
+
+import functools
+import platform
+import subprocess
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Dict
+
+
+def pkg_version(name: str) -> str:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> Dict[str, str]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and model in ("unknown", "", platform.processor()):
+                model = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {
+        "cpu.model": model,
+        "cpu.avx512": str("avx512f" in flags),
+        "cpu.amx_bf16": str("amx_bf16" in flags),
+        "cpu.amx_int8": str("amx_int8" in flags),
+    }
+
+
+@functools.lru_cache(maxsize=1)
+def git_sha() -> str:
+    here = Path(__file__).resolve().parent
+    try:
+        out = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment_tags() -> Dict[str, str]:
+    tags = {f"version.{p}": pkg_version(p) for p in ("torch", "transformers", "datasets", "mlflow", "hydra-core")}
+    tags["version.python"] = platform.python_version()
+    ipex = pkg_version("intel-extension-for-pytorch")
+    if ipex != "not installed":
+        tags["version.ipex"] = ipex
+    tags.update(cpu_info())
+    tags["git_sha"] = git_sha()
+    tags["host"] = platform.node()
+    return tags

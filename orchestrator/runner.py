@@ -1,0 +1,202 @@
+"""One run: validate -> load -> parity reference -> precision + stack -> accuracy pass -> timing pass -> track.
+
+``run(cfg)`` knows nothing about the CLI: tests and notebooks call it with a composed config. Whatever was measured
+before a failure is logged, the MLflow run ends FAILED (KILLED on interrupt) with an ``error`` tag, and the
+exception propagates for the caller to report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from . import data, measure, pipeline
+from .config import RunConfig, validate
+from .environment import environment_tags
+from .errors import OrchestratorError
+from .plugin import PluginContext
+from .registry import tasks as task_registry
+from .report import print_results
+from .tracking import Tracker, flatten
+
+log = logging.getLogger(__name__)
+
+
+def _hydra_info() -> Dict[str, Any]:
+    """Run dir, choices and overrides when running under Hydra; empty outside it (Python API, tests)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return {}
+    return {
+        "output_dir": Path(hc.runtime.output_dir),
+        "choices": dict(hc.runtime.choices),
+        "overrides": list(hc.overrides.task),
+        "job_num": hc.job.get("num"),
+        "mode": str(hc.mode),
+    }
+
+
+def _run_name(rc: RunConfig, choices: Dict[str, Any]) -> str:
+    if rc.tracking.run_name:
+        return rc.tracking.run_name
+    model = choices.get("model") or Path(rc.model.name_or_path).name
+    dataset = choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
+    stack = "+".join(rc.optimization) or "eager"
+    return f"{model}-{dataset}-{rc.precision.name}-{stack}"
+
+
+def _set_threads(rc: RunConfig) -> Dict[str, float]:
+    if rc.runtime.threads:
+        torch.set_num_threads(rc.runtime.threads)
+    if rc.runtime.interop_threads:
+        try:
+            torch.set_num_interop_threads(rc.runtime.interop_threads)
+        except RuntimeError:  # settable once per process; later jobs of a sweep keep the first value
+            log.warning("runtime.interop_threads could not be changed after first use in this process; using %d",
+                        torch.get_num_interop_threads())
+    return {"threads": float(torch.get_num_threads()), "interop_threads": float(torch.get_num_interop_threads())}
+
+
+class Results(dict):
+    """Everything known about the run so far; written to results.json whatever happens."""
+
+    def metrics(self, values: Dict[str, float], tracker: Tracker) -> None:
+        self.setdefault("metrics", {}).update(values)
+        tracker.log_metrics(values)
+
+
+def _quiet_libraries() -> None:
+    """Per-file progress bars of transformers/datasets drown the run's own output."""
+    import datasets
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+
+
+def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
+    rc = validate(cfg)
+    _quiet_libraries()
+    container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
+    hydra = _hydra_info()
+    run_dir = hydra.get("output_dir") or Path("outputs/runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    run_name = _run_name(rc, hydra.get("choices", {}))
+    stack = list(rc.optimization)
+    task_cls = task_registry.get(rc.dataset.task)
+
+    tags = environment_tags()
+    tags.update({
+        "task": rc.dataset.task,
+        "stack": "+".join(stack) or "eager",
+        "precision": rc.precision.name,
+        "overrides": " ".join(hydra.get("overrides", [])),
+    })
+    tracker = Tracker(rc.tracking, run_name)
+    tracker.start(flatten(container), tags)
+    results = Results(run_name=run_name, status="RUNNING", stack="+".join(stack), precision=rc.precision.name,
+                      task=rc.dataset.task, config=container, run_dir=str(run_dir), run_id=tracker.run_id,
+                      tracking_uri=rc.tracking.uri if rc.tracking.enabled else None, metrics={})
+    predictions: List[dict] = []
+    try:
+        results.metrics(_set_threads(rc), tracker)
+        torch.manual_seed(rc.runtime.seed)
+        random.seed(rc.runtime.seed)
+        plugins = pipeline.build_plugins(rc.optimization)
+        with measure.PeakRSS() as rss:
+            t0 = time.perf_counter()
+            model, tokenizer, hf_config = pipeline.load_model(rc.model, task_cls)
+            results.metrics({"model_load_s": time.perf_counter() - t0}, tracker)
+
+            t0 = time.perf_counter()
+            dataset = data.load(rc.dataset)
+            task = task_cls(rc.dataset, rc.runtime, tokenizer, hf_config)
+            task.check_columns(dataset.column_names)
+            tracker.log_dataset(dataset, name=hydra.get("choices", {}).get("dataset") or rc.dataset.path,
+                                source=str(rc.dataset.data_files or rc.dataset.path))
+            features = task.featurize(dataset)
+            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+            r = rc.runtime
+            batches = measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
+                                           r.sort_by_length)
+            results.metrics({"examples": float(len(dataset)), "features": float(len(features)),
+                             "featurize_s": time.perf_counter() - t0}, tracker)
+
+            # eager fp32 reference on a fixed sample, before precision and stack touch the model
+            n_par = min(r.parity_samples, len(features))
+            par_batches = measure.make_batches(features.rows[:n_par], r.batch_size, pad_id, r.padding,
+                                               r.max_length, False) if n_par else []
+            reference, _ = measure.run_all(measure.forward_fn(model, task.head, None), par_batches, n_par)
+
+            t0 = time.perf_counter()
+            model = pipeline.apply_precision(model, rc.precision)
+            ac = pipeline.autocast_dtype(rc.precision)
+            ctx = PluginContext(task=task.name, dtype=pipeline.DTYPES[rc.precision.dtype], autocast_dtype=ac,
+                                example_batch=batches[0].inputs, threads=torch.get_num_threads())
+            model, record = pipeline.apply_stack(model, plugins, ctx, r.on_plugin_error)
+            results["applied"] = record.applied
+            results["fallbacks"] = record.fallbacks
+            stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
+            stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
+            stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
+            tracker.set_tags(stack_tags)
+            results["tags"] = stack_tags
+            size = measure.model_size_mb(model)
+            results.metrics({"stack_apply_s": time.perf_counter() - t0,
+                             **{f"plugin_{n}_s": s for n, s in record.seconds.items()},
+                             **({"model_size_mb": size} if size is not None else {})}, tracker)
+
+            step = measure.forward_fn(model, task.head, ac)
+            if n_par:
+                candidate, _ = measure.run_all(step, par_batches, n_par)
+                diff, agree = task.parity(reference, candidate)
+                results.metrics({"parity_max_abs_diff": diff, "parity_agreement": agree}, tracker)
+
+            t0 = time.perf_counter()
+            outputs, lat = measure.run_all(step, batches, len(features), desc="accuracy pass", progress=r.progress)
+            forward_s = sum(lat)
+            t1 = time.perf_counter()
+            task_metrics, predictions = task.evaluate(dataset, features, outputs)
+            post_s = time.perf_counter() - t1
+            results.metrics({**task_metrics, "accuracy_pass_s": t1 - t0 + post_s,
+                             "postprocess_s": post_s, "accuracy_pass_forward_s": forward_s}, tracker)
+
+            timing = measure.timing_pass(step, batches, r.warmup, r.min_iterations, r.min_duration_s,
+                                         r.max_iterations, progress=r.progress)
+            results.metrics(timing.metrics(), tracker)
+        results.metrics({"peak_rss_mb": rss.peak_mb}, tracker)
+        results["status"] = "FINISHED"
+    except BaseException as e:
+        results["status"] = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        message = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {e}"
+        results["error"] = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        tracker.set_tags({"error": results["error"]})
+        raise
+    finally:
+        _finish(results, tracker, run_dir, predictions, rc, list(task_cls.metric_names))
+    return results
+
+
+def _finish(results: Results, tracker: Tracker, run_dir: Path, predictions: List[dict], rc: RunConfig,
+            metric_names: List[str]) -> None:
+    results["tracking_error"] = tracker.error
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if predictions and rc.tracking.prediction_samples:
+        sample = predictions[:rc.tracking.prediction_samples]
+        (run_dir / "predictions_sample.json").write_text(json.dumps(sample, indent=2, default=str))
+    tracker.log_artifact(run_dir / "results.json")
+    tracker.log_artifact(run_dir / "predictions_sample.json")
+    tracker.log_artifact(run_dir / ".hydra", "hydra")
+    tracker.end(results["status"])
+    results["tracking_error"] = tracker.error
+    print_results(results, metric_names)

@@ -1,0 +1,112 @@
+"""What every task provides: columns it reads, features it builds, the head it applies, the metric it computes.
+
+A task never runs the model: the runner batches its features, calls the (possibly optimized) model and hands each
+task the per-feature outputs of :meth:`Task.head`, in the original feature order.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from ..errors import DatasetError, ModelLoadError
+
+
+@dataclass
+class Features:
+    """Tokenized rows, one per model input row; ``example_index`` maps each row back to its dataset example."""
+
+    rows: List[Dict[str, List[int]]]
+    example_index: List[int]
+    # task-specific per-row data the postprocessing needs (e.g. offset mappings for QA)
+    extra: Dict[str, List[Any]] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+
+class Task:
+    name: ClassVar[str] = ""
+    # the transformers Auto class that loads a model for this task
+    auto_class: ClassVar[str] = "AutoModel"
+    # architecture suffix a checkpoint must declare (None: any encoder works, e.g. embeddings from the base model)
+    head_suffix: ClassVar[Optional[str]] = None
+    primary_metric: ClassVar[str] = ""
+    # every task metric, in the order tables show them (all on a 0-100 scale)
+    metric_names: ClassVar[tuple] = ()
+    # role -> required; a dataset config maps roles to its column names (default: the role's own name)
+    roles: ClassVar[Dict[str, bool]] = {}
+
+    def __init__(self, dataset_cfg, runtime_cfg, tokenizer, model_config):
+        self.dataset_cfg = dataset_cfg
+        self.runtime = runtime_cfg
+        self.tokenizer = tokenizer
+        self.model_config = model_config
+        unknown = sorted(set(dataset_cfg.columns) - set(self.roles))
+        if unknown:
+            raise DatasetError(
+                f"dataset.columns: unknown role(s) {', '.join(unknown)} for task {self.name}; "
+                f"valid roles: {', '.join(self.roles)}"
+            )
+        self.columns = {role: dataset_cfg.columns.get(role, role) for role in self.roles}
+
+    # -- model ---------------------------------------------------------------------------------------------
+    @classmethod
+    def check_model(cls, model_config, name_or_path: str) -> None:
+        """Refuse a checkpoint whose head does not fit (instead of silently adding a random head)."""
+        if cls.head_suffix is None:
+            return
+        archs = list(getattr(model_config, "architectures", None) or [])
+        if not any(a.endswith(cls.head_suffix) for a in archs):
+            raise ModelLoadError(
+                f"model '{name_or_path}' has architectures {archs or '[none declared]'}; task {cls.name} needs a "
+                f"checkpoint with a *{cls.head_suffix} head (loaded with {cls.auto_class})"
+            )
+
+    # -- data ----------------------------------------------------------------------------------------------
+    def check_columns(self, column_names: Sequence[str]) -> None:
+        missing = [f"{role}->'{col}'" for role, col in self.columns.items()
+                   if self.roles[role] and col not in column_names]
+        if missing:
+            raise DatasetError(
+                f"dataset columns missing for task {self.name}: {', '.join(missing)}; columns found: "
+                f"{', '.join(column_names)} (map them with dataset.columns.<role>=<column>)"
+            )
+
+    def column(self, dataset, role: str) -> list:
+        # datasets 5 returns a lazy Column object; tokenizers and metrics want a list
+        return list(dataset[self.columns[role]])
+
+    def featurize(self, dataset) -> Features:
+        raise NotImplementedError
+
+    def tokenize(self, *texts, **kwargs) -> Dict[str, List[List[int]]]:
+        enc = self.tokenizer(*texts, truncation=kwargs.pop("truncation", True),
+                             max_length=self.runtime.max_length, padding=False, **kwargs)
+        return enc
+
+    def model_input_names(self, enc) -> List[str]:
+        return [k for k in self.tokenizer.model_input_names if k in enc]
+
+    def rows_from(self, enc, n: int) -> List[Dict[str, List[int]]]:
+        names = self.model_input_names(enc)
+        return [{k: enc[k][i] for k in names} for i in range(n)]
+
+    # -- model outputs -------------------------------------------------------------------------------------
+    def head(self, outputs, batch: Dict[str, torch.Tensor]) -> torch.Tensor:
+        """Per-row float32 tensor [batch, ...] from the model's outputs (ModelOutput or a traced dict)."""
+        raise NotImplementedError
+
+    def evaluate(self, dataset, features: Features, outputs: List[torch.Tensor]) -> Tuple[Dict[str, float], List[dict]]:
+        """Metrics (0-100 scale) and one prediction record per example."""
+        raise NotImplementedError
+
+    def parity(self, reference: List[torch.Tensor], candidate: List[torch.Tensor]) -> Tuple[float, float]:
+        """(max |delta| of head outputs, fraction of rows whose prediction agrees)."""
+        diff = max((float((r - c).abs().max()) for r, c in zip(reference, candidate)), default=0.0)
+        agree = [self.same_prediction(r, c) for r, c in zip(reference, candidate)]
+        return diff, (sum(agree) / len(agree) if agree else 1.0)
+
+    def same_prediction(self, reference: torch.Tensor, candidate: torch.Tensor) -> bool:
+        return bool(torch.equal(reference.argmax(-1), candidate.argmax(-1)))

@@ -1,0 +1,61 @@
+"""Text (pair) classification: argmax of logits; accuracy and macro-F1 x100; labels mapped through the model config."""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
+from ..errors import DatasetError
+from .base import Features, Task
+
+
+class TextClassification(Task):
+    name = "text_classification"
+    auto_class = "AutoModelForSequenceClassification"
+    head_suffix = "ForSequenceClassification"
+    primary_metric = "accuracy"
+    metric_names = ("accuracy", "macro_f1")
+    roles = {"text": True, "text_pair": False, "label": True}
+
+    def featurize(self, dataset) -> Features:
+        texts = self.column(dataset, "text")
+        pairs = self.column(dataset, "text_pair") if self.columns["text_pair"] in dataset.column_names else None
+        enc = self.tokenize(texts, pairs) if pairs is not None else self.tokenize(texts)
+        return Features(rows=self.rows_from(enc, len(texts)), example_index=list(range(len(texts))))
+
+    def gold_labels(self, dataset) -> List[int]:
+        raw = self.column(dataset, "label")
+        num = int(self.model_config.num_labels)
+        label2id = {str(k).lower(): int(v) for k, v in (self.model_config.label2id or {}).items()}
+        out = []
+        for value in raw:
+            if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
+                if value.lower() not in label2id:
+                    raise DatasetError(f"dataset label {value!r} is not in the model's label map; "
+                                       f"valid: {', '.join(sorted(label2id))}")
+                out.append(label2id[value.lower()])
+            else:
+                idx = int(value)
+                if not 0 <= idx < num:
+                    raise DatasetError(f"dataset label {idx} is outside the model's {num} labels "
+                                       f"(valid ids 0..{num - 1}: {self.model_config.id2label})")
+                out.append(idx)
+        return out
+
+    def head(self, outputs, batch) -> torch.Tensor:
+        return outputs["logits"].float()
+
+    def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
+        gold = torch.tensor(self.gold_labels(dataset))
+        logits = torch.stack(outputs)
+        pred = logits.argmax(-1)
+        n = int(self.model_config.num_labels)
+        metrics = {
+            "accuracy": 100.0 * float(multiclass_accuracy(pred, gold, num_classes=n, average="micro")),
+            "macro_f1": 100.0 * float(multiclass_f1_score(pred, gold, num_classes=n, average="macro")),
+        }
+        id2label = self.model_config.id2label
+        preds = [{"text": t, "label": id2label[int(g)], "predicted": id2label[int(p)]}
+                 for t, g, p in zip(self.column(dataset, "text"), gold.tolist(), pred.tolist())]
+        return metrics, preds

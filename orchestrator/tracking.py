@@ -1,0 +1,173 @@
+"""MLflow logging for one run: params (flattened config), metrics as they are measured, tags, artifacts, status.
+
+Tracking must never cost a measurement: if the store cannot be reached the run goes on, ``results.json`` is
+written to the run directory, and the failure is reported loudly once.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Optional
+from urllib.parse import urlparse
+
+from .errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+PARENT_RUN_ENV = "ORCH_PARENT_RUN_ID"  # set by the sweep callback so each job nests under the sweep's run
+MAX_PARAM_LEN = 6000
+
+
+def flatten(d: Dict[str, Any]) -> Dict[str, str]:
+    import pandas as pd
+
+    flat = pd.json_normalize(d, sep=".").to_dict(orient="records")[0] if d else {}
+    out = {}
+    for k, v in flat.items():
+        if isinstance(v, float) and v != v:  # NaN from empty nested dicts
+            continue
+        text = json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+        out[k] = text[:MAX_PARAM_LEN]
+    return out
+
+
+def sqlite_path(uri: str) -> Optional[Path]:
+    if not uri.startswith("sqlite:///"):
+        return None
+    return Path(uri[len("sqlite:///"):])
+
+
+def default_artifact_location(uri: str) -> Optional[str]:
+    db = sqlite_path(uri)
+    if db is None:
+        return None  # a server decides (its --artifacts-destination / default-artifact-root)
+    return (db.resolve().parent / "mlartifacts").as_uri()
+
+
+def check_uri(uri: str) -> None:
+    scheme = urlparse(uri).scheme
+    valid = ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file")
+    if scheme not in valid:
+        raise ConfigError(f"tracking.uri={uri!r}: unsupported scheme {scheme!r}; valid: {', '.join(valid)} "
+                          "(e.g. sqlite:///outputs/mlflow.db or http://127.0.0.1:5000)")
+
+
+def ensure_experiment(client, name: str, artifact_location: Optional[str]) -> str:
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except Exception:
+        # another process of the same sweep created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
+
+
+class Tracker:
+    """A thin, failure-tolerant wrapper over MlflowClient for exactly one run."""
+
+    def __init__(self, cfg, run_name: str):
+        self.cfg = cfg
+        self.run_name = run_name
+        self.client = None
+        self.run_id: Optional[str] = None
+        self.error: Optional[str] = None
+        if cfg.enabled:
+            check_uri(cfg.uri)
+
+    @property
+    def active(self) -> bool:
+        return self.run_id is not None and self.error is None
+
+    def _guard(self, what: str, fn, *args, **kwargs):
+        if not self.active and what != "start":
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:  # tracking problems are reported, never fatal to the measurement
+            self.error = f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            log.error("MLflow tracking failed (%s); results are kept in results.json of the run directory",
+                      self.error)
+            return None
+
+    def start(self, params: Dict[str, str], tags: Dict[str, str]) -> None:
+        if not self.cfg.enabled:
+            return
+
+        def _start():
+            from mlflow.tracking import MlflowClient
+
+            db = sqlite_path(self.cfg.uri)
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            self.client = MlflowClient(tracking_uri=self.cfg.uri)
+            exp_id = ensure_experiment(self.client, self.cfg.experiment,
+                                       self.cfg.artifact_location or default_artifact_location(self.cfg.uri))
+            all_tags = dict(tags)
+            parent = os.environ.get(PARENT_RUN_ENV)
+            if parent:
+                all_tags["mlflow.parentRunId"] = parent
+            run = self.client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
+            self.run_id = run.info.run_id
+            self.log_params(params)
+
+        self._guard("start", _start)
+
+    def log_params(self, params: Dict[str, str]) -> None:
+        from mlflow.entities import Param
+
+        self._guard("log_params", self.client.log_batch, self.run_id,
+                    params=[Param(k, v) for k, v in params.items()]) if self.active else None
+
+    def log_metrics(self, metrics: Dict[str, float]) -> None:
+        if not self.active or not metrics:
+            return
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        self._guard("log_metrics", self.client.log_batch, self.run_id,
+                    metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None])
+
+    def set_tags(self, tags: Dict[str, str]) -> None:
+        if not self.active or not tags:
+            return
+        from mlflow.entities import RunTag
+
+        self._guard("set_tags", self.client.log_batch, self.run_id,
+                    tags=[RunTag(k, str(v)[:MAX_PARAM_LEN]) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        if not self.active or not path.exists():
+            return
+        fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
+        self._guard("log_artifact", fn, self.run_id, str(path), artifact_path)
+
+    def log_dataset(self, dataset, name: str, source: str) -> None:
+        if not self.active:
+            return
+
+        def _log():
+            import mlflow.data
+            from mlflow.entities import DatasetInput, InputTag
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # schema-inference hints about integer columns
+                ds = mlflow.data.from_huggingface(dataset, path=source, name=name)
+                entity = ds._to_mlflow_entity()
+            tags = [InputTag("mlflow.data.context", "eval")]
+            self.client.log_inputs(self.run_id, datasets=[DatasetInput(entity, tags=tags)])
+
+        self._guard("log_dataset", _log)
+
+    def end(self, status: str) -> None:
+        if not self.active:
+            return
+        self._guard("end", self.client.set_terminated, self.run_id, status)

