@@ -36,6 +36,8 @@ class DatasetConfig:
     task: str = MISSING
     # task role -> column name in this dataset (e.g. text: sentence, label: label)
     columns: Dict[str, str] = field(default_factory=dict)
+    # task-specific settings, validated by the task's own Options schema (e.g. doc_stride for question answering)
+    task_options: Dict[str, Any] = field(default_factory=dict)
     # extra keyword arguments for ``load_dataset`` (e.g. delimiter, quoting, column_names for csv files)
     load_kwargs: Dict[str, Any] = field(default_factory=dict)
 

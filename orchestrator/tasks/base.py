@@ -10,7 +10,12 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import DatasetError, ModelLoadError
+from ..errors import ConfigError, DatasetError, ModelLoadError
+
+
+@dataclass
+class NoOptions:
+    pass
 
 
 @dataclass
@@ -37,6 +42,8 @@ class Task:
     metric_names: ClassVar[tuple] = ()
     # role -> required; a dataset config maps roles to its column names (default: the role's own name)
     roles: ClassVar[Dict[str, bool]] = {}
+    # schema of dataset.task_options for this task
+    Options: ClassVar[type] = NoOptions
 
     def __init__(self, dataset_cfg, runtime_cfg, tokenizer, model_config):
         self.dataset_cfg = dataset_cfg
@@ -50,6 +57,17 @@ class Task:
                 f"valid roles: {', '.join(self.roles)}"
             )
         self.columns = {role: dataset_cfg.columns.get(role, role) for role in self.roles}
+        self.options = self.parse_options(getattr(dataset_cfg, "task_options", None) or {})
+
+    @classmethod
+    def parse_options(cls, options: Dict[str, Any]) -> Any:
+        from omegaconf import OmegaConf
+
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), options))
+        except Exception as e:  # omegaconf names the key; keep its first line
+            first = str(e).strip().splitlines()[0]
+            raise ConfigError(f"dataset.task_options ({cls.name}): {first}") from e
 
     # -- model ---------------------------------------------------------------------------------------------
     @classmethod
