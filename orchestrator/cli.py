@@ -77,10 +77,12 @@ def _task(cfg: DictConfig) -> Any:
     try:
         return run(cfg)
     except Exception as ex:
-        if HydraConfig.get().mode.name == "MULTIRUN":
-            # the launcher stores the exception and goes on with the next job: say why this one failed
-            log.error("job %s failed: %s", HydraConfig.get().job.num, one_line(ex))
-        raise
+        if HydraConfig.get().mode.name != "MULTIRUN":
+            raise
+        # Hydra's sweeper re-raises a job's exception after the batch, which would skip the sweep summary:
+        # report the failure (its MLflow run is already FAILED) and let the sweep go on.
+        log.error("job %s failed: %s", HydraConfig.get().job.num, one_line(ex))
+        return {"status": "FAILED", "error": one_line(ex)}
 
 
 def main() -> None:
@@ -90,3 +92,8 @@ def main() -> None:
     hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
     app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
     app()
+    from . import sweep
+
+    if sweep.last_failed_jobs:
+        sys.stderr.write(f"error: {sweep.last_failed_jobs} sweep job(s) did not finish; see the summary above\n")
+        sys.exit(1)

@@ -110,13 +110,20 @@ def _require(ok: bool, key: str, value: Any, rule: str) -> None:
         raise ConfigError(f"{key}={value!r}: {rule}")
 
 
+def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
+    """Typed view of the composed config (types and keys were already checked by Hydra against the schema)."""
+    if isinstance(cfg, RunConfig):
+        return cfg
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except Exception as e:  # interpolation or type errors: omegaconf names the key on the first line
+        raise ConfigError(str(e).strip().splitlines()[0]) from e
+
+
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     """Turn the composed config into a typed RunConfig, checking ranges and choices (one-line ConfigError)."""
-    if isinstance(cfg, DictConfig):
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
-        rc: RunConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    else:
-        rc = cfg
+    rc = to_run_config(cfg)
     r = rc.runtime
     _require(r.batch_size >= 1, "runtime.batch_size", r.batch_size, "must be >= 1")
     _require(r.max_length >= 8, "runtime.max_length", r.max_length, "must be >= 8")

@@ -25,9 +25,7 @@ def _fmt(value: Optional[float], fmt: str) -> str:
 def results_table(results: Dict[str, Any], task_metrics: List[str]) -> Table:
     """One run, one row per figure: narrow enough for any terminal."""
     m = results.get("metrics", {})
-    title = (f"{results.get('run_name', 'run')}: stack={results.get('stack') or 'eager'} "
-             f"precision={results.get('precision', '?')} [{results.get('status', '?')}]")
-    table = Table(title=title, title_justify="left")
+    table = Table()
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key in task_metrics:
@@ -39,6 +37,8 @@ def results_table(results: Dict[str, Any], task_metrics: List[str]) -> Table:
 
 def print_results(results: Dict[str, Any], task_metrics: List[str], console: Optional[Console] = None) -> None:
     console = console or Console(stderr=False)
+    console.print(f"{results.get('run_name', 'run')}: stack={results.get('stack') or 'eager'} "
+                  f"precision={results.get('precision', '?')} [{results.get('status', '?')}]")
     console.print(results_table(results, task_metrics))
     if results.get("error"):
         console.print(f"[red]error:[/red] {results['error']}")

@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import data, measure, pipeline
-from .config import RunConfig, validate
+from .config import RunConfig, to_run_config, validate
 from .environment import environment_tags
 from .errors import OrchestratorError
 from .plugin import PluginContext
@@ -85,7 +85,7 @@ def _quiet_libraries() -> None:
 
 
 def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
-    rc = validate(cfg)
+    rc = to_run_config(cfg)
     _quiet_libraries()
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
     hydra = _hydra_info()
@@ -93,7 +93,6 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     run_name = _run_name(rc, hydra.get("choices", {}))
     stack = list(rc.optimization)
-    task_cls = task_registry.get(rc.dataset.task)
 
     tags = environment_tags()
     tags.update({
@@ -102,13 +101,19 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         "precision": rc.precision.name,
         "overrides": " ".join(hydra.get("overrides", [])),
     })
+    if hydra.get("job_num") is not None and hydra.get("mode") == "RunMode.MULTIRUN":
+        tags["job_num"] = str(hydra["job_num"])
     tracker = Tracker(rc.tracking, run_name)
     tracker.start(flatten(container), tags)
     results = Results(run_name=run_name, status="RUNNING", stack="+".join(stack), precision=rc.precision.name,
                       task=rc.dataset.task, config=container, run_dir=str(run_dir), run_id=tracker.run_id,
                       tracking_uri=rc.tracking.uri if rc.tracking.enabled else None, metrics={})
     predictions: List[dict] = []
+    metric_names: List[str] = []
     try:
+        validate(rc)  # inside the try: an invalid run is still recorded, as FAILED with the reason
+        task_cls = task_registry.get(rc.dataset.task)
+        metric_names = list(task_cls.metric_names)
         results.metrics(_set_threads(rc), tracker)
         torch.manual_seed(rc.runtime.seed)
         random.seed(rc.runtime.seed)
@@ -168,6 +173,9 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
             t1 = time.perf_counter()
             task_metrics, predictions = task.evaluate(dataset, features, outputs)
             post_s = time.perf_counter() - t1
+            for name, content in task.artifacts(predictions).items():  # e.g. QA's full predictions.json
+                (run_dir / name).write_text(json.dumps(content, indent=2, default=str))
+                tracker.log_artifact(run_dir / name)
             results.metrics({**task_metrics, "accuracy_pass_s": t1 - t0 + post_s,
                              "postprocess_s": post_s, "accuracy_pass_forward_s": forward_s}, tracker)
 
@@ -183,7 +191,7 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         tracker.set_tags({"error": results["error"]})
         raise
     finally:
-        _finish(results, tracker, run_dir, predictions, rc, list(task_cls.metric_names))
+        _finish(results, tracker, run_dir, predictions, rc, metric_names)
     return results
 
 

@@ -1,0 +1,74 @@
+"""Multirun sweeps in MLflow: one parent run per sweep, every job nested under it, a summary at the end.
+
+Registered as a Hydra callback in conf/config.yaml. The parent run id reaches the jobs through an environment
+variable, which local, joblib (loky) and submitit workers inherit from the process that launches them.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+from .tracking import PARENT_RUN_ENV, check_uri, default_artifact_location, ensure_experiment, sqlite_path
+
+log = logging.getLogger(__name__)
+
+# jobs of the last sweep in this process that did not finish; the CLI turns it into its exit status
+last_failed_jobs = 0
+
+
+class MlflowSweepCallback(Callback):
+    def __init__(self) -> None:
+        self.client = None
+        self.parent_id: Optional[str] = None
+        self.sweep_dir: Optional[Path] = None
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        tracking = config.get("tracking")
+        self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        if not tracking or not tracking.enabled:
+            return
+        try:
+            from mlflow.tracking import MlflowClient
+
+            check_uri(tracking.uri)
+            db = sqlite_path(tracking.uri)
+            if db is not None:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            # created once here, before any job: concurrent first use of a sqlite store races
+            self.client = MlflowClient(tracking_uri=tracking.uri)
+            exp_id = ensure_experiment(self.client, tracking.experiment,
+                                       tracking.artifact_location or default_artifact_location(tracking.uri))
+            overrides = list(config.hydra.overrides.task)
+            from .environment import environment_tags
+
+            run = self.client.create_run(exp_id, run_name=f"sweep-{self.sweep_dir.parent.name}-{self.sweep_dir.name}",
+                                         tags={**environment_tags(), "sweep": "true",
+                                               "sweep.overrides": " ".join(overrides),
+                                               "sweep.dir": str(self.sweep_dir.resolve())})
+            self.parent_id = run.info.run_id
+            os.environ[PARENT_RUN_ENV] = self.parent_id
+            log.info("MLflow sweep run %s (%s)", self.parent_id, tracking.uri)
+        except Exception as e:  # a tracking failure must not stop the sweep; jobs still write results.json
+            log.error("MLflow sweep run could not be created (%s: %s); jobs are tracked without a parent",
+                      type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+            self.parent_id = None
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        os.environ.pop(PARENT_RUN_ENV, None)
+        from .summary import print_summary, summarize_sweep
+
+        try:
+            summary = summarize_sweep(self.client, self.parent_id, self.sweep_dir)
+        except Exception as e:
+            log.error("sweep summary failed: %s: %s", type(e).__name__, e)
+            if self.client is not None and self.parent_id:
+                self.client.set_terminated(self.parent_id, "FAILED")
+            raise
+        print_summary(summary)
+        global last_failed_jobs
+        last_failed_jobs = summary["failed"]

@@ -1,0 +1,65 @@
+"""The CLI as a user runs it: the offline default, a multirun sweep with its parent run and summary."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def runs_of(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("orchestrator")
+    return client, client.search_runs([exp.experiment_id])
+
+
+def test_default_run_offline(tmp_path):
+    """`orchestrator` with no arguments: real MiniLM, embedded smoke set, one MLflow run in outputs/mlflow.db."""
+    proc = run_cli(cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "spearman" in proc.stdout and "[FINISHED]" in proc.stdout
+    client, runs = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    assert len(runs) == 1
+    m = runs[0].data.metrics
+    assert runs[0].info.status == "FINISHED"
+    assert m["examples"] == 150 and 60 < m["spearman"] < 95  # a sanity band, not a benchmark
+    assert m["parity_agreement"] == 1.0 and m["throughput"] > 0
+    results = next(tmp_path.glob("outputs/runs/*/*/results.json"))
+    assert json.loads(results.read_text())["run_id"] == runs[0].info.run_id
+
+
+def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                   "optimization=[],[jit]", "dataset.max_samples=12,0", cwd=tmp_path,
+                   env={"ORCH_TRACKING_URI": uri})
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "job 1 failed: dataset.max_samples=0: must be >= 1" in proc.stdout + proc.stderr
+    assert proc.stderr.splitlines()[-1] == "error: 2 sweep job(s) did not finish; see the summary above"
+    client, runs = runs_of(uri)
+    parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parents) == 1 and len(children) == 4
+    parent = parents[0]
+    assert all(c.data.tags["mlflow.parentRunId"] == parent.info.run_id for c in children)
+    statuses = sorted((c.data.tags["stack"], c.data.params["dataset.max_samples"], c.info.status) for c in children)
+    assert statuses == [("eager", "0", "FAILED"), ("eager", "12", "FINISHED"), ("jit", "0", "FAILED"),
+                        ("jit", "12", "FINISHED")]
+    assert parent.info.status == "FAILED"
+    assert parent.data.metrics["n_jobs"] == 4 and parent.data.metrics["failed_jobs"] == 2
+    assert "optimization=[],[jit]" in parent.data.tags["sweep.overrides"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.csv", "summary.md", "summary.png", "summary_table.json"} <= artifacts
+    sweep_dir = Path(parent.data.tags["sweep.dir"])
+    csv = (sweep_dir / "summary.csv").read_text().splitlines()
+    assert len(csv) == 5 and csv[0].startswith("job,stack,precision,metric,value,throughput,speedup")
+
+    report = run_cli.__globals__["subprocess"].run(
+        ["orchestrator-report", parent.info.run_id, "--tracking-uri", uri], capture_output=True, text=True)
+    assert report.returncode == 0, report.stderr
+    assert "4 jobs, 2 not finished" in report.stdout and "FAILED" in report.stdout
