@@ -13,7 +13,8 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .tracking import PARENT_RUN_ENV, check_uri, default_artifact_location, ensure_experiment, sqlite_path
+from .tracking import (PARENT_RUN_ENV, check_reachable, check_uri, default_artifact_location, ensure_experiment,
+                       sqlite_path)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +40,7 @@ class MlflowSweepCallback(Callback):
             db = sqlite_path(tracking.uri)
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
+            check_reachable(tracking.uri)
             # created once here, before any job: concurrent first use of a sqlite store races
             self.client = MlflowClient(tracking_uri=tracking.uri)
             exp_id = ensure_experiment(self.client, tracking.experiment,

@@ -55,6 +55,20 @@ def check_uri(uri: str) -> None:
                           "(e.g. sqlite:///outputs/mlflow.db or http://127.0.0.1:5000)")
 
 
+def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
+    """Fail fast on a server that is not there: MLflow's HTTP client retries with backoff for minutes."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    import socket
+
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConnectionError(f"tracking server {uri} is unreachable ({e.strerror or e})") from e
+
+
 def ensure_experiment(client, name: str, artifact_location: Optional[str]) -> str:
     exp = client.get_experiment_by_name(name)
     if exp is not None:
@@ -92,8 +106,8 @@ class Tracker:
             return fn(*args, **kwargs)
         except Exception as e:  # tracking problems are reported, never fatal to the measurement
             self.error = f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
-            log.error("MLflow tracking failed (%s); results are kept in results.json of the run directory",
-                      self.error)
+            log.error("MLflow tracking failed (%s); the run goes on untracked and its results are kept in "
+                      "results.json of the run directory", self.error)
             return None
 
     def start(self, params: Dict[str, str], tags: Dict[str, str]) -> None:
@@ -106,6 +120,7 @@ class Tracker:
             db = sqlite_path(self.cfg.uri)
             if db is not None:
                 db.parent.mkdir(parents=True, exist_ok=True)
+            check_reachable(self.cfg.uri)
             self.client = MlflowClient(tracking_uri=self.cfg.uri)
             exp_id = ensure_experiment(self.client, self.cfg.experiment,
                                        self.cfg.artifact_location or default_artifact_location(self.cfg.uri))

@@ -137,3 +137,18 @@ def test_tracking_disabled_still_writes_results(compose, tiny_encoder, sts_file,
     assert results["run_id"] is None
     assert json.loads((Path(results["run_dir"]) / "results.json").read_text())["status"] == "FINISHED"
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_unreachable_tracking_server_does_not_lose_the_run(compose, tiny_encoder, sts_file, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    results = run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, f"http://127.0.0.1:{port}")))
+    assert results["status"] == "FINISHED" and results["run_id"] is None
+    assert results["tracking_error"].startswith(f"start: ConnectionError: tracking server http://127.0.0.1:{port} "
+                                                "is unreachable")
+    saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
+    assert saved["metrics"]["spearman"] == results["metrics"]["spearman"]
+    assert "MLflow tracking failed" in capsys.readouterr().out
