@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -69,20 +70,31 @@ def report_error(func: Any) -> Any:
         sys.exit(ex.exit_code if isinstance(ex, OrchestratorError) else 1)
 
 
+_last_interrupt = 0.0
+
+
 def _task(cfg: DictConfig) -> Any:
     from hydra.core.hydra_config import HydraConfig
 
     from .runner import run
 
+    global _last_interrupt
     try:
         return run(cfg)
-    except Exception as ex:
+    except (Exception, KeyboardInterrupt) as ex:
         if HydraConfig.get().mode.name != "MULTIRUN":
             raise
+        if isinstance(ex, KeyboardInterrupt):
+            # one Ctrl-C ends the current job (KILLED) and the sweep goes on; two within 2 s stop the sweep
+            now = time.monotonic()
+            if now - _last_interrupt < 2.0:
+                raise
+            _last_interrupt = now
         # Hydra's sweeper re-raises a job's exception after the batch, which would skip the sweep summary:
-        # report the failure (its MLflow run is already FAILED) and let the sweep go on.
-        log.error("job %s failed: %s", HydraConfig.get().job.num, one_line(ex))
-        return {"status": "FAILED", "error": one_line(ex)}
+        # report the failure (its MLflow run is already FAILED/KILLED) and let the sweep go on.
+        reason = one_line(ex) if not isinstance(ex, KeyboardInterrupt) else "interrupted (Ctrl-C)"
+        log.error("job %s failed: %s", HydraConfig.get().job.num, reason)
+        return {"status": "FAILED", "error": reason}
 
 
 def main() -> None:

@@ -71,6 +71,8 @@ class RuntimeConfig:
     # fail: a plugin that cannot apply ends the run; fallback: continue eager and record why
     on_plugin_error: str = "fail"
     progress: bool = True
+    # wall-clock limit for the whole run; on expiry the run ends KILLED with what it measured so far
+    timeout_s: Optional[float] = None
 
 
 @dataclass
@@ -93,6 +95,8 @@ class RunConfig:
     optimization: Dict[str, Any] = field(default_factory=dict)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    # skip a job whose identical config (same digest) already FINISHED in the tracking store
+    resume: bool = False
 
 
 def register_configs() -> None:
@@ -136,6 +140,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(r.min_duration_s >= 0, "runtime.min_duration_s", r.min_duration_s, "must be >= 0")
     _require(r.max_iterations is None or r.max_iterations >= r.min_iterations, "runtime.max_iterations",
              r.max_iterations, f"must be >= runtime.min_iterations ({r.min_iterations}) or null")
+    _require(r.timeout_s is None or r.timeout_s > 0, "runtime.timeout_s", r.timeout_s, "must be > 0 or null")
     _require(r.parity_samples >= 0, "runtime.parity_samples", r.parity_samples, "must be >= 0")
     _require(r.on_plugin_error in POLICY_CHOICES, "runtime.on_plugin_error", r.on_plugin_error,
              f"valid: {', '.join(POLICY_CHOICES)}")

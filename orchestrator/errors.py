@@ -27,3 +27,7 @@ class ModelLoadError(OrchestratorError):
 
 class DatasetError(OrchestratorError):
     pass
+
+
+class RunInterrupted(OrchestratorError):
+    """The run was stopped from outside (SIGTERM/SIGINT) or by runtime.timeout_s; it ends KILLED."""

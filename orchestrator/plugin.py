@@ -26,6 +26,8 @@ class PluginContext:
     applied: list = field(default_factory=list)
     # plugins that follow this one in the stack (e.g. ipex adapts its recipe when jit follows)
     following: list = field(default_factory=list)
+    # optional: more batches like example_batch (same keys), for plugins that calibrate (ipex int8 static)
+    calibration_batches: list = field(default_factory=list)
 
     @property
     def autocast(self) -> bool:

@@ -6,9 +6,12 @@ exception propagates for the caller to report.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+import signal
+import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import data, measure, pipeline
 from .config import RunConfig, to_run_config, validate
 from .environment import environment_tags
-from .errors import OrchestratorError
+from .errors import OrchestratorError, RunInterrupted
 from .plugin import PluginContext
 from .registry import tasks as task_registry
 from .report import print_results
@@ -67,6 +70,41 @@ def _set_threads(rc: RunConfig) -> Dict[str, float]:
     return {"threads": float(torch.get_num_threads()), "interop_threads": float(torch.get_num_interop_threads())}
 
 
+def config_digest(container: Dict[str, Any]) -> str:
+    """Identity of what a run measures: the config without where results go or how progress is shown."""
+    import hashlib
+
+    keep = {k: v for k, v in container.items() if k not in ("tracking", "resume")}
+    keep["runtime"] = {k: v for k, v in keep.get("runtime", {}).items() if k not in ("progress", "timeout_s")}
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+@contextlib.contextmanager
+def interruptible(timeout_s: Optional[float]):
+    """SIGTERM and runtime.timeout_s raise RunInterrupted between Python steps, so the run can end KILLED
+    with what it measured; SIGINT already raises KeyboardInterrupt. Only possible in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_term(signum, frame):
+        raise RunInterrupted(f"terminated by signal {signal.Signals(signum).name}")
+
+    def on_alarm(signum, frame):
+        raise RunInterrupted(f"runtime.timeout_s={timeout_s:g} exceeded")
+
+    old_term = signal.signal(signal.SIGTERM, on_term)
+    old_alarm = signal.signal(signal.SIGALRM, on_alarm)
+    if timeout_s:
+        signal.setitimer(signal.ITIMER_REAL, timeout_s)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGTERM, old_term)
+        signal.signal(signal.SIGALRM, old_alarm)
+
+
 class Results(dict):
     """Everything known about the run so far; written to results.json whatever happens."""
 
@@ -103,7 +141,13 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     })
     if hydra.get("job_num") is not None and hydra.get("mode") == "RunMode.MULTIRUN":
         tags["job_num"] = str(hydra["job_num"])
+    digest = config_digest(container)
+    tags["config_digest"] = digest
     tracker = Tracker(rc.tracking, run_name)
+    if rc.resume:
+        previous = tracker.find_finished(digest)
+        if previous is not None:
+            return _skip(previous, run_name, rc, container, run_dir)
     tracker.start(flatten(container), tags)
     results = Results(run_name=run_name, status="RUNNING", stack="+".join(stack), precision=rc.precision.name,
                       task=rc.dataset.task, config=container, run_dir=str(run_dir), run_id=tracker.run_id,
@@ -111,81 +155,12 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     predictions: List[dict] = []
     metric_names: List[str] = []
     try:
-        validate(rc)  # inside the try: an invalid run is still recorded, as FAILED with the reason
-        task_cls = task_registry.get(rc.dataset.task)
-        metric_names = list(task_cls.metric_names)
-        results.metrics(_set_threads(rc), tracker)
-        torch.manual_seed(rc.runtime.seed)
-        random.seed(rc.runtime.seed)
-        plugins = pipeline.build_plugins(rc.optimization)
-        with measure.PeakRSS() as rss:
-            t0 = time.perf_counter()
-            model, tokenizer, hf_config = pipeline.load_model(rc.model, task_cls)
-            results.metrics({"model_load_s": time.perf_counter() - t0}, tracker)
-
-            t0 = time.perf_counter()
-            dataset = data.load(rc.dataset)
-            task = task_cls(rc.dataset, rc.runtime, tokenizer, hf_config)
-            task.check_columns(dataset.column_names)
-            tracker.log_dataset(dataset, name=hydra.get("choices", {}).get("dataset") or rc.dataset.path,
-                                source=str(rc.dataset.data_files or rc.dataset.path))
-            features = task.featurize(dataset)
-            pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-            r = rc.runtime
-            batches = measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
-                                           r.sort_by_length)
-            results.metrics({"examples": float(len(dataset)), "features": float(len(features)),
-                             "featurize_s": time.perf_counter() - t0}, tracker)
-
-            # eager fp32 reference on a fixed sample, before precision and stack touch the model
-            n_par = min(r.parity_samples, len(features))
-            par_batches = measure.make_batches(features.rows[:n_par], r.batch_size, pad_id, r.padding,
-                                               r.max_length, False) if n_par else []
-            reference, _ = measure.run_all(measure.forward_fn(model, task.head, None), par_batches, n_par)
-
-            t0 = time.perf_counter()
-            model = pipeline.apply_precision(model, rc.precision)
-            ac = pipeline.autocast_dtype(rc.precision)
-            ctx = PluginContext(task=task.name, dtype=pipeline.DTYPES[rc.precision.dtype], autocast_dtype=ac,
-                                example_batch=batches[0].inputs, threads=torch.get_num_threads())
-            model, record = pipeline.apply_stack(model, plugins, ctx, r.on_plugin_error)
-            results["applied"] = record.applied
-            results["fallbacks"] = record.fallbacks
-            stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
-            stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
-            stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
-            tracker.set_tags(stack_tags)
-            results["tags"] = stack_tags
-            size = measure.model_size_mb(model)
-            results.metrics({"stack_apply_s": time.perf_counter() - t0,
-                             **{f"plugin_{n}_s": s for n, s in record.seconds.items()},
-                             **({"model_size_mb": size} if size is not None else {})}, tracker)
-
-            step = measure.forward_fn(model, task.head, ac)
-            if n_par:
-                candidate, _ = measure.run_all(step, par_batches, n_par)
-                diff, agree = task.parity(reference, candidate)
-                results.metrics({"parity_max_abs_diff": diff, "parity_agreement": agree}, tracker)
-
-            t0 = time.perf_counter()
-            outputs, lat = measure.run_all(step, batches, len(features), desc="accuracy pass", progress=r.progress)
-            forward_s = sum(lat)
-            t1 = time.perf_counter()
-            task_metrics, predictions = task.evaluate(dataset, features, outputs)
-            post_s = time.perf_counter() - t1
-            for name, content in task.artifacts(predictions).items():  # e.g. QA's full predictions.json
-                (run_dir / name).write_text(json.dumps(content, indent=2, default=str))
-                tracker.log_artifact(run_dir / name)
-            results.metrics({**task_metrics, "accuracy_pass_s": t1 - t0 + post_s,
-                             "postprocess_s": post_s, "accuracy_pass_forward_s": forward_s}, tracker)
-
-            timing = measure.timing_pass(step, batches, r.warmup, r.min_iterations, r.min_duration_s,
-                                         r.max_iterations, progress=r.progress)
-            results.metrics(timing.metrics(), tracker)
-        results.metrics({"peak_rss_mb": rss.peak_mb}, tracker)
+        with interruptible(rc.runtime.timeout_s):
+            _measure(rc, hydra, tracker, results, run_dir, predictions, metric_names)
         results["status"] = "FINISHED"
     except BaseException as e:
-        results["status"] = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
+        interrupted = isinstance(e, (KeyboardInterrupt, SystemExit, RunInterrupted))
+        results["status"] = "KILLED" if interrupted else "FAILED"
         message = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {e}"
         results["error"] = message.strip().splitlines()[0] if message.strip() else type(e).__name__
         tracker.set_tags({"error": results["error"]})
@@ -193,6 +168,96 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     finally:
         _finish(results, tracker, run_dir, predictions, rc, metric_names)
     return results
+
+
+def _skip(previous, run_name: str, rc: RunConfig, container: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
+    """resume=true and this exact config already FINISHED: reuse that run's results instead of measuring again."""
+    results = Results(run_name=run_name, status="FINISHED", stack="+".join(rc.optimization),
+                      precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
+                      run_id=previous.info.run_id, resumed_from=previous.info.run_id,
+                      tracking_uri=rc.tracking.uri, metrics=dict(previous.data.metrics))
+    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    log.info("resume: identical config already FINISHED in MLflow run %s; skipped", previous.info.run_id)
+    print(f"{run_name}: skipped (resume=true), identical config FINISHED in MLflow run {previous.info.run_id}")
+    return results
+
+
+def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "Results", run_dir: Path,
+             predictions: List[dict], metric_names: List[str]) -> None:
+    """The measured part of a run; fills ``results``/``predictions``/``metric_names`` as it goes."""
+    validate(rc)  # inside the try: an invalid run is still recorded, as FAILED with the reason
+    task_cls = task_registry.get(rc.dataset.task)
+    metric_names.extend(task_cls.metric_names)
+    results.metrics(_set_threads(rc), tracker)
+    torch.manual_seed(rc.runtime.seed)
+    random.seed(rc.runtime.seed)
+    plugins = pipeline.build_plugins(rc.optimization)
+    with measure.PeakRSS() as rss:
+        t0 = time.perf_counter()
+        model, tokenizer, hf_config = pipeline.load_model(rc.model, task_cls)
+        results.metrics({"model_load_s": time.perf_counter() - t0}, tracker)
+
+        t0 = time.perf_counter()
+        dataset = data.load(rc.dataset)
+        task = task_cls(rc.dataset, rc.runtime, tokenizer, hf_config)
+        task.check_columns(dataset.column_names)
+        tracker.log_dataset(dataset, name=hydra.get("choices", {}).get("dataset") or rc.dataset.path,
+                            source=str(rc.dataset.data_files or rc.dataset.path))
+        features = task.featurize(dataset)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        r = rc.runtime
+        batches = measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
+                                       r.sort_by_length)
+        results.metrics({"examples": float(len(dataset)), "features": float(len(features)),
+                         "featurize_s": time.perf_counter() - t0}, tracker)
+
+        # eager fp32 reference on a fixed sample, before precision and stack touch the model
+        n_par = min(r.parity_samples, len(features))
+        par_batches = measure.make_batches(features.rows[:n_par], r.batch_size, pad_id, r.padding,
+                                           r.max_length, False) if n_par else []
+        reference, _ = measure.run_all(measure.forward_fn(model, task.head, None), par_batches, n_par)
+
+        t0 = time.perf_counter()
+        model = pipeline.apply_precision(model, rc.precision)
+        ac = pipeline.autocast_dtype(rc.precision)
+        ctx = PluginContext(task=task.name, dtype=pipeline.DTYPES[rc.precision.dtype], autocast_dtype=ac,
+                            example_batch=batches[0].inputs, threads=torch.get_num_threads())
+        model, record = pipeline.apply_stack(model, plugins, ctx, r.on_plugin_error)
+        results["applied"] = record.applied
+        results["fallbacks"] = record.fallbacks
+        stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
+        stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
+        stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
+        tracker.set_tags(stack_tags)
+        results["tags"] = stack_tags
+        size = measure.model_size_mb(model)
+        results.metrics({"stack_apply_s": time.perf_counter() - t0,
+                         **{f"plugin_{n}_s": s for n, s in record.seconds.items()},
+                         **({"model_size_mb": size} if size is not None else {})}, tracker)
+
+        step = measure.forward_fn(model, task.head, ac)
+        if n_par:
+            candidate, _ = measure.run_all(step, par_batches, n_par)
+            diff, agree = task.parity(reference, candidate)
+            results.metrics({"parity_max_abs_diff": diff, "parity_agreement": agree}, tracker)
+
+        t0 = time.perf_counter()
+        outputs, lat = measure.run_all(step, batches, len(features), desc="accuracy pass", progress=r.progress)
+        forward_s = sum(lat)
+        t1 = time.perf_counter()
+        task_metrics, preds = task.evaluate(dataset, features, outputs)
+        predictions.extend(preds)
+        post_s = time.perf_counter() - t1
+        for name, content in task.artifacts(predictions).items():  # e.g. QA's full predictions.json
+            (run_dir / name).write_text(json.dumps(content, indent=2, default=str))
+            tracker.log_artifact(run_dir / name)
+        results.metrics({**task_metrics, "accuracy_pass_s": t1 - t0 + post_s,
+                         "postprocess_s": post_s, "accuracy_pass_forward_s": forward_s}, tracker)
+
+        timing = measure.timing_pass(step, batches, r.warmup, r.min_iterations, r.min_duration_s,
+                                     r.max_iterations, progress=r.progress)
+        results.metrics(timing.metrics(), tracker)
+    results.metrics({"peak_rss_mb": rss.peak_mb}, tracker)
 
 
 def _finish(results: Results, tracker: Tracker, run_dir: Path, predictions: List[dict], rc: RunConfig,

@@ -18,6 +18,7 @@ from .errors import ConfigError
 log = logging.getLogger(__name__)
 
 PARENT_RUN_ENV = "ORCH_PARENT_RUN_ID"  # set by the sweep callback so each job nests under the sweep's run
+PARENT_RUN_FILE = "mlflow_parent_run_id"  # the same id, written by the callback into the sweep dir
 MAX_PARAM_LEN = 6000
 
 
@@ -83,6 +84,27 @@ def ensure_experiment(client, name: str, artifact_location: Optional[str]) -> st
         return exp.experiment_id
 
 
+def parent_run_id() -> Optional[str]:
+    """The sweep's parent run for this job: the environment variable (local, joblib/loky and submitit jobs inherit
+    it), else the file the sweep callback wrote into the sweep dir (jobs started without the submitting process's
+    environment, e.g. SLURM sites with ``--export=NONE``). None outside a multirun."""
+    parent = os.environ.get(PARENT_RUN_ENV)
+    if parent:
+        return parent
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return None
+        hc = HydraConfig.get()
+        if hc.mode is None or hc.mode.name != "MULTIRUN":
+            return None
+        path = Path(hc.runtime.cwd or ".", hc.sweep.dir, PARENT_RUN_FILE)  # sweep.dir may be relative
+        return (path.read_text().strip() or None) if path.is_file() else None
+    except Exception:  # never let a lookup cost the run
+        return None
+
+
 class Tracker:
     """A thin, failure-tolerant wrapper over MlflowClient for exactly one run."""
 
@@ -110,22 +132,40 @@ class Tracker:
                       "results.json of the run directory", self.error)
             return None
 
+    def _connect(self) -> str:
+        """Client and experiment id (the experiment is created on first use)."""
+        from mlflow.tracking import MlflowClient
+
+        db = sqlite_path(self.cfg.uri)
+        if db is not None:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        check_reachable(self.cfg.uri)
+        self.client = MlflowClient(tracking_uri=self.cfg.uri)
+        return ensure_experiment(self.client, self.cfg.experiment,
+                                 self.cfg.artifact_location or default_artifact_location(self.cfg.uri))
+
+    def find_finished(self, digest: str) -> Optional[Any]:
+        """The newest FINISHED run of this experiment with the same config digest (for resume), if any."""
+        if not self.cfg.enabled:
+            return None
+        try:
+            exp_id = self._connect()
+            runs = self.client.search_runs([exp_id], f"tags.config_digest = '{digest}' and "
+                                                     "attributes.status = 'FINISHED'",
+                                           max_results=1, order_by=["attributes.start_time DESC"])
+        except Exception as e:
+            log.warning("resume: could not query the tracking store (%s); running the job", e)
+            return None
+        return runs[0] if runs else None
+
     def start(self, params: Dict[str, str], tags: Dict[str, str]) -> None:
         if not self.cfg.enabled:
             return
 
         def _start():
-            from mlflow.tracking import MlflowClient
-
-            db = sqlite_path(self.cfg.uri)
-            if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            check_reachable(self.cfg.uri)
-            self.client = MlflowClient(tracking_uri=self.cfg.uri)
-            exp_id = ensure_experiment(self.client, self.cfg.experiment,
-                                       self.cfg.artifact_location or default_artifact_location(self.cfg.uri))
+            exp_id = self._connect()
             all_tags = dict(tags)
-            parent = os.environ.get(PARENT_RUN_ENV)
+            parent = parent_run_id()
             if parent:
                 all_tags["mlflow.parentRunId"] = parent
             run = self.client.create_run(exp_id, run_name=self.run_name, tags=all_tags)

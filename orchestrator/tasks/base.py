@@ -120,6 +120,10 @@ class Task:
         """Metrics (0-100 scale) and one prediction record per example."""
         raise NotImplementedError
 
+    def artifacts(self, predictions: List[dict]) -> Dict[str, Any]:
+        """Extra JSON artifacts (file name -> object) the runner writes to the run dir and logs; none by default."""
+        return {}
+
     def parity(self, reference: List[torch.Tensor], candidate: List[torch.Tensor]) -> Tuple[float, float]:
         """(max |delta| of head outputs, fraction of rows whose prediction agrees)."""
         diff = max((float((r - c).abs().max()) for r, c in zip(reference, candidate)), default=0.0)

@@ -1,0 +1,72 @@
+"""Faults: timeouts, signals, resume — every run ends in a known state and keeps what it measured."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import SHARED, run_cli, tiny_sts_overrides
+from orchestrator.errors import RunInterrupted
+from orchestrator.runner import run
+
+
+def runs_of(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("orchestrator")
+    return client, client.search_runs([exp.experiment_id]) if exp else []
+
+
+def test_timeout_ends_the_run_killed_with_its_measurements(compose, tiny_encoder, sts_file, tracking_uri):
+    overrides = tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri)
+    with pytest.raises(RunInterrupted, match=r"^runtime.timeout_s=15 exceeded$"):
+        run(compose(*overrides, "runtime.timeout_s=15", "runtime.min_duration_s=600", "runtime.max_iterations=null"))
+    _, runs = runs_of(tracking_uri)
+    assert len(runs) == 1 and runs[0].info.status == "KILLED"
+    assert runs[0].data.tags["error"] == "runtime.timeout_s=15 exceeded"
+    assert "spearman" in runs[0].data.metrics  # the accuracy pass finished before the timing pass was cut
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_killed_and_says_so(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    MlflowClient(uri).search_experiments()  # create the store first: polling a sqlite file mid-creation races
+    cmd = [sys.executable, "-m", "orchestrator", f"model.name_or_path={tiny_encoder}",
+           f"dataset.data_files={sts_file}", f"tracking.uri={uri}", "runtime.min_duration_s=600",
+           "runtime.progress=false"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "ORCH_SHARED_DIR": str(SHARED)})
+    deadline = time.time() + 300
+    while time.time() < deadline:  # wait until the accuracy pass has been logged, then stop the job
+        time.sleep(1)
+        _, runs = runs_of(uri)
+        if runs and "spearman" in runs[0].data.metrics:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert err.strip().splitlines()[-1] == "error: terminated by signal SIGTERM"
+    _, runs = runs_of(uri)
+    assert runs[0].info.status == "KILLED" and "spearman" in runs[0].data.metrics
+
+
+@pytest.mark.slow
+def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    args = ["-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+            "dataset.max_samples=10,0,12"]
+    first = run_cli(*args, cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+    assert first.returncode == 1  # max_samples=0 is invalid: one job FAILED
+    second = run_cli(*args, "resume=true", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+    assert second.returncode == 1
+    assert second.stdout.count("skipped (resume=true)") == 2
+    client, runs = runs_of(uri)
+    parents = sorted((r for r in runs if r.data.tags.get("sweep") == "true"), key=lambda r: r.info.start_time)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
+    # only the failed job ran again; the summary still accounts for all three
+    assert len(children) == 1 and children[0].data.params["dataset.max_samples"] == "0"
+    assert parents[1].data.metrics["n_jobs"] == 3 and parents[1].data.metrics["failed_jobs"] == 1
