@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable
+from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted
 from .plugin import Plugin, PluginContext
 from .registry import plugins as plugin_registry
 
@@ -122,6 +122,8 @@ def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str)
         try:
             plugin.check(ctx)
             model = plugin.apply(model, ctx)
+        except RunInterrupted:  # a timeout/signal is not a plugin failure: never fall back on it
+            raise
         except Exception as e:
             reason = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {_first_line(e)}"
             if on_error != "fallback":

@@ -6,12 +6,9 @@ exception propagates for the caller to report.
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
-import signal
-import threading
 import time
 from datetime import datetime
 from pathlib import Path
@@ -24,6 +21,7 @@ from . import data, measure, pipeline
 from .config import RunConfig, to_run_config, validate
 from .environment import environment_tags
 from .errors import OrchestratorError, RunInterrupted
+from .interrupts import interruptible
 from .plugin import PluginContext
 from .registry import tasks as task_registry
 from .report import print_results
@@ -77,32 +75,6 @@ def config_digest(container: Dict[str, Any]) -> str:
     keep = {k: v for k, v in container.items() if k not in ("tracking", "resume")}
     keep["runtime"] = {k: v for k, v in keep.get("runtime", {}).items() if k not in ("progress", "timeout_s")}
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def interruptible(timeout_s: Optional[float]):
-    """SIGTERM and runtime.timeout_s raise RunInterrupted between Python steps, so the run can end KILLED
-    with what it measured; SIGINT already raises KeyboardInterrupt. Only possible in the main thread."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def on_term(signum, frame):
-        raise RunInterrupted(f"terminated by signal {signal.Signals(signum).name}")
-
-    def on_alarm(signum, frame):
-        raise RunInterrupted(f"runtime.timeout_s={timeout_s:g} exceeded")
-
-    old_term = signal.signal(signal.SIGTERM, on_term)
-    old_alarm = signal.signal(signal.SIGALRM, on_alarm)
-    if timeout_s:
-        signal.setitimer(signal.ITIMER_REAL, timeout_s)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGALRM, old_alarm)
 
 
 class Results(dict):

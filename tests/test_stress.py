@@ -1,0 +1,42 @@
+"""A 24-job sweep with injected failures (missing model, unavailable plugin, timeout kills): every job is
+accounted for in MLflow exactly once, and the sweep summary agrees."""
+from __future__ import annotations
+
+import collections
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_every_job_of_a_faulty_sweep_is_accounted_for(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    missing = tmp_path / "no-such-model"
+    proc = run_cli("-m", f"model.name_or_path={tiny_encoder},{missing}", f"dataset.data_files={sts_file}",
+                   "runtime=quick", "dataset.max_samples=8", "optimization=[],[jit],[ipex]",
+                   "runtime.timeout_s=null,0.001", "runtime.seed=0,1", cwd=tmp_path,
+                   env={"ORCH_TRACKING_URI": uri}, timeout=1200)
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("orchestrator")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    parent = [r for r in runs if r.data.tags.get("sweep") == "true"]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    assert len(parent) == 1 and len(runs) == 25
+
+    jobs = sorted(int(c.data.tags["job_num"]) for c in children)
+    assert jobs == list(range(24))  # none missing, none duplicated
+    tally = collections.Counter(c.info.status for c in children)
+    print("\nstress sweep tally:", dict(tally))
+    # finished: the real model, eager or jit, no timeout, 2 seeds
+    assert tally["FINISHED"] == 4
+    assert tally["KILLED"] == 12  # every timeout_s=0.001 job
+    assert tally["FAILED"] == 8  # missing model (4) + ipex unavailable on this torch (4)
+    for c in children:
+        if c.info.status == "FAILED":
+            assert c.data.tags["error"].startswith(("model.name_or_path=", "optimization plugin 'ipex'"))
+    assert parent[0].info.status == "FAILED"
+    assert parent[0].data.metrics["n_jobs"] == 24 and parent[0].data.metrics["failed_jobs"] == 20
+    assert proc.returncode == 1 and "error: 20 sweep job(s) did not finish" in proc.stderr
