@@ -83,7 +83,11 @@ def _task(cfg: DictConfig) -> Any:
         return run(cfg)
     except (Exception, KeyboardInterrupt) as ex:
         if HydraConfig.get().mode.name != "MULTIRUN":
-            raise
+            if isinstance(ex, KeyboardInterrupt) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            # report here: letting it reach Hydra adds its own "Error executing job with overrides" line
+            sys.stderr.write(f"error: {one_line(ex)}\n")
+            sys.exit(ex.exit_code if isinstance(ex, OrchestratorError) else 1)
         if isinstance(ex, KeyboardInterrupt):
             # one Ctrl-C ends the current job (KILLED) and the sweep goes on; two within 2 s stop the sweep
             now = time.monotonic()

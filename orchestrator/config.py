@@ -32,6 +32,9 @@ class DatasetConfig:
     data_files: Any = None
     split: str = "train"
     max_samples: Optional[int] = None
+    # split that calibrating plugins (ipex int8 static) read batches from; never the evaluated split by default
+    calibration_split: Optional[str] = None
+    calibration_samples: int = 256
     # registered task name; decides preprocessing, head and metric
     task: str = MISSING
     # task role -> column name in this dataset (e.g. text: sentence, label: label)
@@ -118,11 +121,42 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
     """Typed view of the composed config (types and keys were already checked by Hydra against the schema)."""
     if isinstance(cfg, RunConfig):
         return cfg
+    _refuse_targets(OmegaConf.to_container(cfg, resolve=False))
+    _refuse_unknown(cfg, OmegaConf.structured(RunConfig))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except Exception as e:  # interpolation or type errors: omegaconf names the key on the first line
         raise ConfigError(str(e).strip().splitlines()[0]) from e
+
+
+def _refuse_targets(node: Any, path: str = "") -> None:
+    """User configs choose plugins and tasks by registered name; they never name a callable to import."""
+    if isinstance(node, dict):
+        for key, value in node.items():
+            where = f"{path}.{key}" if path else str(key)
+            if key == "_target_":
+                raise ConfigError(f"{where}={value!r}: _target_ is not accepted in user config; choose plugins and "
+                                  "tasks by name (optimization=[...], dataset.task=...)")
+            _refuse_targets(value, where)
+    elif isinstance(node, list):
+        for i, value in enumerate(node):
+            _refuse_targets(value, f"{path}[{i}]")
+
+
+def _refuse_unknown(node: Any, schema: Any, path: str = "") -> None:
+    """Keys appended with ``+key=value`` slip past Hydra's struct check; refuse those the schema does not have."""
+    import dataclasses
+
+    if not (isinstance(node, DictConfig) and isinstance(schema, DictConfig)):
+        return
+    if not dataclasses.is_dataclass(OmegaConf.get_type(schema)):
+        return  # free-form mappings (optimization stack, columns, load_kwargs, task_options)
+    for key in node.keys():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in schema.keys():  # `in` is False for MISSING (???) schema values
+            raise ConfigError(f"{where}: unknown key; valid keys here: {', '.join(map(str, schema.keys()))}")
+        _refuse_unknown(node._get_node(key), schema._get_node(key), where)
 
 
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:
@@ -151,6 +185,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     d = rc.dataset
     _require(d.max_samples is None or d.max_samples >= 1, "dataset.max_samples", d.max_samples,
              "must be >= 1 or null (all rows)")
+    _require(d.calibration_samples >= 1, "dataset.calibration_samples", d.calibration_samples, "must be >= 1")
     _require(rc.tracking.prediction_samples >= 0, "tracking.prediction_samples", rc.tracking.prediction_samples,
              "must be >= 0")
 

@@ -193,7 +193,8 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         model = pipeline.apply_precision(model, rc.precision)
         ac = pipeline.autocast_dtype(rc.precision)
         ctx = PluginContext(task=task.name, dtype=pipeline.DTYPES[rc.precision.dtype], autocast_dtype=ac,
-                            example_batch=batches[0].inputs, threads=torch.get_num_threads())
+                            example_batch=batches[0].inputs, threads=torch.get_num_threads(),
+                            calibration_batches=_calibration_batches(rc, task, pad_id))
         model, record = pipeline.apply_stack(model, plugins, ctx, r.on_plugin_error)
         results["applied"] = record.applied
         results["fallbacks"] = record.fallbacks
@@ -230,6 +231,20 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
                                      r.max_iterations, progress=r.progress)
         results.metrics(timing.metrics(), tracker)
     results.metrics({"peak_rss_mb": rss.peak_mb}, tracker)
+
+
+def _calibration_batches(rc: RunConfig, task, pad_id: int) -> List[Dict[str, torch.Tensor]]:
+    """Batches from dataset.calibration_split (e.g. the train split) for plugins that calibrate."""
+    if not rc.dataset.calibration_split:
+        return []
+    import dataclasses
+
+    cfg = dataclasses.replace(rc.dataset, split=rc.dataset.calibration_split,
+                              max_samples=rc.dataset.calibration_samples)
+    features = task.featurize(data.load(cfg))
+    r = rc.runtime
+    return [b.inputs for b in measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
+                                                   False)]
 
 
 def _finish(results: Results, tracker: Tracker, run_dir: Path, predictions: List[dict], rc: RunConfig,

@@ -60,6 +60,10 @@ def test_out_of_range_values_are_refused_in_one_line(compose, override, message)
     (["runtime.batch_size=many"], "error: runtime.batch_size: Value 'many' of type 'str' could not be converted to Integer"),
     (["runtime.batch_size=0"], "error: runtime.batch_size=0: must be >= 1"),
     (["precision=fp8"], "error: precision=fp8: unknown choice; valid: bf16, bf16_autocast, fp32"),
+    # user YAML never names callables: there is no place in the schema for _target_
+    (["+model._target_=os.system"], "error: model._target_='os.system': _target_ is not accepted in user config"),
+    (["optimization=[jit]", "+optimization.jit._target_=os.system"],
+     "error: optimization.jit._target_='os.system': _target_ is not accepted in user config"),
 ])
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, first_line):
     proc = run_cli(*args, "tracking=off", cwd=tmp_path, timeout=120)
