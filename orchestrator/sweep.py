@@ -1,7 +1,8 @@
 """Multirun sweeps in MLflow: one parent run per sweep, every job nested under it, a summary at the end.
 
 Registered as a Hydra callback in conf/config.yaml. The parent run id reaches the jobs through an environment
-variable, which local, joblib (loky) and submitit workers inherit from the process that launches them.
+variable, which local, joblib (loky) and submitit workers inherit from the process that launches them, and through
+the file ``<sweep dir>/mlflow_parent_run_id`` for jobs started without that environment (see docs/sweeps.md).
 """
 from __future__ import annotations
 
@@ -13,10 +14,29 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .tracking import (PARENT_RUN_ENV, check_reachable, check_uri, default_artifact_location, ensure_experiment,
-                       sqlite_path)
+from .tracking import (PARENT_RUN_ENV, PARENT_RUN_FILE, check_reachable, check_uri, default_artifact_location,
+                       ensure_experiment, sqlite_path)
 
 log = logging.getLogger(__name__)
+
+
+def parallel_warning(launcher: Any) -> Optional[str]:
+    """Why this launcher's timings cannot be trusted, when it runs jobs side by side on one machine."""
+    target = str(launcher.get("_target_", "")) if launcher is not None else ""
+    if target.endswith("JoblibLauncher") and launcher.get("n_jobs") != 1:
+        return (f"hydra/launcher=joblib runs n_jobs={launcher.get('n_jobs')} jobs at once on this machine: they "
+                "compete for cores and memory bandwidth, so latency, throughput and speedup are distorted. For timing "
+                "sweeps use hydra.launcher.n_jobs=1")
+    if target.endswith("submitit_launcher.LocalLauncher"):
+        return ("hydra/launcher=submitit_local starts every job of the sweep at once on this machine: they compete "
+                "for cores and memory bandwidth, so latency, throughput and speedup are distorted. For timing sweeps "
+                "use the default launcher or hydra/launcher=joblib hydra.launcher.n_jobs=1")
+    if target.endswith("ray_launcher.RayLauncher"):
+        return ("hydra/launcher=ray runs jobs side by side (one per free CPU by default): on a shared node they "
+                "compete for cores and memory bandwidth, so latency, throughput and speedup are distorted. For timing "
+                "sweeps give each job a whole node (+hydra.launcher.ray.remote.num_cpus=<cores per node>)")
+    return None
+
 
 # jobs of the last sweep in this process that did not finish; the CLI turns it into its exit status
 last_failed_jobs = 0
@@ -31,6 +51,10 @@ class MlflowSweepCallback(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         tracking = config.get("tracking")
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
+        warning = parallel_warning(config.hydra.get("launcher"))
+        if warning:
+            log.warning(warning)
+        (self.sweep_dir / PARENT_RUN_FILE).unlink(missing_ok=True)  # never a stale id from an earlier sweep here
         if not tracking or not tracking.enabled:
             return
         try:
@@ -54,6 +78,12 @@ class MlflowSweepCallback(Callback):
                                                "sweep.dir": str(self.sweep_dir.resolve())})
             self.parent_id = run.info.run_id
             os.environ[PARENT_RUN_ENV] = self.parent_id
+            try:  # for jobs that do not inherit this environment (Ray workers, sbatch --export=NONE)
+                self.sweep_dir.mkdir(parents=True, exist_ok=True)
+                (self.sweep_dir / PARENT_RUN_FILE).write_text(self.parent_id + "\n")
+            except OSError as e:
+                log.warning("could not write %s (%s); jobs find the parent run through %s only",
+                            self.sweep_dir / PARENT_RUN_FILE, e, PARENT_RUN_ENV)
             log.info("MLflow sweep run %s (%s)", self.parent_id, tracking.uri)
         except Exception as e:  # a tracking failure must not stop the sweep; jobs still write results.json
             log.error("MLflow sweep run could not be created (%s: %s); jobs are tracked without a parent",

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
-from .errors import ConfigError
+from .errors import ConfigError, RunInterrupted
+from .interrupts import critical
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,10 @@ class Tracker:
         if not self.active and what != "start":
             return None
         try:
-            return fn(*args, **kwargs)
+            with critical():  # never interrupt a store write halfway: the run could not be closed after it
+                return fn(*args, **kwargs)
+        except RunInterrupted:  # a timeout/signal landing inside a logging call still ends the run
+            raise
         except Exception as e:  # tracking problems are reported, never fatal to the measurement
             self.error = f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
             log.error("MLflow tracking failed (%s); the run goes on untracked and its results are kept in "
