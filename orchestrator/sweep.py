@@ -6,6 +6,7 @@ the file ``<sweep dir>/mlflow_parent_run_id`` for jobs started without that envi
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from pathlib import Path
@@ -78,6 +79,8 @@ class MlflowSweepCallback(Callback):
                                                "sweep.dir": str(self.sweep_dir.resolve())})
             self.parent_id = run.info.run_id
             os.environ[PARENT_RUN_ENV] = self.parent_id
+            # Hydra skips on_multirun_end when the launcher itself raises: never leave the parent RUNNING
+            atexit.register(self._close_if_open)
             try:  # for jobs that do not inherit this environment (Ray workers, sbatch --export=NONE)
                 self.sweep_dir.mkdir(parents=True, exist_ok=True)
                 (self.sweep_dir / PARENT_RUN_FILE).write_text(self.parent_id + "\n")
@@ -89,6 +92,17 @@ class MlflowSweepCallback(Callback):
             log.error("MLflow sweep run could not be created (%s: %s); jobs are tracked without a parent",
                       type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
             self.parent_id = None
+
+    def _close_if_open(self) -> None:
+        if self.client is None or not self.parent_id:
+            return
+        try:
+            if self.client.get_run(self.parent_id).info.status == "RUNNING":
+                self.client.set_tag(self.parent_id, "error", "the sweep stopped before its end (launcher error or "
+                                                             "interrupt); see the jobs' runs")
+                self.client.set_terminated(self.parent_id, "FAILED")
+        except Exception as e:  # at exit: report, never raise
+            log.error("could not close the sweep's MLflow run %s: %s", self.parent_id, e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         os.environ.pop(PARENT_RUN_ENV, None)

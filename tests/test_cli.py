@@ -63,3 +63,16 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
         ["orchestrator-report", parent.info.run_id, "--tracking-uri", uri], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     assert "4 jobs, 2 not finished" in report.stdout and "FAILED" in report.stdout
+
+
+def test_sweep_stopped_by_its_launcher_leaves_no_running_parent(tmp_path, tiny_encoder, sts_file):
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                   "optimization=[],[jit]", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", cwd=tmp_path,
+                   env={"ORCH_TRACKING_URI": uri})
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1] == "error: ValueError: n_jobs == 0 in Parallel has no meaning"
+    _, runs = runs_of(uri)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert runs[0].data.tags["error"].startswith("the sweep stopped before its end")
