@@ -1,0 +1,300 @@
+"""BetterTransformer, rebuilt: BERT-family encoder layers run PyTorch's fused encoder kernel.
+
+optimum 2 removed ``to_bettertransformer``; its effect on encoders was to call ``torch._transformer_encoder_layer_fwd``
+(one op per layer: concatenated QKV projection, attention, output projection, residual + LayerNorm, GELU/ReLU FFN,
+residual + LayerNorm, post-norm) and to skip padding with nested tensors. This plugin does the same for encoders
+whose layers have BERT's structure (BertLayer and the classes copied from it: RoBERTa, XLM-R, ELECTRA, CamemBERT,
+MiniLM checkpoints, ...) and for DistilBERT's TransformerBlock:
+
+- The model's encoder container (the module holding ``.layer``) is replaced by :class:`FusedEncoder`, which
+  receives the mask transformers builds for the layers (SDPA: 4-D bool, eager: 4-D additive float, or ``None``
+  when nothing is padded) and turns it into the key-padding mask the kernel wants.
+- Padded batches: with ``nested: true`` the hidden states become a nested tensor (``torch._nested_tensor_from_mask``)
+  so padding is never computed; outputs at padded positions come back as 0 (tasks read real tokens only).
+  Otherwise (or left padding, or while tracing/compiling) the kernel gets the boolean key-padding mask (mask_type 1).
+- Before swapping, the fused encoder is checked against the original on the run's first batch (real tokens only);
+  a difference above ``verify_atol`` refuses the plugin instead of reporting numbers of a broken model.
+
+Refused with a one-line reason: layer classes of another structure (named), activations other than exact GELU/ReLU,
+decoders/cross-attention, ``output_attentions``/``output_hidden_states``, autocast (the kernel is not autocast-aware:
+it would silently run the encoder in fp32), and ``quantize`` in the same stack (the kernel takes float weights).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
+
+
+@dataclass
+class BetterTransformerOptions:
+    # skip padding with nested tensors when a batch is (right-)padded; false: padded kernel with a key-padding mask
+    nested: bool = True
+    # compare the fused encoder with the original on the first batch before swapping
+    verify: bool = True
+    # max |delta| allowed on real tokens of the encoder output: fp32 weights / bf16 weights
+    verify_atol: float = 1e-4
+    verify_atol_bf16: float = 0.25
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the fused modules
+
+
+class FusedEncoderLayer(nn.Module):
+    """One post-norm encoder layer as a single ``torch._transformer_encoder_layer_fwd`` call."""
+
+    def __init__(self, w: Dict[str, torch.Tensor], num_heads: int, use_gelu: bool, eps: float, source: str):
+        super().__init__()
+        for k, v in w.items():
+            self.register_parameter(k, nn.Parameter(v.detach().clone(), requires_grad=False))
+        self.embed_dim = int(w["in_proj_weight"].shape[1])
+        self.num_heads = num_heads
+        self.use_gelu = use_gelu
+        self.eps = eps
+        self.source = source
+
+    def extra_repr(self) -> str:
+        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, "
+                f"activation={'gelu' if self.use_gelu else 'relu'}, eps={self.eps}, from={self.source}")
+
+    def forward(self, x: torch.Tensor, pad_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return torch._transformer_encoder_layer_fwd(
+            x, self.embed_dim, self.num_heads, self.in_proj_weight, self.in_proj_bias, self.out_proj_weight,
+            self.out_proj_bias, self.use_gelu, False, self.eps, self.norm1_weight, self.norm1_bias,
+            self.norm2_weight, self.norm2_bias, self.linear1_weight, self.linear1_bias, self.linear2_weight,
+            self.linear2_bias, pad_mask, 1 if pad_mask is not None else None)
+
+
+def keep_mask(mask: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Boolean [batch, keys] (True = real token) from the mask transformers hands the layers; None = no padding."""
+    if mask is None:
+        return None
+    if mask.dim() == 2:
+        return mask.bool()
+    if mask.dim() == 3:
+        mask = mask.unsqueeze(1)
+    if mask.dim() != 4:
+        raise ValueError(f"bettertransformer: unexpected attention mask of shape {tuple(mask.shape)}")
+    # [batch, heads|1, queries, keys]: a key is real when some query may attend to it
+    if mask.dtype == torch.bool:
+        allowed = mask
+    else:  # additive: 0 where allowed, a large negative number (or -inf) where masked
+        allowed = mask > torch.finfo(mask.dtype).min / 2
+    return allowed[:, 0].any(dim=1)
+
+
+class FusedEncoder(nn.Module):
+    """Drop-in for BertEncoder / DistilBERT's Transformer: ``forward(hidden_states, attention_mask, **kwargs)``."""
+
+    def __init__(self, layers: List[FusedEncoderLayer], nested: bool, replaced: str):
+        super().__init__()
+        self.layer = nn.ModuleList(layers)
+        self.nested = nested
+        self.replaced = replaced
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: Optional[torch.Tensor] = None, *args, **kwargs):
+        # what BertEncoder returns (DistilBERT's callers only read last_hidden_state / [0])
+        from transformers.modeling_outputs import BaseModelOutputWithPastAndCrossAttentions as Output
+
+        for flag in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(flag):
+                raise ValueError(f"bettertransformer: {flag}=True is not supported by the fused encoder kernel")
+        keep = keep_mask(attention_mask)
+        h = hidden_states
+        capturing = torch.jit.is_tracing() or torch.compiler.is_compiling()
+        if keep is None or (not capturing and bool(keep.all())):
+            for layer in self.layer:
+                h = layer(h)
+        elif self.nested and not capturing and bool(torch._nested_tensor_from_mask_left_aligned(h, keep)):
+            x = torch._nested_tensor_from_mask(h, keep, mask_check=False)
+            for layer in self.layer:
+                x = layer(x)
+            h = x.to_padded_tensor(0.0, hidden_states.shape)
+        else:
+            pad = ~keep
+            for layer in self.layer:
+                h = layer(h, pad)
+        return Output(last_hidden_state=h)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# reading a layer's weights
+
+
+def _activation(fn) -> Optional[bool]:
+    """True for exact GELU, False for ReLU, None for anything else (probed numerically, not by name)."""
+    probe = torch.linspace(-6, 6, 97)
+    try:
+        with torch.no_grad():
+            out = fn(probe)
+    except Exception:
+        return None
+    if torch.allclose(out, nn.functional.gelu(probe), atol=1e-6):
+        return True
+    if torch.allclose(out, nn.functional.relu(probe), atol=1e-6):
+        return False
+    return None
+
+
+def _plain_linear(m, what: str) -> nn.Linear:
+    if type(m) is not nn.Linear or m.bias is None:
+        raise TypeError(f"{what} is {type(m).__name__} (needs a plain nn.Linear with bias; "
+                        "was it rewritten by another plugin?)")
+    return m
+
+
+def _plain_norm(m, what: str) -> nn.LayerNorm:
+    if not isinstance(m, nn.LayerNorm) or m.weight is None or m.bias is None:
+        raise TypeError(f"{what} is {type(m).__name__} (needs nn.LayerNorm with affine weights)")
+    return m
+
+
+def _layer_parts(layer: nn.Module):
+    """(q, k, v, out, norm1, ffn1, act, ffn2, norm2, heads) for a BERT-structured or DistilBERT layer, else None."""
+    att = getattr(layer, "attention", None)
+    if att is not None and hasattr(att, "self") and hasattr(att, "output") and hasattr(layer, "intermediate"):
+        if getattr(layer, "is_decoder", False) or hasattr(layer, "crossattention"):
+            raise TypeError(f"{type(layer).__name__} is a decoder layer (causal/cross-attention)")
+        s = att.self
+        return (s.query, s.key, s.value, att.output.dense, att.output.LayerNorm, layer.intermediate.dense,
+                layer.intermediate.intermediate_act_fn, layer.output.dense, layer.output.LayerNorm,
+                s.num_attention_heads)
+    if att is not None and hasattr(att, "q_lin") and hasattr(layer, "ffn") and hasattr(layer, "sa_layer_norm"):
+        return (att.q_lin, att.k_lin, att.v_lin, att.out_lin, layer.sa_layer_norm, layer.ffn.lin1,
+                layer.ffn.activation, layer.ffn.lin2, layer.output_layer_norm, att.n_heads)
+    return None
+
+
+def fuse_layer(layer: nn.Module, index: int) -> FusedEncoderLayer:
+    cls = type(layer).__name__
+    parts = _layer_parts(layer)
+    if parts is None:
+        raise TypeError(f"layer class {cls} is not supported (supported: BERT-structured layers such as BertLayer, "
+                        "RobertaLayer, ElectraLayer, and DistilBERT's TransformerBlock)")
+    q, k, v, out, n1, f1, act, f2, n2, heads = parts
+    where = f"{cls}[{index}]"
+    q, k, v = (_plain_linear(m, f"{where} attention projection") for m in (q, k, v))
+    out, f1, f2 = (_plain_linear(m, f"{where} dense layer") for m in (out, f1, f2))
+    n1, n2 = _plain_norm(n1, f"{where} LayerNorm"), _plain_norm(n2, f"{where} LayerNorm")
+    if n1.eps != n2.eps:
+        raise TypeError(f"{where}: the two LayerNorms use different eps ({n1.eps}, {n2.eps}); the kernel takes one")
+    use_gelu = _activation(act)
+    if use_gelu is None:
+        raise TypeError(f"{where}: activation {type(act).__name__} is neither exact GELU nor ReLU")
+    w = {
+        "in_proj_weight": torch.cat([q.weight, k.weight, v.weight]),
+        "in_proj_bias": torch.cat([q.bias, k.bias, v.bias]),
+        "out_proj_weight": out.weight, "out_proj_bias": out.bias,
+        "norm1_weight": n1.weight, "norm1_bias": n1.bias,
+        "linear1_weight": f1.weight, "linear1_bias": f1.bias,
+        "linear2_weight": f2.weight, "linear2_bias": f2.bias,
+        "norm2_weight": n2.weight, "norm2_bias": n2.bias,
+    }
+    return FusedEncoderLayer(w, int(heads), use_gelu, float(n1.eps), cls)
+
+
+def find_encoder(model: nn.Module) -> Tuple[nn.Module, str, nn.Module]:
+    """(parent, attribute, encoder): the module whose ``.layer`` ModuleList holds the transformer layers."""
+    for name, module in model.named_modules():
+        layers = getattr(module, "layer", None)
+        if isinstance(layers, nn.ModuleList) and len(layers) and module is not model:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            return parent, attr, module
+    raise TypeError(f"{type(model).__name__} has no encoder with a .layer list (bettertransformer supports "
+                    "BERT-family encoders: BERT, RoBERTa, DistilBERT, ELECTRA, MiniLM, ...)")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the plugin
+
+
+class BetterTransformerPlugin(Plugin):
+    name = "bettertransformer"
+    stage = STAGE_TRANSFORM
+    # the fused kernel takes float weights: int8 Linear layers cannot be fused, fused layers cannot be quantized
+    conflicts = ("quantize",)
+    Options = BetterTransformerOptions
+
+    def check(self, ctx: PluginContext) -> None:
+        if not hasattr(torch, "_transformer_encoder_layer_fwd") or not hasattr(torch, "_nested_tensor_from_mask"):
+            raise self.unavailable(f"torch {torch.__version__} has no fused encoder kernel "
+                                   "(torch._transformer_encoder_layer_fwd)")
+        if ctx.autocast:
+            raise self.unavailable("the fused encoder kernel is not autocast-aware (it would run the encoder in "
+                                   "float32 under autocast); use precision=bf16 or precision=fp32")
+        if ctx.dtype not in (torch.float32, torch.bfloat16):
+            raise self.unavailable(f"weights of dtype {ctx.dtype} are not supported; use precision=fp32 or bf16")
+
+    def apply(self, model, ctx: PluginContext):
+        if model.training:
+            raise self.unavailable("the fused kernel is inference-only; the model is in training mode")
+        config = getattr(model, "config", None)
+        for flag in ("output_attentions", "output_hidden_states", "is_decoder", "add_cross_attention"):
+            if getattr(config, flag, False):
+                raise self.unavailable(f"config.{flag}=True is not supported by the fused encoder kernel")
+        pos = getattr(config, "position_embedding_type", "absolute")
+        if pos not in (None, "absolute"):
+            raise self.unavailable(f"position_embedding_type={pos} changes attention scores; the kernel cannot")
+        try:
+            parent, attr, encoder = find_encoder(model)
+            fused = FusedEncoder([fuse_layer(layer, i) for i, layer in enumerate(encoder.layer)],
+                                 nested=self.options.nested, replaced=type(encoder).__name__)
+        except TypeError as e:
+            raise self.unavailable(str(e)) from None
+        fused.eval()
+        # torch warns once that nested tensors are a prototype API; the user chose them through this plugin
+        warnings.filterwarnings("ignore", message="The PyTorch API of nested tensors is in prototype stage")
+        diff = self._verify(model, encoder, fused, ctx) if self.options.verify else None
+        setattr(parent, attr, fused)  # the only mutation, after everything succeeded
+        layer_cls = sorted({layer.source for layer in fused.layer})
+        self._details = {
+            "replaced": f"{type(encoder).__name__} ({len(fused.layer)} x {','.join(layer_cls)})",
+            "kernel": "torch._transformer_encoder_layer_fwd",
+            "activation": "gelu" if fused.layer[0].use_gelu else "relu",
+            "nested": str(self.options.nested),
+            "weights_dtype": str(ctx.dtype).replace("torch.", ""),
+            "verify_max_abs_diff": "skipped" if diff is None else f"{diff:.3e}",
+        }
+        return model
+
+    def _verify(self, model, encoder, fused, ctx: PluginContext) -> float:
+        """Max |delta| between original and fused encoder outputs on the real tokens of the first batch."""
+        captured = {}
+
+        def grab(_module, args, kwargs):
+            captured["args"], captured["kwargs"] = args, kwargs
+
+        handle = encoder.register_forward_pre_hook(grab, with_kwargs=True)
+        try:
+            with torch.inference_mode():
+                model(**ctx.example_batch)
+        finally:
+            handle.remove()
+        if "args" not in captured:
+            raise self.unavailable(f"{type(encoder).__name__} was not called by the model's forward")
+        args, kwargs = captured["args"], dict(captured["kwargs"])
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
+        with torch.inference_mode():
+            ref = encoder(hidden, attention_mask=mask)[0]
+            try:
+                got = fused(hidden, attention_mask=mask)[0]
+            except RuntimeError as e:  # e.g. a dtype the kernel refuses
+                first = str(e).strip().splitlines()[0]
+                raise self.unavailable(f"the fused kernel refused {hidden.dtype} inputs: {first}") from None
+        keep = keep_mask(mask)
+        if keep is None:
+            keep = torch.ones(hidden.shape[:2], dtype=torch.bool)
+        diff = float((ref.float() - got.float()).abs()[keep].max())
+        atol = self.options.verify_atol if hidden.dtype == torch.float32 else self.options.verify_atol_bf16
+        if not diff <= atol:  # also catches NaN
+            raise self.unavailable(f"fused encoder differs from the original by {diff:.2e} on real tokens "
+                                   f"(> verify_atol {atol:g} for {str(hidden.dtype).replace('torch.', '')})")
+        return diff
