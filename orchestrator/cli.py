@@ -67,10 +67,18 @@ def report_error(func: Any) -> Any:
         if os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         sys.stderr.write(f"error: {one_line(ex)}\n")
-        sys.exit(ex.exit_code if isinstance(ex, OrchestratorError) else 1)
+        sys.exit(exit_code(ex))
 
 
 _last_interrupt = 0.0
+
+
+def exit_code(ex: BaseException) -> int:
+    """2 for input the user can fix (config, data, model, plugin choice); 1 for anything else."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    return 2 if isinstance(ex, (OrchestratorError, HydraException, OmegaConfBaseException)) else 1
 
 
 def _task(cfg: DictConfig) -> Any:
@@ -87,7 +95,7 @@ def _task(cfg: DictConfig) -> Any:
                 raise
             # report here: letting it reach Hydra adds its own "Error executing job with overrides" line
             sys.stderr.write(f"error: {one_line(ex)}\n")
-            sys.exit(ex.exit_code if isinstance(ex, OrchestratorError) else 1)
+            sys.exit(exit_code(ex))
         if isinstance(ex, KeyboardInterrupt):
             # one Ctrl-C ends the current job (KILLED) and the sweep goes on; two within 2 s stop the sweep
             now = time.monotonic()

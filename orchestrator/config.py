@@ -87,6 +87,9 @@ class TrackingConfig:
     # where new experiments put artifacts; default: ``mlartifacts/`` beside a sqlite store
     artifact_location: Optional[str] = None
     prediction_samples: int = 50
+    # MLflow system metrics (CPU %, memory, ...) sampled during the run, every system_metrics_interval_s
+    system_metrics: bool = False
+    system_metrics_interval_s: float = 2.0
 
 
 @dataclass
@@ -186,6 +189,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(d.max_samples is None or d.max_samples >= 1, "dataset.max_samples", d.max_samples,
              "must be >= 1 or null (all rows)")
     _require(d.calibration_samples >= 1, "dataset.calibration_samples", d.calibration_samples, "must be >= 1")
+    _require(rc.tracking.system_metrics_interval_s > 0, "tracking.system_metrics_interval_s",
+             rc.tracking.system_metrics_interval_s, "must be > 0")
     _require(rc.tracking.prediction_samples >= 0, "tracking.prediction_samples", rc.tracking.prediction_samples,
              "must be >= 0")
 

@@ -46,6 +46,8 @@ def load(cfg, seed: int = 0):
     except (FileNotFoundError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e
         first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        if "corresponds to no data" in first:  # a file with a header and no rows
+            raise DatasetError(f"dataset {cfg.path!r} split {cfg.split!r} has 0 rows (after max_samples/filters)") from e
         raise DatasetError(f"dataset {cfg.path!r} (files {cfg.data_files!r}, split {cfg.split!r}) could not be "
                            f"loaded: {type(cause).__name__}: {first}") from e
     except ConnectionError as e:

@@ -3,9 +3,7 @@ from __future__ import annotations
 
 
 class OrchestratorError(Exception):
-    """A user-facing failure: the CLI prints ``error: <message>`` and nothing more."""
-
-    exit_code = 2
+    """A user-facing failure: the CLI prints ``error: <message>`` and nothing more, and exits 2."""
 
 
 class ConfigError(OrchestratorError):

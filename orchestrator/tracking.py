@@ -115,6 +115,7 @@ class Tracker:
         self.client = None
         self.run_id: Optional[str] = None
         self.error: Optional[str] = None
+        self.monitor = None
         if cfg.enabled:
             check_uri(cfg.uri)
 
@@ -175,6 +176,12 @@ class Tracker:
             run = self.client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
             self.run_id = run.info.run_id
             self.log_params(params)
+            if self.cfg.system_metrics:
+                from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+                self.monitor = SystemMetricsMonitor(self.run_id, tracking_uri=self.cfg.uri,
+                                                    sampling_interval=self.cfg.system_metrics_interval_s)
+                self.monitor.start()
 
         self._guard("start", _start)
 
@@ -227,6 +234,9 @@ class Tracker:
         self._guard("log_dataset", _log)
 
     def end(self, status: str) -> None:
+        if self.monitor is not None:
+            self._guard("system_metrics", self.monitor.finish)
+            self.monitor = None
         if not self.active:
             return
         self._guard("end", self.client.set_terminated, self.run_id, status)

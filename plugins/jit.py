@@ -34,6 +34,16 @@ class JitPlugin(Plugin):
 
     def apply(self, model, ctx: PluginContext):
         batch = ctx.example_batch
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # tracing calls loss_function, which warns about loss_type=None
+        try:
+            return self._trace(model, ctx, batch)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+
+    def _trace(self, model, ctx: PluginContext, batch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarning/DeprecationWarning noise from torch.jit on 2.13
             # autocast's weight-cast cache must be off while tracing, or cached casts get baked into the graph

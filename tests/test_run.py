@@ -152,3 +152,12 @@ def test_unreachable_tracking_server_does_not_lose_the_run(compose, tiny_encoder
     saved = json.loads((Path(results["run_dir"]) / "results.json").read_text())
     assert saved["metrics"]["spearman"] == results["metrics"]["spearman"]
     assert "MLflow tracking failed" in capsys.readouterr().out
+
+
+def test_system_metrics_are_logged_when_asked(compose, tiny_encoder, sts_file, tracking_uri):
+    results = run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri), "tracking.system_metrics=true",
+                          "tracking.system_metrics_interval_s=0.2", "runtime.min_duration_s=1.5",
+                          "runtime.max_iterations=null"))
+    _, r = only_run(tracking_uri)
+    assert results["status"] == "FINISHED"
+    assert any(k.startswith("system/cpu_utilization") for k in r.data.metrics), sorted(r.data.metrics)

@@ -1,0 +1,118 @@
+"""Bad input through the CLI, as a user meets it: one `error:` line naming the key/value and what is valid,
+exit status 2, and (once a run has started) a FAILED MLflow run."""
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def last_line(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    return lines[-1] if lines else ""
+
+
+@pytest.fixture()
+def cli(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def _run(*args: str):
+        base = [f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                f"tracking.uri={uri}"]
+        proc = run_cli(*base, *args, cwd=tmp_path, timeout=300)
+        assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+        return proc, uri
+
+    return _run
+
+
+def only_run_status(uri: str):
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("orchestrator")
+    runs = client.search_runs([exp.experiment_id])
+    assert len(runs) == 1
+    return runs[0].info.status, runs[0].data.tags.get("error")
+
+
+def broken_copy(src, dest, drop=(), truncate=None):
+    shutil.copytree(src, dest)
+    for name in drop:
+        (dest / name).unlink()
+    if truncate:
+        data = (dest / truncate).read_bytes()
+        (dest / truncate).write_bytes(data[: len(data) // 3])
+    return dest
+
+
+def test_model_dir_without_weights(cli, tmp_path, tiny_encoder):
+    bad = broken_copy(tiny_encoder, tmp_path / "noweights", drop=["model.safetensors"])
+    proc, uri = cli(f"model.name_or_path={bad}")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(f"error: model.name_or_path='{bad}': weights could not be loaded: ")
+    assert only_run_status(uri)[0] == "FAILED"
+
+
+def test_truncated_safetensors(cli, tmp_path, tiny_encoder):
+    bad = broken_copy(tiny_encoder, tmp_path / "truncated", truncate="model.safetensors")
+    proc, uri = cli(f"model.name_or_path={bad}")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(f"error: model.name_or_path='{bad}': weights could not be loaded: ")
+    status, error = only_run_status(uri)
+    assert status == "FAILED" and error.startswith("model.name_or_path=")
+
+
+def test_tokenizer_missing(cli, tmp_path, tiny_encoder):
+    drop = [p.name for p in tiny_encoder.iterdir() if p.name.startswith(("tokenizer", "vocab", "special_tokens"))]
+    bad = broken_copy(tiny_encoder, tmp_path / "notok", drop=drop)
+    proc, _ = cli(f"model.name_or_path={bad}")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(f"error: model.name_or_path='{bad}': tokenizer could not be loaded")
+
+
+def test_dataset_file_missing(cli, tmp_path):
+    proc, uri = cli(f"dataset.data_files={tmp_path / 'nope.tsv'}")
+    assert proc.returncode == 2
+    assert last_line(proc) == (f"error: dataset.data_files: file not found: {tmp_path / 'nope.tsv'} "
+                               f"(resolved to {tmp_path / 'nope.tsv'})")
+    assert only_run_status(uri)[0] == "FAILED"
+
+
+def test_dataset_with_unreadable_encoding(cli, tmp_path):
+    bad = tmp_path / "latin1.tsv"
+    bad.write_bytes("sentence1\tsentence2\tscore\ncaf\xe9 au lait\tle caf\xe9\t3.0\n".encode("latin-1"))
+    proc, _ = cli(f"dataset.data_files={bad}")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith(f"error: dataset 'csv' (files '{bad}', split 'train') could not be loaded: "
+                                      "UnicodeDecodeError")
+
+
+def test_dataset_with_zero_rows(cli, tmp_path):
+    empty = tmp_path / "empty.tsv"
+    empty.write_text("sentence1\tsentence2\tscore\n")
+    proc, _ = cli(f"dataset.data_files={empty}")
+    assert proc.returncode == 2
+    assert last_line(proc) == "error: dataset 'csv' split 'train' has 0 rows (after max_samples/filters)"
+
+
+def test_unknown_plugin_and_bad_order(cli):
+    proc, _ = cli("optimization=[jit,nope]")
+    assert proc.returncode == 2 and last_line(proc).startswith("error: optimization=nope: unknown choice; valid: ")
+    proc, uri = cli("optimization=[jit,bettertransformer]")
+    assert proc.returncode == 2
+    assert last_line(proc).startswith("error: optimization=[jit,bettertransformer]: 'bettertransformer' must come "
+                                      "before 'jit'; valid order: ")
+    assert only_run_status(uri)[0] == "FAILED"
+
+
+def test_unwritable_tracking_store_keeps_the_run(cli, tmp_path):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("a file where the store's folder should be")
+    proc, _ = cli(f"tracking.uri=sqlite:///{blocker}/mlflow.db")
+    assert proc.returncode == 0, proc.stderr[-1500:]
+    assert "MLflow tracking failed" in proc.stdout and "results.json" in proc.stdout
+    assert list(tmp_path.glob("outputs/runs/*/*/results.json"))
