@@ -186,10 +186,11 @@ class Tracker:
         self._guard("start", _start)
 
     def log_params(self, params: Dict[str, str]) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
-        self._guard("log_params", self.client.log_batch, self.run_id,
-                    params=[Param(k, v) for k, v in params.items()]) if self.active else None
+        self._guard("log_params", self.client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items()])
 
     def log_metrics(self, metrics: Dict[str, float]) -> None:
         if not self.active or not metrics:

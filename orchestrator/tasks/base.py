@@ -31,6 +31,10 @@ class Features:
         return len(self.rows)
 
 
+def max_abs_diff(reference: List[torch.Tensor], candidate: List[torch.Tensor]) -> float:
+    return max((float((r - c).abs().max()) for r, c in zip(reference, candidate)), default=0.0)
+
+
 class Task:
     name: ClassVar[str] = ""
     # the transformers Auto class that loads a model for this task
@@ -126,7 +130,7 @@ class Task:
 
     def parity(self, reference: List[torch.Tensor], candidate: List[torch.Tensor]) -> Tuple[float, float]:
         """(max |delta| of head outputs, fraction of rows whose prediction agrees)."""
-        diff = max((float((r - c).abs().max()) for r, c in zip(reference, candidate)), default=0.0)
+        diff = max_abs_diff(reference, candidate)
         agree = [self.same_prediction(r, c) for r, c in zip(reference, candidate)]
         return diff, (sum(agree) / len(agree) if agree else 1.0)
 

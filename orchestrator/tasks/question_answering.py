@@ -255,7 +255,3 @@ class QuestionAnswering(Task):
     def artifacts(self, predictions: List[dict]) -> Dict[str, Any]:
         # run_qa's predictions.json: {question id: answer text} for every question
         return {"predictions.json": {p["id"]: p["answer"] for p in predictions}}
-
-    def same_prediction(self, reference: torch.Tensor, candidate: torch.Tensor) -> bool:
-        # the best start and best end token of the window agree
-        return bool(torch.equal(reference.argmax(-1), candidate.argmax(-1)))

@@ -7,7 +7,7 @@ import torch
 from scipy.stats import pearsonr, spearmanr
 
 from ..errors import DatasetError
-from .base import Features, Task
+from .base import Features, Task, max_abs_diff
 
 # two sentences agree when their similarity moves less than this (the scale is cosine, -1..1)
 SIMILARITY_TOLERANCE = 0.01
@@ -56,7 +56,7 @@ class SentenceSimilarity(Task):
 
     def parity(self, reference, candidate) -> Tuple[float, float]:
         n = len(reference) - len(reference) % 2  # whole pairs only
-        diff = max((float((r - c).abs().max()) for r, c in zip(reference, candidate)), default=0.0)
+        diff = max_abs_diff(reference, candidate)
         if n == 0:
             return diff, 1.0
         delta = (self.similarities(reference[:n]) - self.similarities(candidate[:n])).abs()

@@ -178,6 +178,3 @@ class TokenClassification(Task):
         records = [{"tokens": list(w), "tags": g, "predicted": p}
                    for w, g, p in zip(self.column(dataset, "tokens"), gold, predicted)]
         return metrics, records
-
-    def same_prediction(self, reference: torch.Tensor, candidate: torch.Tensor) -> bool:
-        return bool(torch.equal(reference.argmax(-1), candidate.argmax(-1)))
