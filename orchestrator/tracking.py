@@ -128,7 +128,7 @@ class Tracker:
             return None
         try:
             with critical():  # never interrupt a store write halfway: the run could not be closed after it
-                return fn(*args, **kwargs)
+                return self._retry_transient(fn, *args, **kwargs)
         except RunInterrupted:  # a timeout/signal landing inside a logging call still ends the run
             raise
         except Exception as e:  # tracking problems are reported, never fatal to the measurement
@@ -136,6 +136,25 @@ class Tracker:
             log.error("MLflow tracking failed (%s); the run goes on untracked and its results are kept in "
                       "results.json of the run directory", self.error)
             return None
+
+    @staticmethod
+    def _retry_transient(fn, *args, **kwargs):
+        """Parallel jobs (joblib, submitit) share one store: a write can meet another job's sqlite lock, and two
+        jobs logging the same dataset race to insert it (MLflow's get-or-create is not atomic; the retry finds
+        the row). Retry those instead of giving up tracking for the rest of the run."""
+        import time
+
+        transient = ("database is locked", "UNIQUE constraint failed: datasets")
+        for delay in (0.5, 1.0, 2.0, 4.0):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as e:
+                if not any(t in str(e) for t in transient):
+                    raise
+                log.warning("MLflow store busy with another job (%s); retrying in %.1f s",
+                            str(e).strip().splitlines()[0][:120], delay)
+                time.sleep(delay)
+        return fn(*args, **kwargs)
 
     def _connect(self) -> str:
         """Client and experiment id (the experiment is created on first use)."""
