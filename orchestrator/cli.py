@@ -115,7 +115,13 @@ def main() -> None:
     register_configs()
     hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
     app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
-    app()
+    try:
+        app()
+    except ValueError as e:  # Hydra checks its own flags outside run_and_report (e.g. -m together with --info)
+        if "HYDRA_FULL_ERROR" in os.environ or not str(e).startswith("Only one of"):
+            raise
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
     from . import sweep
 
     if sweep.last_failed_jobs:

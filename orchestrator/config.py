@@ -63,6 +63,8 @@ class RuntimeConfig:
     padding: str = "dynamic"
     # batch rows of similar length together (order is restored before metrics)
     sort_by_length: bool = False
+    # round dynamic batch widths up to a multiple of this (fewer shapes for jit/compile; AMX tiles like 16/32/64)
+    pad_to_multiple_of: Optional[int] = None
     threads: Optional[int] = None
     interop_threads: Optional[int] = None
     warmup: int = 2
@@ -169,6 +171,8 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(r.batch_size >= 1, "runtime.batch_size", r.batch_size, "must be >= 1")
     _require(r.max_length >= 8, "runtime.max_length", r.max_length, "must be >= 8")
     _require(r.padding in PADDING_CHOICES, "runtime.padding", r.padding, f"valid: {', '.join(PADDING_CHOICES)}")
+    _require(r.pad_to_multiple_of is None or r.pad_to_multiple_of >= 1, "runtime.pad_to_multiple_of",
+             r.pad_to_multiple_of, "must be >= 1 or null (pad to the longest row)")
     _require(r.threads is None or r.threads >= 1, "runtime.threads", r.threads, "must be >= 1 or null (torch default)")
     _require(r.interop_threads is None or r.interop_threads >= 1, "runtime.interop_threads", r.interop_threads,
              "must be >= 1 or null")

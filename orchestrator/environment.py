@@ -55,4 +55,23 @@ def environment_tags() -> Dict[str, str]:
     tags.update(cpu_info())
     tags["git_sha"] = git_sha()
     tags["host"] = platform.node()
+    tags.update(thread_environment())
+    return tags
+
+
+# what decides how many cores the model's kernels use and where their threads sit
+THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_PROC_BIND", "OMP_PLACES", "KMP_AFFINITY",
+                    "KMP_BLOCKTIME", "ONEDNN_MAX_CPU_ISA", "LD_PRELOAD")
+
+
+def thread_environment() -> Dict[str, str]:
+    import os
+
+    tags = {f"env.{k}": os.environ[k] for k in THREAD_VARIABLES if k in os.environ}
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+        tags["cpu.affinity"] = ",".join(map(str, cpus))
+        tags["cpu.available"] = str(len(cpus))
+    except (AttributeError, OSError):  # not on Linux
+        tags["cpu.available"] = str(os.cpu_count())
     return tags

@@ -10,7 +10,7 @@ import contextlib
 import statistics
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
@@ -30,8 +30,12 @@ class Batch:
 
 
 def make_batches(rows: Sequence[Dict[str, List[int]]], batch_size: int, pad_id: int, padding: str,
-                 max_length: int, sort_by_length: bool) -> List[Batch]:
-    """Collate once, up front, so neither pass pays for padding inside its timed loop."""
+                 max_length: int, sort_by_length: bool, pad_to_multiple_of: Optional[int] = None) -> List[Batch]:
+    """Collate once, up front, so neither pass pays for padding inside its timed loop.
+
+    ``pad_to_multiple_of`` rounds dynamic widths up (capped at ``max_length``): fewer distinct shapes for
+    shape-specialising backends (TorchScript, compile) and tile-aligned matmuls, at the price of a few pad tokens.
+    """
     order = list(range(len(rows)))
     if sort_by_length:
         order.sort(key=lambda i: len(rows[i]["input_ids"]))
@@ -39,6 +43,8 @@ def make_batches(rows: Sequence[Dict[str, List[int]]], batch_size: int, pad_id: 
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         width = max_length if padding == "max_length" else max(len(rows[i]["input_ids"]) for i in idx)
+        if pad_to_multiple_of and padding != "max_length":
+            width = max(width, min(-(-width // pad_to_multiple_of) * pad_to_multiple_of, max_length))
         inputs = {}
         for key in rows[idx[0]]:
             fill = pad_id if key == "input_ids" else 0
@@ -49,6 +55,13 @@ def make_batches(rows: Sequence[Dict[str, List[int]]], batch_size: int, pad_id: 
             inputs[key] = t
         batches.append(Batch(idx, inputs))
     return batches
+
+
+def padding_pct(rows: Sequence[Dict[str, List[int]]], batches: List[Batch]) -> float:
+    """Share of the tokens the model computes on that are padding."""
+    total = sum(b.size * b.inputs["input_ids"].shape[1] for b in batches)
+    real = sum(min(len(rows[i]["input_ids"]), b.inputs["input_ids"].shape[1]) for b in batches for i in b.rows)
+    return 100.0 * (total - real) / total if total else 0.0
 
 
 def forward_fn(model, head: Callable, autocast_dtype: Optional[torch.dtype]) -> Callable:
@@ -80,6 +93,8 @@ class TimingResult:
     latencies_s: List[float]
     rows: int
     wall_s: float
+    # index of the batch each latency belongs to
+    batch_ids: List[int] = field(default_factory=list)
 
     def metrics(self) -> Dict[str, float]:
         lat_ms = np.asarray(self.latencies_s) * 1000.0
@@ -99,20 +114,38 @@ class TimingResult:
         }
 
 
+def timing_order(n_batches: int, seed: int) -> List[int]:
+    """A seeded shuffle of the batches: any prefix the timing pass stops after is a fair sample of them.
+
+    With ``sort_by_length`` the batches run shortest first; cycling them in that order would time only the short
+    ones whenever the pass ends before the last batch and overstate throughput.
+    """
+    import random
+
+    order = list(range(n_batches))
+    random.Random(seed).shuffle(order)
+    return order
+
+
 def timing_pass(step: Callable, batches: List[Batch], warmup: int, min_iterations: int, min_duration_s: float,
-                max_iterations: Optional[int] = None, progress: bool = False) -> TimingResult:
+                max_iterations: Optional[int] = None, progress: bool = False,
+                order: Optional[List[int]] = None) -> TimingResult:
+    order = order if order is not None else list(range(len(batches)))
     for i in range(warmup):
-        step(batches[i % len(batches)].inputs)
+        step(batches[order[i % len(order)]].inputs)
     latencies: List[float] = []
+    batch_ids: List[int] = []
     rows = 0
     bar = tqdm(desc="timing", disable=not progress, leave=False, unit="batch")
     start = time.perf_counter()
     i = 0
     while True:
-        b = batches[i % len(batches)]
+        k = order[i % len(order)]
+        b = batches[k]
         t0 = time.perf_counter()
         step(b.inputs)
         latencies.append(time.perf_counter() - t0)
+        batch_ids.append(k)
         rows += b.size
         i += 1
         bar.update()
@@ -123,7 +156,7 @@ def timing_pass(step: Callable, batches: List[Batch], warmup: int, min_iteration
             break
     wall = time.perf_counter() - start
     bar.close()
-    return TimingResult(latencies, rows, wall)
+    return TimingResult(latencies, rows, wall, batch_ids)
 
 
 class PeakRSS(contextlib.AbstractContextManager):

@@ -8,16 +8,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import data, measure, pipeline
+from . import data, feature_cache, flops, measure, pipeline
 from .config import RunConfig, to_run_config, validate
 from .environment import environment_tags
 from .errors import OrchestratorError, RunInterrupted
@@ -58,6 +59,13 @@ def _run_name(rc: RunConfig, choices: Dict[str, Any]) -> str:
 
 def _set_threads(rc: RunConfig) -> Dict[str, float]:
     if rc.runtime.threads:
+        try:
+            available = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            available = os.cpu_count() or rc.runtime.threads
+        if rc.runtime.threads > available:
+            log.warning("runtime.threads=%d is more than the %d cores this process may use: threads will compete "
+                        "for cores and timings get worse and noisier", rc.runtime.threads, available)
         torch.set_num_threads(rc.runtime.threads)
     if rc.runtime.interop_threads:
         try:
@@ -175,19 +183,24 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         task.check_columns(dataset.column_names)
         tracker.log_dataset(dataset, name=hydra.get("choices", {}).get("dataset") or rc.dataset.path,
                             source=str(rc.dataset.data_files or rc.dataset.path))
-        features = task.featurize(dataset)
+        t1 = time.perf_counter()
+        features, cached = feature_cache.featurize(task, dataset)
+        t2 = time.perf_counter()
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         r = rc.runtime
         batches = measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
-                                       r.sort_by_length)
+                                       r.sort_by_length, r.pad_to_multiple_of)
+        t3 = time.perf_counter()
         results.metrics({"examples": float(len(dataset)), "features": float(len(features)),
-                         "featurize_s": time.perf_counter() - t0}, tracker)
+                         "dataset_load_s": t1 - t0, "featurize_s": t2 - t1, "features_cached": float(cached),
+                         "collate_s": t3 - t2, "padding_pct": measure.padding_pct(features.rows, batches)}, tracker)
 
         # eager fp32 reference on a fixed sample, before precision and stack touch the model
         n_par = min(r.parity_samples, len(features))
         par_batches = measure.make_batches(features.rows[:n_par], r.batch_size, pad_id, r.padding,
-                                           r.max_length, False) if n_par else []
+                                           r.max_length, False, r.pad_to_multiple_of) if n_par else []
         reference, _ = measure.run_all(measure.forward_fn(model, task.head, None), par_batches, n_par)
+        flop_coef = _flop_coefficients(model, batches, pad_id)
 
         t0 = time.perf_counter()
         model = pipeline.apply_precision(model, rc.precision)
@@ -224,13 +237,57 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         for name, content in task.artifacts(predictions).items():  # e.g. QA's full predictions.json
             (run_dir / name).write_text(json.dumps(content, indent=2, default=str))
             tracker.log_artifact(run_dir / name)
-        results.metrics({**task_metrics, "accuracy_pass_s": t1 - t0 + post_s,
-                         "postprocess_s": post_s, "accuracy_pass_forward_s": forward_s}, tracker)
+        acc_s = t1 - t0 + post_s
+        m = results["metrics"]
+        eval_s = m["featurize_s"] + m["collate_s"] + acc_s
+        results.metrics({**task_metrics, "accuracy_pass_s": acc_s, "postprocess_s": post_s,
+                         "accuracy_pass_forward_s": forward_s, "eval_s": eval_s,
+                         # the whole evaluation, tokenization to metric: features/s over the dataset
+                         "eval_throughput": len(features) / eval_s if eval_s > 0 else 0.0,
+                         # everything but the model forward: tokenize, collate, batch loop, postprocess, metric
+                         "eval_overhead_pct": 100.0 * max(eval_s - forward_s, 0.0) / eval_s if eval_s > 0 else 0.0},
+                        tracker)
 
         timing = measure.timing_pass(step, batches, r.warmup, r.min_iterations, r.min_duration_s,
-                                     r.max_iterations, progress=r.progress)
+                                     r.max_iterations, progress=r.progress,
+                                     order=measure.timing_order(len(batches), r.seed))
         results.metrics(timing.metrics(), tracker)
+        if flop_coef is not None:
+            int8 = "quantize" in record.applied or record.details.get("ipex", {}).get("int8", "none") != "none"
+            compute = "int8" if int8 else ("bf16" if torch.bfloat16 in (ctx.dtype, ac) else "fp32")
+            flop_metrics, peak_note = _flop_metrics(flop_coef, batches, timing, compute)
+            results.metrics(flop_metrics, tracker)
+            tracker.set_tags({"peak.compute": compute, "peak.formula": peak_note})
     results.metrics({"peak_rss_mb": rss.peak_mb}, tracker)
+
+
+def _flop_coefficients(model, batches, pad_id: int):
+    """FLOPs-per-row coefficients of the eager model (None when counting fails: never fails the run)."""
+    if not batches:
+        return None
+    try:
+        return flops.coefficients(model, list(batches[0].inputs), pad_id)
+    except Exception as e:  # an exotic model the counter cannot run on single rows
+        log.warning("FLOPs not counted: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e) else "")
+        return None
+
+
+def _flop_metrics(coef, batches, timing: "measure.TimingResult", compute: str) -> Tuple[Dict[str, float], str]:
+    """FLOPs per feature as executed (padding included), achieved GFLOP/s in the timing pass, share of peak."""
+    per_batch = [flops.batch_flops(coef, b.size, b.inputs["input_ids"].shape[1]) for b in batches]
+    rows = sum(b.size for b in batches)
+    out = {"gflops_per_feature": sum(per_batch) / rows / 1e9 if rows else 0.0}
+    note = ""
+    timed = sum(per_batch[k] for k in timing.batch_ids)
+    busy = sum(timing.latencies_s)
+    if busy > 0:
+        out["achieved_gflops"] = timed / busy / 1e9
+        peak = flops.peak_gflops(compute, torch.get_num_threads())
+        if peak is not None:
+            out["peak_gflops"] = peak[0]
+            out["peak_fraction_pct"] = 100.0 * out["achieved_gflops"] / peak[0]
+            note = peak[1]
+    return out, note
 
 
 def _calibration_batches(rc: RunConfig, task, pad_id: int) -> List[Dict[str, torch.Tensor]]:
@@ -244,7 +301,7 @@ def _calibration_batches(rc: RunConfig, task, pad_id: int) -> List[Dict[str, tor
     features = task.featurize(data.load(cfg))
     r = rc.runtime
     return [b.inputs for b in measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
-                                                   False)]
+                                                   False, r.pad_to_multiple_of)]
 
 
 def _finish(results: Results, tracker: Tracker, run_dir: Path, predictions: List[dict], rc: RunConfig,

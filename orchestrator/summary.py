@@ -14,7 +14,8 @@ from rich.console import Console
 from rich.table import Table
 
 COLUMNS = ["job", "stack", "precision", "metric", "value", "throughput", "speedup", "latency_p50_ms",
-           "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "status", "run_id"]
+           "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct",
+           "status", "run_id"]
 
 
 def _primary(task: Optional[str]) -> Optional[str]:
@@ -35,7 +36,8 @@ def _row(job: str, status: str, task: Optional[str], stack: str, precision: str,
             "value": metrics.get(metric) if metric else None, "throughput": metrics.get("throughput"),
             "speedup": None, "latency_p50_ms": metrics.get("latency_p50_ms"),
             "latency_p99_ms": metrics.get("latency_p99_ms"), "parity_max_abs_diff": metrics.get("parity_max_abs_diff"),
-            "parity_agreement": metrics.get("parity_agreement"), "status": status, "run_id": run_id}
+            "parity_agreement": metrics.get("parity_agreement"), "eval_throughput": metrics.get("eval_throughput"),
+            "peak_fraction_pct": metrics.get("peak_fraction_pct"), "status": status, "run_id": run_id}
 
 
 def rows_from_mlflow(client, parent_id: str) -> List[Dict[str, Any]]:
@@ -96,7 +98,8 @@ def _fmt(v: Any) -> str:
 
 
 HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
-           "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree"}
+           "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree", "eval_throughput": "eval rows/s",
+           "peak_fraction_pct": "% peak"}
 
 
 def table(rows: List[Dict[str, Any]], title: Optional[str] = None) -> Table:

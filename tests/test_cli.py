@@ -65,6 +65,19 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
     assert "4 jobs, 2 not finished" in report.stdout and "FAILED" in report.stdout
 
 
+def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = run_cli("-m", "sweep=scenario", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}",
+                   "dataset.max_samples=12", "runtime.warmup=0", "runtime.min_iterations=1",
+                   "runtime.min_duration_s=0", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, runs = runs_of(uri)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
+    # single_stream is batch 1 in input order; offline is batch 64, length-bucketed
+    assert sorted((c.data.params["runtime.batch_size"], c.data.params["runtime.sort_by_length"]) for c in children) \
+        == [("1", "False"), ("64", "True")]
+
+
 def test_sweep_stopped_by_its_launcher_leaves_no_running_parent(tmp_path, tiny_encoder, sts_file):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
     uri = f"sqlite:///{tmp_path / 'store.db'}"

@@ -9,7 +9,7 @@ from conftest import CONF_DIR, run_cli
 from orchestrator.config import validate
 from orchestrator.errors import ConfigError
 
-GROUPS = ["model", "dataset", "precision", "optimization", "runtime", "tracking", "experiment"]
+GROUPS = ["model", "dataset", "precision", "optimization", "runtime", "tracking", "experiment", "sweep"]
 
 
 def options(group: str):
@@ -23,6 +23,21 @@ def test_every_config_file_composes_and_validates(compose, group, option):
     rc = validate(cfg)
     if group == "optimization":
         assert list(rc.optimization) == [option]
+
+
+@pytest.mark.parametrize("preset", options("sweep"))
+def test_sweep_presets_only_set_sweeper_params_and_runtime(compose, preset):
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    compose()  # registers the schema
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=[f"sweep={preset}"], return_hydra_config=True)
+    params = dict(cfg.hydra.sweeper.params)
+    assert params and all("," in str(v) for v in params.values())
+    assert set(cfg) - {"hydra"} == set(compose()), "a sweep preset must not add top-level keys"
 
 
 def test_default_config_is_the_offline_embedded_default(compose):
@@ -42,6 +57,7 @@ def test_stack_keeps_the_order_given(compose):
 @pytest.mark.parametrize("override,message", [
     ("runtime.batch_size=0", "runtime.batch_size=0: must be >= 1"),
     ("runtime.padding=left", "runtime.padding='left': valid: dynamic, max_length"),
+    ("runtime.pad_to_multiple_of=0", "runtime.pad_to_multiple_of=0: must be >= 1 or null"),
     ("runtime.on_plugin_error=ignore", "runtime.on_plugin_error='ignore': valid: fail, fallback"),
     ("dataset.max_samples=0", "dataset.max_samples=0: must be >= 1 or null (all rows)"),
     ("dataset.task=summarization", "dataset.task='summarization': valid: "),

@@ -101,6 +101,8 @@ class QuestionAnswering(Task):
             raise ModelLoadError(f"task {self.name} needs a fast (tokenizers) tokenizer for offset mappings; "
                                  f"{type(tokenizer).__name__} is not one")
         self.pad_on_right = getattr(tokenizer, "padding_side", "right") == "right"
+        # torchmetrics' first import takes seconds; pay it here, not inside the evaluation it would be timed in
+        from torchmetrics.functional.text import squad  # noqa: F401
 
     # -- data ----------------------------------------------------------------------------------------------
     def ids(self, dataset) -> List[str]:
@@ -136,13 +138,17 @@ class QuestionAnswering(Task):
                                f"{self.max_seq_length} and dataset.task_options.doc_stride={self.options.doc_stride} "
                                f"(a question may be too long; raise max_length or lower doc_stride): {first_line}") from e
         context_index = 1 if self.pad_on_right else 0
-        offsets = []
+        offsets, span_chars = [], []
         for i, row in enumerate(enc["offset_mapping"]):
             seq = enc.sequence_ids(i)
             offsets.append([tuple(o) if seq[k] == context_index else None for k, o in enumerate(row)])
+            # the same as arrays (start char, end char; -1 outside the context) for the vectorised n-best search
+            chars = np.asarray(row, dtype=np.int64).reshape(-1, 2)
+            chars[np.asarray([s != context_index for s in seq], dtype=bool)] = -1
+            span_chars.append(chars)
         sample_mapping = list(enc["overflow_to_sample_mapping"])
         n = len(enc["input_ids"])
-        extra: Dict[str, List[Any]] = {"offset_mapping": offsets}
+        extra: Dict[str, List[Any]] = {"offset_mapping": offsets, "span_chars": span_chars}
         if self.options.scoring == "pipeline":  # word alignment needs word ids and their character spans
             extra["word_ids"] = [enc.word_ids(i) for i in range(n)]
             extra["char_spans"] = [self._word_chars(enc, i) for i in range(n)]
@@ -164,21 +170,24 @@ class QuestionAnswering(Task):
         return torch.stack([outputs["start_logits"], outputs["end_logits"]], dim=1).float()
 
     # -- postprocessing ------------------------------------------------------------------------------------
-    def _candidates_run_qa(self, logits: np.ndarray, offsets: List[Optional[tuple]]) -> List[Tuple[Any, tuple]]:
-        """utils_qa.postprocess_qa_predictions for one window: (score, (start_char, end_char)) candidates."""
+    def _candidates_run_qa(self, logits: np.ndarray, chars: np.ndarray) -> List[Tuple[Any, tuple]]:
+        """utils_qa.postprocess_qa_predictions for one window: (score, (start_char, end_char)) candidates.
+
+        The same pairs in the same order as run_qa's nested loop (start-major), so its stable sort ties the same
+        way; ``chars`` is [tokens, 2] character spans with -1 outside the context.
+        """
         start_logits, end_logits = logits[0], logits[1]
         n_best, max_len = self.options.n_best_size, self.options.max_answer_length
-        start_indexes = np.argsort(start_logits)[-1: -n_best - 1: -1].tolist()
-        end_indexes = np.argsort(end_logits)[-1: -n_best - 1: -1].tolist()
-        out = []
-        for s in start_indexes:
-            for e in end_indexes:
-                if s >= len(offsets) or e >= len(offsets) or offsets[s] is None or offsets[e] is None:
-                    continue
-                if e < s or e - s + 1 > max_len:
-                    continue
-                out.append((start_logits[s] + end_logits[e], (offsets[s][0], offsets[e][1])))
-        return out
+        start_indexes = np.argsort(start_logits)[-1: -n_best - 1: -1]
+        end_indexes = np.argsort(end_logits)[-1: -n_best - 1: -1]
+        s, e = (a.ravel() for a in np.meshgrid(start_indexes, end_indexes, indexing="ij"))
+        n = len(chars)
+        ok = (s < n) & (e < n)  # positions past the window's own tokens are padding
+        s, e = s[ok], e[ok]
+        ok = (chars[s, 0] >= 0) & (chars[e, 1] >= 0) & (e >= s) & (e - s + 1 <= max_len)
+        s, e = s[ok], e[ok]
+        scores = start_logits[s] + end_logits[e]
+        return list(zip(scores, zip(chars[s, 0].tolist(), chars[e, 1].tolist())))
 
     def _candidate_pipeline(self, logits: np.ndarray, feature: int, features: Features):
         """transformers 4.x QuestionAnsweringPipeline (top_k=1) for one window: (probability, (start, end)) or None."""
@@ -228,7 +237,7 @@ class QuestionAnswering(Task):
                 continue
             prelim = []
             for f in per_example[ex]:
-                prelim.extend(self._candidates_run_qa(outputs[f].numpy(), features.extra["offset_mapping"][f]))
+                prelim.extend(self._candidates_run_qa(outputs[f].numpy(), features.extra["span_chars"][f]))
             # a stable sort, as run_qa's sorted(): equal scores keep window order
             best = sorted(prelim, key=lambda c: c[0], reverse=True)[:self.options.n_best_size]
             texts = [context[a:b] for _, (a, b) in best]
