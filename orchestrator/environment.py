@@ -2,11 +2,12 @@
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Dict
+from typing import Dict, List
 
 
 def pkg_version(name: str) -> str:
@@ -64,14 +65,17 @@ THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_PROC_BIND", "OMP_
                     "KMP_BLOCKTIME", "ONEDNN_MAX_CPU_ISA", "LD_PRELOAD")
 
 
-def thread_environment() -> Dict[str, str]:
-    import os
-
-    tags = {f"env.{k}": os.environ[k] for k in THREAD_VARIABLES if k in os.environ}
+def available_cpus() -> List[int]:
+    """The CPUs this process may run on (its affinity mask; all of them where the OS has no such call)."""
     try:
-        cpus = sorted(os.sched_getaffinity(0))
-        tags["cpu.affinity"] = ",".join(map(str, cpus))
-        tags["cpu.available"] = str(len(cpus))
+        return sorted(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not on Linux
-        tags["cpu.available"] = str(os.cpu_count())
+        return list(range(os.cpu_count() or 1))
+
+
+def thread_environment() -> Dict[str, str]:
+    tags = {f"env.{k}": os.environ[k] for k in THREAD_VARIABLES if k in os.environ}
+    cpus = available_cpus()
+    tags["cpu.affinity"] = ",".join(map(str, cpus))
+    tags["cpu.available"] = str(len(cpus))
     return tags

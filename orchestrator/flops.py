@@ -16,13 +16,10 @@ frequency licences move it both ways), so the fraction is an estimate, and it is
 from __future__ import annotations
 
 import functools
-import logging
 from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-
-log = logging.getLogger(__name__)
 
 LENGTHS = (8, 16, 32)
 

@@ -7,6 +7,7 @@ sit inside the timed region; the share of wall time spent outside it is reported
 from __future__ import annotations
 
 import contextlib
+import random
 import statistics
 import threading
 import time
@@ -120,8 +121,6 @@ def timing_order(n_batches: int, seed: int) -> List[int]:
     With ``sort_by_length`` the batches run shortest first; cycling them in that order would time only the short
     ones whenever the pass ends before the last batch and overstate throughput.
     """
-    import random
-
     order = list(range(n_batches))
     random.Random(seed).shuffle(order)
     return order

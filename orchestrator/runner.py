@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 import time
 from datetime import datetime
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import data, feature_cache, flops, measure, pipeline
 from .config import RunConfig, to_run_config, validate
-from .environment import environment_tags
+from .environment import available_cpus, environment_tags
 from .errors import OrchestratorError, RunInterrupted
 from .interrupts import interruptible
 from .plugin import PluginContext
@@ -59,10 +58,7 @@ def _run_name(rc: RunConfig, choices: Dict[str, Any]) -> str:
 
 def _set_threads(rc: RunConfig) -> Dict[str, float]:
     if rc.runtime.threads:
-        try:
-            available = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            available = os.cpu_count() or rc.runtime.threads
+        available = len(available_cpus())
         if rc.runtime.threads > available:
             log.warning("runtime.threads=%d is more than the %d cores this process may use: threads will compete "
                         "for cores and timings get worse and noisier", rc.runtime.threads, available)

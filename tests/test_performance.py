@@ -100,3 +100,26 @@ def test_features_are_tokenized_once_per_process(compose, tiny_encoder, sts_file
     assert (first["features_cached"], second["features_cached"], third["features_cached"]) == (0.0, 1.0, 0.0)
     assert second["spearman"] == pytest.approx(first["spearman"], abs=1e-4)
     assert second["features"] == first["features"]
+
+
+def test_threads_beyond_the_available_cores_warn_and_the_thread_environment_is_recorded(
+        compose, tiny_encoder, sts_file, tracking_uri, caplog, monkeypatch):
+    from orchestrator.environment import available_cpus
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    too_many = len(available_cpus()) + 1
+    before = torch.get_num_threads()
+    try:
+        with caplog.at_level("WARNING", logger="orchestrator.runner"):
+            res = run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri), f"runtime.threads={too_many}"))
+    finally:
+        torch.set_num_threads(before)
+    assert f"runtime.threads={too_many} is more than the {too_many - 1} cores" in caplog.text
+    assert res["metrics"]["threads"] == too_many
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    tags = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])[0].data.tags
+    assert tags["env.OMP_NUM_THREADS"] == "1"
+    assert tags["cpu.available"] == str(too_many - 1)
+    assert tags["cpu.affinity"].split(",") == [str(c) for c in available_cpus()]
