@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -210,6 +211,13 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
         stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
         stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
+        if "intel_extension_for_pytorch" in sys.modules and "ipex" not in record.applied:
+            # IPEX's import registers TorchScript fusion passes process-wide: an earlier ipex job of this process
+            # changes what a plain jit stack runs, so the numbers are not plain jit's
+            stack_tags["ipex.loaded_in_process"] = "true"
+            log.warning("intel_extension_for_pytorch was imported earlier in this process: its TorchScript fusions "
+                        "also apply to this run's stack (%s); run ipex and non-ipex stacks in separate processes "
+                        "to compare them", stack_tags["stack.applied"])
         tracker.set_tags(stack_tags)
         results["tags"] = stack_tags
         size = measure.model_size_mb(model)

@@ -236,3 +236,17 @@ def test_minilm_sst2_bf16_keeps_accuracy(compose, tracking_uri, stack, precision
     assert m["examples"] == 872 and results["applied"] == stack
     assert m["accuracy"] == pytest.approx(80.96, abs=0.5)
     assert m["parity_agreement"] >= 0.95
+
+
+@in_ipex_env
+@pytest.mark.ipex
+def test_a_stack_without_ipex_after_an_ipex_job_in_the_same_process_is_tagged(compose, tiny_encoder, sts_file,
+                                                                             tracking_uri, caplog):
+    """IPEX's import registers TorchScript fusion passes process-wide, so a later plain jit run is not plain jit."""
+    base = tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri)
+    first = run(compose(*base, "optimization=[ipex,jit]"))
+    assert "ipex.loaded_in_process" not in first["tags"]
+    with caplog.at_level("WARNING", logger="orchestrator.runner"):
+        later = run(compose(*base, "optimization=[jit]"))
+    assert later["tags"]["ipex.loaded_in_process"] == "true"
+    assert "its TorchScript fusions also apply to this run's stack (jit)" in caplog.text
