@@ -193,8 +193,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workloads", default="sst2,qa")
     ap.add_argument("--rounds", type=int, default=2)
-    ap.add_argument("--variants", default=None, help="comma list of variant-name substrings to keep (baseline "
-                                                     "always kept)")
+    ap.add_argument("--variants", default=None, help="comma list of variant-name substrings to keep, or "
+                                                     "=<exact name> (baseline always kept)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
@@ -224,7 +224,9 @@ def main(argv=None) -> int:
         if not args.variants:
             return variants
         wanted = args.variants.split(",")
-        return {k: v for i, (k, v) in enumerate(variants.items()) if i == 0 or any(w in k for w in wanted)}
+        # "=name" keeps exactly that variant ("jit bf16 sorted b8" alone would also match "ipex+jit bf16 ...")
+        return {k: v for i, (k, v) in enumerate(variants.items())
+                if i == 0 or any(k == w[1:] if w.startswith("=") else w in k for w in wanted)}
 
     t_start = time.perf_counter()
     rows: List[Dict] = []
