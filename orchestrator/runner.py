@@ -271,6 +271,8 @@ def _flop_coefficients(model, batches, pad_id: int):
         return None
     try:
         return flops.coefficients(model, list(batches[0].inputs), pad_id)
+    except RunInterrupted:  # a timeout/signal that lands while counting must still end the run
+        raise
     except Exception as e:  # an exotic model the counter cannot run on single rows
         log.warning("FLOPs not counted: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e) else "")
         return None

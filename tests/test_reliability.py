@@ -70,3 +70,18 @@ def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
     # only the failed job ran again; the summary still accounts for all three
     assert len(children) == 1 and children[0].data.params["dataset.max_samples"] == "0"
     assert parents[1].data.metrics["n_jobs"] == 3 and parents[1].data.metrics["failed_jobs"] == 1
+
+
+def test_an_interrupt_while_flops_are_counted_still_ends_the_run_killed(compose, tiny_encoder, sts_file,
+                                                                       tracking_uri, monkeypatch):
+    """FLOP counting forgives a model it cannot count, but never a timeout or a signal that lands meanwhile."""
+    from orchestrator import flops
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("runtime.timeout_s=15 exceeded")
+
+    monkeypatch.setattr(flops, "coefficients", interrupted)
+    with pytest.raises(RunInterrupted):
+        run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri)))
+    _, runs = runs_of(tracking_uri)
+    assert runs[0].info.status == "KILLED" and "features" in runs[0].data.metrics
