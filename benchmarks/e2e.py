@@ -60,9 +60,8 @@ QA_VARIANTS: Dict[str, List[str]] = {
     "compile bf16 sorted b8": ["precision=bf16", "optimization=[compile]", *SORTED],
 }
 # only in the IPEX environment (torch 2.8 + intel-extension-for-pytorch 2.8, docs/ipex.md). Importing IPEX
-# registers its TorchScript fusion passes for the whole process, so once an ipex variant has run, plain `jit`
-# rows in the same process get IPEX's fusions too: compare IPEX rows with the main environment's table, or run
-# `--variants ipex` alone.
+# registers its TorchScript fusion passes for the whole process; the runner switches them off for runs whose
+# stack has no ipex (tag ipex.fusions=off), so plain `jit` rows stay plain jit after an ipex row.
 QA_IPEX_VARIANTS: Dict[str, List[str]] = {
     "ipex+jit bf16_autocast pad384 b8": ["precision=bf16_autocast", "optimization=[ipex,jit]",
                                          "runtime.padding=max_length"],

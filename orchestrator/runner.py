@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import random
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -20,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import data, feature_cache, flops, measure, pipeline
 from .config import RunConfig, to_run_config, validate
-from .environment import available_cpus, environment_tags
+from .environment import available_cpus, environment_tags, ipex_fusions_for
 from .errors import OrchestratorError, RunInterrupted
 from .interrupts import interruptible
 from .plugin import PluginContext
@@ -169,7 +168,7 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
     torch.manual_seed(rc.runtime.seed)
     random.seed(rc.runtime.seed)
     plugins = pipeline.build_plugins(rc.optimization)
-    with measure.PeakRSS() as rss:
+    with measure.PeakRSS() as rss, ipex_fusions_for(list(rc.optimization)) as ipex_state:
         t0 = time.perf_counter()
         model, tokenizer, hf_config = pipeline.load_model(rc.model, task_cls)
         results.metrics({"model_load_s": time.perf_counter() - t0}, tracker)
@@ -211,13 +210,17 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
         stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
         stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
-        if "intel_extension_for_pytorch" in sys.modules and "ipex" not in record.applied:
-            # IPEX's import registers TorchScript fusion passes process-wide: an earlier ipex job of this process
-            # changes what a plain jit stack runs, so the numbers are not plain jit's
+        if ipex_state is not None:
             stack_tags["ipex.loaded_in_process"] = "true"
-            log.warning("intel_extension_for_pytorch was imported earlier in this process: its TorchScript fusions "
-                        "also apply to this run's stack (%s); run ipex and non-ipex stacks in separate processes "
-                        "to compare them", stack_tags["stack.applied"])
+            stack_tags["ipex.fusions"] = ipex_state
+            if ipex_state == "off":
+                log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript "
+                         "fusion passes are off for this run (%s)", stack_tags["stack.applied"])
+            else:
+                log.warning("intel_extension_for_pytorch was imported earlier in this process and this version "
+                            "cannot switch its TorchScript fusions off: they also apply to this run's stack (%s); "
+                            "run ipex and non-ipex stacks in separate processes to compare them",
+                            stack_tags["stack.applied"])
         tracker.set_tags(stack_tags)
         results["tags"] = stack_tags
         size = measure.model_size_mb(model)

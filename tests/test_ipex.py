@@ -238,15 +238,37 @@ def test_minilm_sst2_bf16_keeps_accuracy(compose, tracking_uri, stack, precision
     assert m["parity_agreement"] >= 0.95
 
 
+def _ipex_kinds_last_executed():
+    """Kinds of IPEX's own nodes in the TorchScript graph this process executed last (the run's timing pass)."""
+    return {n.kind() for n in torch.jit.last_executed_optimized_graph().nodes() if n.kind().startswith("ipex")}
+
+
 @in_ipex_env
 @pytest.mark.ipex
-def test_a_stack_without_ipex_after_an_ipex_job_in_the_same_process_is_tagged(compose, tiny_encoder, sts_file,
-                                                                             tracking_uri, caplog):
-    """IPEX's import registers TorchScript fusion passes process-wide, so a later plain jit run is not plain jit."""
+def test_a_plain_jit_job_after_an_ipex_job_in_the_same_process_runs_without_ipex_fusions(
+        compose, tiny_encoder, sts_file, tracking_uri, caplog):
+    """IPEX's import registers TorchScript fusion passes process-wide; a later plain jit run of the same process
+    (a sequential sweep) must still be plain jit, and the process's switch must come back afterwards."""
     base = tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri)
     first = run(compose(*base, "optimization=[ipex,jit]"))
     assert "ipex.loaded_in_process" not in first["tags"]
-    with caplog.at_level("WARNING", logger="orchestrator.runner"):
+    assert _ipex_kinds_last_executed(), "the ipex job itself runs IPEX's fused kernels"
+    core = sys.modules["intel_extension_for_pytorch._C"]
+
+    # what a plain jit job would get without the isolation: IPEX's passes rewrite its graph
+    with torch.inference_mode():
+        ids = torch.randint(5, 30, (2, 12))
+        from transformers import AutoModel
+        traced = torch.jit.freeze(torch.jit.trace(AutoModel.from_pretrained(tiny_encoder).eval(),
+                                                  example_kwarg_inputs={"input_ids": ids}, strict=False))
+        for _ in range(3):
+            traced(input_ids=ids)
+    assert _ipex_kinds_last_executed(), "IPEX's passes should fuse a plain traced encoder when on"
+
+    with caplog.at_level("INFO", logger="orchestrator.runner"):
         later = run(compose(*base, "optimization=[jit]"))
-    assert later["tags"]["ipex.loaded_in_process"] == "true"
-    assert "its TorchScript fusions also apply to this run's stack (jit)" in caplog.text
+    assert later["status"] == "FINISHED"
+    assert later["tags"]["ipex.loaded_in_process"] == "true" and later["tags"]["ipex.fusions"] == "off"
+    assert "fusion passes are off for this run (jit)" in caplog.text
+    assert _ipex_kinds_last_executed() == set()
+    assert core.get_jit_opt(), "the process's IPEX switch is restored after the run"
