@@ -57,6 +57,8 @@ QA_VARIANTS: Dict[str, List[str]] = {
     "eager bf16 sorted b8": ["precision=bf16", *SORTED],
     "jit bf16 sorted b8": ["precision=bf16", "optimization=[jit]", *SORTED],
     "jit bf16 sorted b8 pad%32": ["precision=bf16", "optimization=[jit]", *SORTED, "runtime.pad_to_multiple_of=32"],
+    "fused_linear+jit fp32 sorted b8": ["precision=fp32", "optimization=[fused_linear,jit]", *SORTED],
+    "fused_linear+jit bf16 sorted b8": ["precision=bf16", "optimization=[fused_linear,jit]", *SORTED],
     "compile bf16 sorted b8": ["precision=bf16", "optimization=[compile]", *SORTED],
 }
 # only in the IPEX environment (torch 2.8 + intel-extension-for-pytorch 2.8, docs/ipex.md). Importing IPEX
@@ -77,6 +79,8 @@ SST2_VARIANTS: Dict[str, List[str]] = {
     "eager bf16 sorted b8": ["precision=bf16", *SORTED, "runtime.batch_size=8"],
     "jit bf16 sorted b8": ["precision=bf16", "optimization=[jit]", *SORTED, "runtime.batch_size=8"],
     "jit bf16 sorted b64": ["precision=bf16", "optimization=[jit]", *SORTED, "runtime.batch_size=64"],
+    "fused_linear+jit bf16 sorted b64": ["precision=bf16", "optimization=[fused_linear,jit]", *SORTED,
+                                         "runtime.batch_size=64"],
     "bettertransformer bf16 sorted b64": ["precision=bf16", "optimization=[bettertransformer]", *SORTED,
                                           "runtime.batch_size=64"],
 }

@@ -16,7 +16,7 @@ cache is cleared before every run, so each of our runs tokenizes like a fresh pr
   on a bert-base-sized BertForQuestionAnswering with random weights (BertConfig defaults) and the MiniLM's uncased
   tokenizer; max length 384, stride 128, batch 8, all 810 questions by default; the same precision on both sides
   (fp32, then bf16 weights: the pipeline loads with ``dtype=torch.bfloat16``). Ours = ``eval_s``, dynamic padding
-  with length-sorted batches, without and with ``jit`` (``--qa-unsorted`` adds the pipeline's own unsorted policy). Random weights: EM/F1
+  with length-sorted batches, without and with ``jit`` (and ``fused_linear`` + ``jit``) (``--qa-unsorted`` adds the pipeline's own unsorted policy). Random weights: EM/F1
   are ~0 and only show both sides produced answers.
 
     python benchmarks/peers.py --rounds 3                  # ~25 min here
@@ -262,6 +262,8 @@ def main() -> int:
                 variants = {
                     "ours sorted": common + p + ["runtime.sort_by_length=true"],
                     "ours jit sorted": common + p + ["runtime.sort_by_length=true", "optimization=[jit]"],
+                    "ours fused_linear+jit sorted": common + p + ["runtime.sort_by_length=true",
+                                                                   "optimization=[fused_linear,jit]"],
                 }
                 if args.qa_unsorted:  # the pipeline's own batching policy: shows what length bucketing adds
                     variants = {"ours unsorted": common + p, **variants}

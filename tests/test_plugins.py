@@ -1,9 +1,10 @@
-"""bettertransformer, compile, quantize (and jit under bf16): parity vs eager on tiny generated models, stack rules,
+"""bettertransformer, fused_linear, compile, quantize (and jit under bf16): parity vs eager on tiny generated models, stack rules,
 refusals, and runs end to end through run(cfg).
 
 Tolerances (documented in docs/plugins.md):
 - bettertransformer fp32: <= 1e-4 on real tokens (measured ~2e-6); bf16 weights: within 0.1 of bf16 eager.
 - compile fp32: <= 1e-4.
+- fused_linear fp32: <= 1e-4 (measured ~1e-6); bf16 weights: within 0.1 of bf16 eager.
 - quantize int8 (ao_dynamic): logits within 0.1 of fp32 on these tiny random models and >= 80 % argmax agreement.
 - jit under bf16 / bf16_autocast: within 0.05 of the eager fp32 reference on normalised embeddings.
 """
@@ -22,6 +23,7 @@ from orchestrator.plugin import PluginContext
 from orchestrator.runner import run
 from plugins.bettertransformer import BetterTransformerOptions, BetterTransformerPlugin, keep_mask
 from plugins.compile import CompileOptions, CompilePlugin
+from plugins.fused_linear import FusedLinearOptions, FusedLinearPlugin, PackedLinear
 from plugins.jit import JitPlugin
 from plugins.quantize import QuantizeOptions, QuantizePlugin
 
@@ -170,6 +172,77 @@ def test_bettertransformer_then_jit(tiny_encoder):
         assert real_diff(forward(traced, b), forward(model, b), b) <= 1e-4
 
 
+# ---- fused_linear ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
+def test_fused_linear_matches_eager_and_folds_the_ffn_gelu(tiny_encoder, dtype, atol):
+    model = load(tiny_encoder).to(dtype)
+    batch = padded_batch([12, 5, 9])
+    plugin = FusedLinearPlugin()
+    ctx = ctx_for(batch, dtype)
+    plugin.check(ctx)
+    fused = plugin.apply(copy.deepcopy(model), ctx)
+    n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert sum(isinstance(m, PackedLinear) for m in fused.modules()) == n_linear
+    assert not any(isinstance(m, torch.nn.Linear) for m in fused.modules())
+    layers = model.config.num_hidden_layers
+    assert [m.post for m in fused.modules() if isinstance(m, PackedLinear)].count("gelu") == layers
+    assert plugin.describe()["gelu_fused"] == str(layers) and plugin.describe()["linear_layers"] == str(n_linear)
+    for b in (batch, padded_batch([7, 7, 2, 4], seed=5)):  # another width and batch size: no shape is baked in
+        assert real_diff(forward(fused, b), forward(model, b), b) <= atol
+
+
+def test_fused_linear_without_gelu_option_keeps_the_activation(tiny_encoder):
+    model = load(tiny_encoder)
+    batch = padded_batch([6, 4])
+    fused = FusedLinearPlugin(FusedLinearOptions(gelu=False)).apply(copy.deepcopy(model), ctx_for(batch))
+    assert all(m.post == "none" for m in fused.modules() if isinstance(m, PackedLinear))
+    assert not any(isinstance(m, torch.nn.Identity) for m in fused.modules())
+    assert real_diff(forward(fused, batch), forward(model, batch), batch) <= 1e-4
+
+
+def test_fused_linear_then_jit_traces_the_fused_op(tiny_classifier):
+    model = load(tiny_classifier, "classification")
+    batch = padded_batch([12, 5, 9, 3])
+    fused = FusedLinearPlugin().apply(copy.deepcopy(model), ctx_for(batch, following=["jit"]))
+    traced = JitPlugin().apply(fused, ctx_for(batch))
+    kinds = {n.kind() for n in traced.inlined_graph.nodes()}
+    assert "orchestrator::packed_linear" in kinds and "aten::linear" not in kinds
+    for b in (batch, padded_batch([8, 8, 2], seed=3)):
+        assert forward(traced, b, "logits").sub(forward(model, b, "logits")).abs().max() <= 1e-4
+
+
+def test_fused_linear_refuses_autocast_and_training_mode(tiny_encoder):
+    plugin = FusedLinearPlugin()
+    with pytest.raises(PluginUnavailable, match="use precision=bf16 .weights cast. instead of bf16_autocast"):
+        plugin.check(ctx_for(padded_batch([3]), autocast=torch.bfloat16))
+    with pytest.raises(PluginUnavailable, match="model is in training mode"):
+        plugin.apply(load(tiny_encoder).train(), ctx_for(padded_batch([3])))
+
+
+def test_fused_linear_failed_verification_leaves_the_model_unchanged(tiny_encoder):
+    model = load(tiny_encoder)
+    batch = padded_batch([6, 4])
+    before = forward(model, batch)
+    linears = [name for name, m in model.named_modules() if type(m) is torch.nn.Linear]
+    with pytest.raises(PluginUnavailable, match=r"differs from the original by .* \(verify_atol -1\); model left "):
+        FusedLinearPlugin(FusedLinearOptions(verify_atol=-1.0)).apply(model, ctx_for(batch))
+    assert [name for name, m in model.named_modules() if type(m) is torch.nn.Linear] == linears
+    assert not any(isinstance(m, (PackedLinear, torch.nn.Identity)) for m in model.modules())
+    assert torch.equal(forward(model, batch), before)
+
+
+def test_fused_linear_jit_end_to_end_bf16(compose, tiny_encoder, sts_file, tracking_uri):
+    results = run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri), "precision=bf16",
+                          "optimization=[fused_linear,jit]"))
+    assert results["status"] == "FINISHED" and results["applied"] == ["fused_linear", "jit"]
+    tags, metrics = tags_and_metrics(tracking_uri, results["run_id"])
+    assert tags["plugin.fused_linear.gelu_fused"] == "2" and "plugin_fused_linear_s" in metrics
+    assert float(tags["plugin.fused_linear.verify_max_abs_diff"]) <= 0.25
+    assert metrics["parity_max_abs_diff"] <= 0.05  # vs the eager fp32 reference, as jit under bf16
+
+
 # ---- quantize -------------------------------------------------------------------------------------------------
 
 QUANT_ATOL = 0.1
@@ -250,10 +323,13 @@ def test_compile_mode_is_validated():
 
 @pytest.mark.parametrize("stack, message", [
     ("[jit,bettertransformer]", r"optimization=\[jit,bettertransformer\]: 'bettertransformer' must come before "
-                                r"'jit'; valid order: .*bettertransformer\|quantize -> compile\|jit \(graph capture last\)"),
+                                r"'jit'; valid order: .*bettertransformer\|fused_linear\|quantize -> compile\|jit "
+                                r"\(graph capture last\)"),
     ("[compile,quantize]", r"'quantize' must come before 'compile'; valid order: "),
     ("[compile,jit]", r"optimization=\[compile,jit\]: 'compile' and 'jit' cannot be combined; choose one"),
     ("[quantize,bettertransformer]", r"'quantize' and 'bettertransformer' cannot be combined"),
+    ("[fused_linear,quantize]", r"'fused_linear' and 'quantize' cannot be combined"),
+    ("[jit,fused_linear]", r"'fused_linear' must come before 'jit'"),
 ])
 def test_stack_rules_are_one_line_before_loading(compose, tmp_path, sts_file, tracking_uri, stack, message):
     nowhere = tmp_path / "no-model-needed"
