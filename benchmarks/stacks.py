@@ -46,6 +46,7 @@ SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve
 STACKS = {
     "eager": [], "jit": ["jit"], "bettertransformer": ["bettertransformer"], "compile": ["compile"],
     "quantize": ["quantize"], "quantize+jit": ["quantize", "jit"], "bettertransformer+jit": ["bettertransformer", "jit"],
+    "fused_linear": ["fused_linear"], "fused_linear+jit": ["fused_linear", "jit"],
 }
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
               "bf16_autocast": (torch.float32, torch.bfloat16)}
