@@ -86,6 +86,23 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+def _probe() -> Optional[str]:
+    """None when a packed weight goes through the registered op and gives F.linear's result; else what failed.
+
+    torch 2.8 (the IPEX environment) returns an opaque oneDNN tensor from _reorder_linear_weight, which a
+    registered op cannot take ("Cannot access storage of OpaqueTensorImpl"); 2.13 returns a dense one.
+    """
+    try:
+        lin = nn.Linear(8, 4).eval()
+        x = torch.randn(2, 8)
+        with torch.inference_mode():
+            got = PackedLinear(lin, "gelu")(x)
+            want = nn.functional.gelu(lin(x))
+        return None if torch.allclose(got, want, atol=1e-4) else "wrong result on a probe"
+    except Exception as e:  # noqa: BLE001 - any failure means the plugin cannot run here
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+
+
 def _is_exact_gelu(fn) -> bool:
     """Probed numerically, not by class name: GELUActivation, nn.GELU(), ACT2FN['gelu'] all qualify."""
     if not isinstance(fn, nn.Module):
@@ -118,6 +135,10 @@ class FusedLinearPlugin(Plugin):
                 and hasattr(mk, "_reorder_linear_weight") and hasattr(torch.library, "custom_op")):
             raise self.unavailable(f"torch {torch.__version__} lacks oneDNN's prepacked linear "
                                    "(torch.ops.mkldnn._linear_pointwise)")
+        problem = _probe()
+        if problem:
+            raise self.unavailable(f"oneDNN's prepacked linear does not work on torch {torch.__version__} "
+                                   f"({problem}); in the IPEX environment use ipex instead")
         if ctx.autocast:
             raise self.unavailable("the prepacked weight has a single dtype and the op is not autocast-aware; "
                                    "use precision=bf16 (weights cast) instead of bf16_autocast")

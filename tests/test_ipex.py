@@ -272,3 +272,16 @@ def test_a_plain_jit_job_after_an_ipex_job_in_the_same_process_runs_without_ipex
     assert "fusion passes are off for this run (jit)" in caplog.text
     assert _ipex_kinds_last_executed() == set()
     assert core.get_jit_opt(), "the process's IPEX switch is restored after the run"
+
+
+@in_ipex_env
+@pytest.mark.ipex
+def test_fused_linear_is_refused_in_one_line_where_its_op_cannot_run(compose, tiny_encoder, sts_file, tracking_uri):
+    """torch 2.8's packed weight is an opaque tensor a registered op cannot take: ipex is the way there."""
+    from orchestrator.errors import OrchestratorError
+
+    with pytest.raises(OrchestratorError) as err:
+        run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri), "optimization=[fused_linear,jit]"))
+    msg = str(err.value)
+    assert "fused_linear" in msg and f"torch {torch.__version__}" in msg and "use ipex instead" in msg
+    assert "\n" not in msg
