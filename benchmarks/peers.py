@@ -21,6 +21,7 @@ cache is cleared before every run, so each of our runs tokenizes like a fresh pr
 
     python benchmarks/peers.py --rounds 3                  # ~25 min here
     python benchmarks/peers.py --rounds 3 --skip-qa
+    <ipex venv>/bin/python benchmarks/peers.py --skip-sts    # ours in the IPEX environment (adds ipex+jit rows)
 """
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve()
 CONF_DIR = str(REPO / "conf")
 STSB = SHARED / "data" / "stsb_test.csv"
@@ -265,6 +267,14 @@ def main() -> int:
                     "ours fused_linear+jit sorted": common + p + ["runtime.sort_by_length=true",
                                                                    "optimization=[fused_linear,jit]"],
                 }
+                from plugins.ipex import environment_problem
+
+                if environment_problem() is None:
+                    # run from the IPEX environment (docs/ipex.md): ours on torch 2.8 + IPEX, the peer unchanged in
+                    # its own venv; fused_linear cannot run on torch 2.8
+                    del variants["ours fused_linear+jit sorted"]
+                    variants["ours ipex+jit sorted pad%32"] = common + p + [
+                        "runtime.sort_by_length=true", "optimization=[ipex,jit]", "runtime.pad_to_multiple_of=32"]
                 if args.qa_unsorted:  # the pipeline's own batching policy: shows what length bucketing adds
                     variants = {"ours unsorted": common + p, **variants}
                 # the peer's time is its pipeline call (tokenize + forward + postprocess), so ours is eval_s
