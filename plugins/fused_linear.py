@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
+from plugins.bettertransformer import _activation  # the same numeric probe of an activation
 
 # (linear attribute, activation attribute) pairs where the activation is applied right after that Linear
 GELU_SITES = (("dense", "intermediate_act_fn"), ("lin1", "activation"))
@@ -104,15 +105,8 @@ def _probe() -> Optional[str]:
 
 
 def _is_exact_gelu(fn) -> bool:
-    """Probed numerically, not by class name: GELUActivation, nn.GELU(), ACT2FN['gelu'] all qualify."""
-    if not isinstance(fn, nn.Module):
-        return False
-    probe = torch.linspace(-6, 6, 97)
-    try:
-        with torch.no_grad():
-            return bool(torch.allclose(fn(probe), nn.functional.gelu(probe), atol=1e-6))
-    except Exception:  # noqa: BLE001 - any activation that cannot take a plain tensor is simply not fused
-        return False
+    """Probed numerically, not by class name (GELUActivation, nn.GELU(), ACT2FN['gelu'] all qualify)."""
+    return isinstance(fn, nn.Module) and _activation(fn) is True
 
 
 def _first_tensor(out) -> torch.Tensor:
