@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -210,6 +211,8 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
         stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
         stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
+        if ipex_state is None and "ipex" not in record.applied and "intel_extension_for_pytorch" in sys.modules:
+            ipex_state = "on"  # ipex was asked for but fell back: IPEX's process-wide passes stayed on
         if ipex_state is not None:
             stack_tags["ipex.loaded_in_process"] = "true"
             stack_tags["ipex.fusions"] = ipex_state
@@ -217,9 +220,10 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
                 log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript "
                          "fusion passes are off for this run (%s)", stack_tags["stack.applied"])
             else:
-                log.warning("intel_extension_for_pytorch was imported earlier in this process and this version "
-                            "cannot switch its TorchScript fusions off: they also apply to this run's stack (%s); "
-                            "run ipex and non-ipex stacks in separate processes to compare them",
+                log.warning("intel_extension_for_pytorch is loaded in this process and its TorchScript fusions "
+                            "stay on (%s): they also apply to this run's stack (%s); run ipex and non-ipex stacks "
+                            "in separate processes to compare them",
+                            "ipex fell back" if ipex_state == "on" else "this version has no switch",
                             stack_tags["stack.applied"])
         tracker.set_tags(stack_tags)
         results["tags"] = stack_tags

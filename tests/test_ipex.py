@@ -273,6 +273,14 @@ def test_a_plain_jit_job_after_an_ipex_job_in_the_same_process_runs_without_ipex
     assert _ipex_kinds_last_executed() == set()
     assert core.get_jit_opt(), "the process's IPEX switch is restored after the run"
 
+    # ipex asked for but refused (fallback): IPEX stays loaded with its passes on, and the run says so
+    with caplog.at_level("WARNING", logger="orchestrator.runner"):
+        fell_back = run(compose(*base, "optimization=[ipex,jit]", "optimization.ipex.level=O9",
+                                "runtime.on_plugin_error=fallback"))
+    assert fell_back["applied"] == ["jit"] and "ipex" in fell_back["fallbacks"]
+    assert fell_back["tags"]["ipex.fusions"] == "on" and fell_back["tags"]["ipex.loaded_in_process"] == "true"
+    assert "stay on (ipex fell back)" in caplog.text
+
 
 @in_ipex_env
 @pytest.mark.ipex
