@@ -16,8 +16,8 @@ cache is cleared before every run, so each of our runs tokenizes like a fresh pr
   on a bert-base-sized BertForQuestionAnswering with random weights (BertConfig defaults) and the MiniLM's uncased
   tokenizer; max length 384, stride 128, batch 8, all 810 questions by default; the same precision on both sides
   (fp32, then bf16 weights: the pipeline loads with ``dtype=torch.bfloat16``). Ours = ``eval_s``, dynamic padding
-  with length-sorted batches, without and with ``jit`` (and ``fused_linear`` + ``jit``) (``--qa-unsorted`` adds the pipeline's own unsorted policy). Random weights: EM/F1
-  are ~0 and only show both sides produced answers.
+  with length-sorted batches: eager, ``jit``, ``fused_linear`` + ``jit`` (``--qa-unsorted`` adds the pipeline's own
+  unsorted policy). Random weights: EM/F1 are ~0 and only show both sides produced answers.
 
     python benchmarks/peers.py --rounds 3                  # ~25 min here
     python benchmarks/peers.py --rounds 3 --skip-qa

@@ -23,6 +23,7 @@ oneDNN bf16 support, a torch without the ops, and ``ipex``/``quantize``/``better
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
@@ -89,6 +90,7 @@ class PackedLinear(nn.Module):
         return y.view(*lead, self.out_features)
 
 
+@functools.lru_cache(maxsize=None)  # the answer is fixed for the process: torch and the CPU
 def _probe() -> Optional[str]:
     """None when a packed weight goes through the registered op and gives F.linear's result; else what failed.
 
