@@ -2,10 +2,11 @@
 
 Every variant is a full ``orchestrator.runner.run()`` (tracking off) over the WHOLE dataset: tokenization,
 collation, the accuracy pass (model forward), postprocessing and the metric; the figure is the run's own
-``eval_throughput`` (features/s = features / eval_s). The feature cache is cleared before each run so every run
-tokenizes, as a fresh process would. Model load, the 32-feature fp32 parity pass and the stack's one-time
-apply/compile (``apply s``) are outside eval_s and shown separately. Variants run round-robin, each round in a new
-random order, so the machine's noise spreads over all of them; the table shows medians.
+``eval_throughput`` (features/s = features / eval_s). Each run is a fresh process (benchmarks/one_run.py: no oneDNN
+kernels, IPEX passes or tokenized features carried over from an earlier run); ``--in-process`` runs them all in this
+process instead, clearing the feature cache before each. Model load, the 32-feature fp32 parity pass and the stack's
+one-time apply/compile (``apply s``) are outside eval_s and shown separately. Variants run round-robin, each round
+in a new random order, so the machine's noise spreads over all of them; the table shows medians.
 
 Workloads
 - ``qa``: a bert-base-sized BertForQuestionAnswering (BertConfig defaults, random weights, seed 0; the uncased
@@ -43,6 +44,7 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
+sys.path.insert(0, str(REPO / "benchmarks"))
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve()
 CONF_DIR = str(REPO / "conf")
 
@@ -59,6 +61,9 @@ QA_VARIANTS: Dict[str, List[str]] = {
     "jit bf16 sorted b8 pad%32": ["precision=bf16", "optimization=[jit]", *SORTED, "runtime.pad_to_multiple_of=32"],
     "fused_linear+jit fp32 sorted b8": ["precision=fp32", "optimization=[fused_linear,jit]", *SORTED],
     "fused_linear+jit bf16 sorted b8": ["precision=bf16", "optimization=[fused_linear,jit]", *SORTED],
+    # ~11 batch shapes instead of ~99: oneDNN creates its bf16 kernels per new shape (tens of ms each)
+    "fused_linear+jit bf16 sorted b8 pad%32": ["precision=bf16", "optimization=[fused_linear,jit]", *SORTED,
+                                               "runtime.pad_to_multiple_of=32"],
     "compile bf16 sorted b8": ["precision=bf16", "optimization=[compile]", *SORTED],
 }
 # only in the IPEX environment (torch 2.8 + intel-extension-for-pytorch 2.8, docs/ipex.md). Importing IPEX
@@ -116,13 +121,21 @@ def build_qa_model(dest: Path) -> Path:
     return dest
 
 
-def run_once(overrides: List[str]) -> Dict:
-    from orchestrator import feature_cache
-    from orchestrator.runner import run
+IN_PROCESS = False  # --in-process
 
-    feature_cache.clear()  # every run tokenizes, as a fresh process would
-    with contextlib.redirect_stdout(io.StringIO()):
-        res = run(compose(COMMON + overrides))
+
+def run_once(overrides: List[str]) -> Dict:
+    if IN_PROCESS:
+        from orchestrator import feature_cache
+        from orchestrator.runner import run
+
+        feature_cache.clear()  # every run tokenizes, as a fresh process would
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = run(compose(COMMON + overrides))
+    else:
+        from one_run import run_fresh
+
+        res = run_fresh(COMMON + overrides)
     answers = {}
     pred_file = Path(res["run_dir"]) / "predictions.json"
     if pred_file.exists():
@@ -179,14 +192,14 @@ def bench(name: str, common: List[str], variants: Dict[str, List[str]], rounds: 
 
 
 def print_table(rows: List[Dict], metric_names: Dict[str, str]) -> None:
-    print(f"\n{'workload':8s} {'variant':36s} {'eval s':>7s} {'feat/s':>7s} {'x base':>6s} {'ovh%':>5s} "
+    print(f"\n{'workload':8s} {'variant':40s} {'eval s':>7s} {'feat/s':>7s} {'x base':>6s} {'ovh%':>5s} "
           f"{'pad%':>5s} {'GF/feat':>7s} {'%peak':>6s} {'metric':>14s} {'agree':>11s} {'apply s':>7s}")
     for r in rows:
         agree = "-"
         if "agree_baseline" in r:
             agree = f"{r['agree_baseline']:.0f}/{r.get('agree_fp32_sorted', float('nan')):.0f}"
         peak = "-" if r["peak_pct"] is None else f"{r['peak_pct']:.1f}"
-        print(f"{r['workload']:8s} {r['variant']:36s} {r['eval_s']:7.1f} {r['features_per_s']:7.2f} "
+        print(f"{r['workload']:8s} {r['variant']:40s} {r['eval_s']:7.1f} {r['features_per_s']:7.2f} "
               f"{r['x_baseline']:6.2f} {r['overhead_pct']:5.1f} {r['padding_pct']:5.1f} "
               f"{r['gflops_per_feature']:7.2f} {peak:>6s} "
               f"{metric_names[r['workload']] + ' ' + format(r['metric'], '.2f'):>14s} {agree:>11s} {r['apply_s']:7.1f}")
@@ -201,7 +214,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--in-process", action="store_true",
+                    help="every run in this process (what carries over between runs is then part of the figure)")
     args = ap.parse_args(argv)
+    global IN_PROCESS
+    IN_PROCESS = args.in_process
     if not SHARED.is_dir():
         print(f"needs the shared data at {SHARED} (set ORCH_SHARED_DIR)")
         return 2

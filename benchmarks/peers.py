@@ -1,8 +1,9 @@
 """Evaluation throughput of this project vs what users would otherwise run (same model, data, precision, 2 threads).
 
 Not a test. Each round runs the peer once and every variant of ours, the peer first on even rounds and last on odd
-ones; ratio = that round's peer seconds / ours seconds (> 1: ours is faster), medians over rounds. Our feature
-cache is cleared before every run, so each of our runs tokenizes like a fresh process.
+ones; ratio = that round's peer seconds / ours seconds (> 1: ours is faster), medians over rounds. QA: every run of
+ours is a fresh process like the peer's (benchmarks/one_run.py: no oneDNN kernels or IPEX passes carried over from an
+earlier run); STS: both sides in this process, our feature cache cleared before every run.
 
 * STS: sentence-transformers' ``EmbeddingSimilarityEvaluator`` (default batch 16, length-sorted by ``encode``) on
   STS-B test with all-MiniLM-L6-v2, fp32, vs ``orchestrator.runner.run`` with ``experiment=stsb_minilm`` (batch 64,
@@ -16,8 +17,9 @@ cache is cleared before every run, so each of our runs tokenizes like a fresh pr
   on a bert-base-sized BertForQuestionAnswering with random weights (BertConfig defaults) and the MiniLM's uncased
   tokenizer; max length 384, stride 128, batch 8, all 810 questions by default; the same precision on both sides
   (fp32, then bf16 weights: the pipeline loads with ``dtype=torch.bfloat16``). Ours = ``eval_s``, dynamic padding
-  with length-sorted batches: eager, ``jit``, ``fused_linear`` + ``jit`` (``--qa-unsorted`` adds the pipeline's own
-  unsorted policy). Random weights: EM/F1 are ~0 and only show both sides produced answers.
+  with length-sorted batches: eager, ``jit``, ``fused_linear`` + ``jit`` (also with widths rounded up to 32);
+  ``--qa-unsorted`` adds the pipeline's own unsorted policy. Random weights: EM/F1 are ~0 and only show both sides
+  produced answers.
 
     python benchmarks/peers.py --rounds 3                  # ~25 min here
     python benchmarks/peers.py --rounds 3 --skip-qa
@@ -42,6 +44,7 @@ from typing import Dict, List
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
+sys.path.insert(0, str(REPO / "benchmarks"))
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve()
 CONF_DIR = str(REPO / "conf")
 STSB = SHARED / "data" / "stsb_test.csv"
@@ -65,20 +68,27 @@ def compose(*overrides: str):
         return hydra_compose(config_name="config", overrides=list(overrides))
 
 
-def ours(overrides, metric: str):
+def ours(overrides, metric: str, fresh: bool = False):
+    """One run of ours; ``fresh``: in a new process, as the QA peer runs (benchmarks/one_run.py says why)."""
     import contextlib
     import io
 
     from orchestrator import feature_cache
     from orchestrator.runner import run
 
-    feature_cache.clear()  # tokenize every time, as a fresh process would
-    cfg = compose(*BASE_OVERRIDES, *overrides)
-    t0 = time.perf_counter()
-    with contextlib.redirect_stdout(io.StringIO()):
-        res = run(cfg)
-    whole = time.perf_counter() - t0
-    m = res["metrics"]
+    if fresh:
+        from one_run import run_fresh
+
+        res = run_fresh([*BASE_OVERRIDES, *overrides])
+        m, whole = res["metrics"], res["whole_s"]
+    else:
+        feature_cache.clear()  # tokenize every time, as a fresh process would
+        cfg = compose(*BASE_OVERRIDES, *overrides)
+        t0 = time.perf_counter()
+        with contextlib.redirect_stdout(io.StringIO()):
+            res = run(cfg)
+        whole = time.perf_counter() - t0
+        m = res["metrics"]
     return {"s": m["eval_s"], "load": m["dataset_load_s"], "acc": m["accuracy_pass_s"],
             "run_minus_load": whole - m["model_load_s"], "metric": m[metric], "features": m["features"]}
 
@@ -165,7 +175,8 @@ def med(xs):
     return statistics.median(xs)
 
 
-def run_group(label: str, peer, variants: Dict[str, List[str]], rounds: int, metric: str, ours_time) -> List[tuple]:
+def run_group(label: str, peer, variants: Dict[str, List[str]], rounds: int, metric: str, ours_time,
+              fresh: bool = False) -> List[tuple]:
     """One peer call and every variant of ours per round; the peer goes first on even rounds, last on odd ones.
 
     Ratio per round = that round's peer seconds / ours seconds; the table shows medians over rounds.
@@ -178,10 +189,10 @@ def run_group(label: str, peer, variants: Dict[str, List[str]], rounds: int, met
             sides = list(variants) + ["peer"]
         res = {}
         for side in sides:
-            res[side] = peer() if side == "peer" else ours(variants[side], metric)
+            res[side] = peer() if side == "peer" else ours(variants[side], metric, fresh)
         peers_s.append(res["peer"]["s"])
         peer_metric = res["peer"]["metric"]
-        extra = res["peer"]
+        extra = dict(res["peer"], ours_features=res[next(iter(variants))]["features"])
         for k in variants:
             o = res[k]
             t = ours_time(o)
@@ -257,7 +268,7 @@ def main() -> int:
                       "dataset.task_options.doc_stride=128", "runtime.batch_size=8", "runtime.padding=dynamic"]
             if n:
                 common.append(f"dataset.max_samples={n}")
-            ours(common + ["dataset.max_samples=8"], "f1")  # untimed warm-up (dataset cache)
+            ours(common + ["dataset.max_samples=8"], "f1", fresh=True)  # untimed warm-up (dataset cache)
             feats = None
             for prec in args.qa_precisions.split(","):
                 p = ["precision=" + prec]
@@ -266,13 +277,18 @@ def main() -> int:
                     "ours jit sorted": common + p + ["runtime.sort_by_length=true", "optimization=[jit]"],
                     "ours fused_linear+jit sorted": common + p + ["runtime.sort_by_length=true",
                                                                    "optimization=[fused_linear,jit]"],
+                    # widths rounded up to 32: ~11 batch shapes instead of ~99, so oneDNN creates its kernels
+                    # (tens of ms per new shape in bf16) 11 times, for ~9 % more padded tokens
+                    "ours fused_linear+jit sorted pad%32": common + p + [
+                        "runtime.sort_by_length=true", "optimization=[fused_linear,jit]",
+                        "runtime.pad_to_multiple_of=32"],
                 }
                 from plugins.ipex import environment_problem
 
                 if environment_problem() is None:
                     # run from the IPEX environment (docs/ipex.md): ours on torch 2.8 + IPEX, the peer unchanged in
                     # its own venv; fused_linear cannot run on torch 2.8
-                    del variants["ours fused_linear+jit sorted"]
+                    del variants["ours fused_linear+jit sorted"], variants["ours fused_linear+jit sorted pad%32"]
                     variants["ours ipex+jit sorted pad%32"] = common + p + [
                         "runtime.sort_by_length=true", "optimization=[ipex,jit]", "runtime.pad_to_multiple_of=32"]
                 if args.qa_unsorted:  # the pipeline's own batching policy: shows what length bucketing adds
@@ -280,10 +296,10 @@ def main() -> int:
                 # the peer's time is its pipeline call (tokenize + forward + postprocess), so ours is eval_s
                 got, extra = run_group(f"qa {prec} vs 4.57 pipeline:",
                                        lambda: qa_peer(model_dir, n or 10**6, script, prec), variants,
-                                       args.rounds, "f1", lambda o: o["s"])
+                                       args.rounds, "f1", lambda o: o["s"], fresh=True)
                 rows += got
+                feats = extra["ours_features"]
                 versions.append(f"peer venv: transformers {extra['transformers']}, torch {extra['torch']}")
-            feats = ours(common, "f1")["features"]
             qa_note = (f"QA: {n or 'all 810'} questions = {int(feats)} windows (384/128), batch 8, same precision on "
                        f"both sides; peer time = its pipeline call only (after a 1-question warm-up; JSON read "
                        f"excluded), ours = eval_s (tokenize + collate + forward + postprocess + metric); random "

@@ -65,6 +65,11 @@ def padding_pct(rows: Sequence[Dict[str, List[int]]], batches: List[Batch]) -> f
     return 100.0 * (total - real) / total if total else 0.0
 
 
+def batch_shapes(batches: List[Batch]) -> int:
+    """Distinct input shapes among the batches: each new one costs kernel creation (oneDNN) or re-specialisation."""
+    return len({tuple(b.inputs["input_ids"].shape) for b in batches})
+
+
 def forward_fn(model, head: Callable, autocast_dtype: Optional[torch.dtype]) -> Callable:
     """The timed unit: model forward + task head, in inference mode (and autocast when asked)."""
 

@@ -190,7 +190,8 @@ def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "R
         t3 = time.perf_counter()
         results.metrics({"examples": float(len(dataset)), "features": float(len(features)),
                          "dataset_load_s": t1 - t0, "featurize_s": t2 - t1, "features_cached": float(cached),
-                         "collate_s": t3 - t2, "padding_pct": measure.padding_pct(features.rows, batches)}, tracker)
+                         "collate_s": t3 - t2, "padding_pct": measure.padding_pct(features.rows, batches),
+                         "batch_shapes": float(measure.batch_shapes(batches))}, tracker)
 
         # eager fp32 reference on a fixed sample, before precision and stack touch the model
         n_par = min(r.parity_samples, len(features))

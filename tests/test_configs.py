@@ -93,3 +93,11 @@ def test_cli_prints_composed_config(tmp_path):
     proc = run_cli("--cfg", "job", "optimization=[jit]", "precision=bf16", cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "jit:" in proc.stdout and "name: bf16" in proc.stdout
+
+
+def test_fastest_qa_is_the_seed_evaluation_with_the_measured_fastest_stack(compose):
+    seed, fast = validate(compose("experiment=seed_run_qa")), validate(compose("experiment=fastest_qa"))
+    assert (fast.model, fast.dataset) == (seed.model, seed.dataset)
+    assert (fast.runtime.max_length, fast.runtime.batch_size) == (seed.runtime.max_length, seed.runtime.batch_size)
+    assert list(fast.optimization) == ["fused_linear", "jit"] and fast.precision.name == "bf16"
+    assert (fast.runtime.padding, fast.runtime.sort_by_length, fast.runtime.pad_to_multiple_of) == ("dynamic", True, 32)

@@ -37,6 +37,16 @@ def test_padding_pct_counts_pad_tokens_the_model_computes_on():
     assert measure.padding_pct(ROWS, one_each) == 0.0
 
 
+def test_batch_shapes_counts_distinct_input_shapes_which_bucketing_reduces():
+    exact = measure.make_batches(ROWS, 2, 0, "dynamic", 40, sort_by_length=True)
+    # sorted lengths 3,5 | 8,9 | 12,17 | 33,40 -> widths 5, 9, 17, 40: four shapes
+    assert measure.batch_shapes(exact) == 4
+    bucketed = measure.make_batches(ROWS, 2, 0, "dynamic", 40, sort_by_length=True, pad_to_multiple_of=16)
+    assert measure.batch_shapes(bucketed) == 3  # 16, 16, 32, 40
+    padded = measure.make_batches(ROWS, 3, 0, "max_length", 40, sort_by_length=False)
+    assert measure.batch_shapes(padded) == 2  # 3 x 40 twice, then the last 2 rows
+
+
 def test_timing_pass_samples_length_sorted_batches_in_a_seeded_shuffle():
     order = measure.timing_order(10, seed=0)
     assert sorted(order) == list(range(10)) and order != list(range(10))
@@ -80,6 +90,7 @@ def test_every_run_reports_end_to_end_eval_and_flops(compose, tiny_encoder, sts_
     assert m["eval_throughput"] == pytest.approx(m["features"] / m["eval_s"])
     assert 0 <= m["eval_overhead_pct"] <= 100 and m["accuracy_pass_forward_s"] <= m["eval_s"]
     assert 0 <= m["padding_pct"] < 100 and m["gflops_per_feature"] > 0 and m["achieved_gflops"] > 0
+    assert m["batch_shapes"] >= 1
     if flops.cpu()["mhz"]:
         assert m["peak_fraction_pct"] == pytest.approx(100 * m["achieved_gflops"] / m["peak_gflops"])
     from mlflow.tracking import MlflowClient
@@ -123,3 +134,21 @@ def test_threads_beyond_the_available_cores_warn_and_the_thread_environment_is_r
     assert tags["env.OMP_NUM_THREADS"] == "1"
     assert tags["cpu.available"] == str(too_many - 1)
     assert tags["cpu.affinity"].split(",") == [str(c) for c in available_cpus()]
+
+
+def test_benchmarks_run_each_measured_run_in_a_fresh_process(tmp_path):
+    """benchmarks/one_run.py: the harness e2e.py and peers.py use so no kernel cache carries over between runs."""
+    import os
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from one_run import run_fresh
+
+    res = run_fresh(["tracking=off", "runtime=quick"], cwd=tmp_path)
+    m = res["metrics"]
+    assert m["features"] > 0 and m["eval_s"] > 0 and m["batch_shapes"] >= 1
+    assert Path(res["run_dir"]).is_dir() and Path(res["run_dir"]).is_relative_to(tmp_path.resolve())
+    assert res["pid"] != os.getpid()
+    with pytest.raises(RuntimeError, match="runtime.batch_size=0: must be >= 1"):
+        run_fresh(["tracking=off", "runtime.batch_size=0"], cwd=tmp_path)
