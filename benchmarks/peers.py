@@ -70,18 +70,18 @@ def compose(*overrides: str):
 
 def ours(overrides, metric: str, fresh: bool = False):
     """One run of ours; ``fresh``: in a new process, as the QA peer runs (benchmarks/one_run.py says why)."""
-    import contextlib
-    import io
-
-    from orchestrator import feature_cache
-    from orchestrator.runner import run
-
     if fresh:
         from one_run import run_fresh
 
         res = run_fresh([*BASE_OVERRIDES, *overrides])
         m, whole = res["metrics"], res["whole_s"]
     else:
+        import contextlib
+        import io
+
+        from orchestrator import feature_cache
+        from orchestrator.runner import run
+
         feature_cache.clear()  # tokenize every time, as a fresh process would
         cfg = compose(*BASE_OVERRIDES, *overrides)
         t0 = time.perf_counter()
