@@ -127,3 +127,8 @@ def main() -> None:
     if sweep.last_failed_jobs:
         sys.stderr.write(f"error: {sweep.last_failed_jobs} sweep job(s) did not finish; see the summary above\n")
         sys.exit(1)
+    if sweep.last_unasked_fallbacks:
+        jobs = ", ".join(map(str, sweep.last_unasked_fallbacks))
+        sys.stderr.write(f"error: sweep job(s) {jobs} fell back to a smaller stack (column 'fell back'); give "
+                         "runtime.on_plugin_error=fallback on the command line to accept fallbacks\n")
+        sys.exit(1)

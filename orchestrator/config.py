@@ -6,7 +6,7 @@ Ranges and cross-field rules are checked by :func:`validate`, which runs before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -68,8 +68,11 @@ class RuntimeConfig:
     threads: Optional[int] = None
     interop_threads: Optional[int] = None
     warmup: int = 2
+    # the timing pass runs in this many rounds (each with the limits below); the run's throughput is the median
+    # round and its 95 % interval spans round-to-round as well as batch-to-batch variation (docs/sweeps.md)
+    repeats: int = 3
     min_iterations: int = 10
-    min_duration_s: float = 5.0
+    min_duration_s: float = 2.0
     max_iterations: Optional[int] = None
     parity_samples: int = 32
     seed: int = 0
@@ -95,6 +98,15 @@ class TrackingConfig:
 
 
 @dataclass
+class SummaryConfig:
+    # accuracy gate (sweep summaries): a job keeps at least this share of the eager fp32 job's task metric
+    # (0.99: MLPerf Inference's rule for BERT)
+    min_accuracy_ratio: float = 0.99
+    # ... and makes the same prediction as the eager fp32 job on at least this share of all examples
+    min_agreement: float = 0.95
+
+
+@dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
@@ -103,8 +115,11 @@ class RunConfig:
     optimization: Dict[str, Any] = field(default_factory=dict)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    summary: SummaryConfig = field(default_factory=SummaryConfig)
     # skip a job whose identical config (same digest) already FINISHED in the tracking store
     resume: bool = False
+    # CPU capabilities this config needs (orchestrator/cpu.py: bf16, amx, avx512, vnni); refused up front without
+    requires: List[str] = field(default_factory=list)
 
 
 def register_configs() -> None:
@@ -177,6 +192,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(r.interop_threads is None or r.interop_threads >= 1, "runtime.interop_threads", r.interop_threads,
              "must be >= 1 or null")
     _require(r.warmup >= 0, "runtime.warmup", r.warmup, "must be >= 0")
+    _require(r.repeats >= 1, "runtime.repeats", r.repeats, "must be >= 1")
     _require(r.min_iterations >= 1, "runtime.min_iterations", r.min_iterations, "must be >= 1")
     _require(r.min_duration_s >= 0, "runtime.min_duration_s", r.min_duration_s, "must be >= 0")
     _require(r.max_iterations is None or r.max_iterations >= r.min_iterations, "runtime.max_iterations",
@@ -198,9 +214,40 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(rc.tracking.prediction_samples >= 0, "tracking.prediction_samples", rc.tracking.prediction_samples,
              "must be >= 0")
 
+    sm = rc.summary
+    _require(0 < sm.min_accuracy_ratio <= 1, "summary.min_accuracy_ratio", sm.min_accuracy_ratio,
+             "must be in (0, 1]")
+    _require(0 <= sm.min_agreement <= 1, "summary.min_agreement", sm.min_agreement, "must be in [0, 1]")
+    _check_requires(rc.requires)
+
     from .registry import plugins, tasks  # late: registry reads entry points
 
     known_tasks = tasks.names()
     _require(d.task in known_tasks, "dataset.task", d.task, f"valid: {', '.join(known_tasks)}")
     plugins.validate_stack(list(rc.optimization))
+    # every option of every component, before anything loads: a typo never costs a model load
+    tasks.get(d.task).parse_options(d.task_options)
+    from .pipeline import build_plugins
+
+    build_plugins(rc.optimization)
     return rc
+
+
+def _check_requires(requires: List[str]) -> None:
+    from . import cpu
+
+    unknown = [c for c in requires if c not in cpu.CAPABILITIES]
+    _require(not unknown, "requires", list(requires), f"unknown capability {', '.join(unknown)}; valid: "
+             f"{', '.join(cpu.CAPABILITIES)}")
+    what = f"requires=[{','.join(requires)}]"
+    try:  # name the preset that asked for it, when Hydra composed this config
+        from hydra.core.hydra_config import HydraConfig
+
+        experiment = HydraConfig.get().runtime.choices.get("experiment")
+        if experiment:
+            what = f"experiment={experiment} ({what})"
+    except Exception:
+        pass
+    problem = cpu.capability_error(requires, what)
+    if problem:
+        raise ConfigError(problem)

@@ -19,24 +19,10 @@ def pkg_version(name: str) -> str:
         return "not installed"
 
 
-@functools.lru_cache(maxsize=1)
 def cpu_info() -> Dict[str, str]:
-    model, flags = platform.processor() or "unknown", set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("unknown", "", platform.processor()):
-                model = line.split(":", 1)[1].strip()
-            elif line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    except OSError:
-        pass
-    return {
-        "cpu.model": model,
-        "cpu.avx512": str("avx512f" in flags),
-        "cpu.amx_bf16": str("amx_bf16" in flags),
-        "cpu.amx_int8": str("amx_int8" in flags),
-    }
+    from . import cpu
+
+    return cpu.tags()
 
 
 @functools.lru_cache(maxsize=1)

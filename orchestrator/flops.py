@@ -87,7 +87,10 @@ def cpu() -> Dict[str, object]:
 
 def flops_per_cycle(compute: str, flags: Optional[set] = None) -> Tuple[int, str]:
     """(FLOPs per cycle per core, the unit) for a compute type: fp32, bf16 or int8."""
-    flags = cpu()["flags"] if flags is None else flags
+    if flags is None:
+        from . import cpu as cpu_caps
+
+        flags = cpu_caps.usable_flags()
     if compute == "bf16" and "amx_bf16" in flags:
         return 1024, "AMX-BF16"
     if compute == "int8" and "amx_int8" in flags:

@@ -101,19 +101,41 @@ class TimingResult:
     wall_s: float
     # index of the batch each latency belongs to
     batch_ids: List[int] = field(default_factory=list)
+    # round each latency belongs to (runtime.repeats)
+    round_ids: List[int] = field(default_factory=list)
+    batch_rows: List[int] = field(default_factory=list)
+
+    def rounds(self) -> List[tuple]:
+        """(rows per batch, seconds per batch) of each round."""
+        ids = self.round_ids or [0] * len(self.latencies_s)
+        rows = self.batch_rows or [self.rows / max(len(self.latencies_s), 1)] * len(self.latencies_s)
+        out = []
+        for k in sorted(set(ids)):
+            sel = [i for i, r in enumerate(ids) if r == k]
+            out.append(([rows[i] for i in sel], [self.latencies_s[i] for i in sel]))
+        return out
 
     def metrics(self) -> Dict[str, float]:
+        from .stats import throughput_interval
+
         lat_ms = np.asarray(self.latencies_s) * 1000.0
         busy = float(np.sum(self.latencies_s))
         mean = float(lat_ms.mean())
+        rounds = self.rounds()
+        thr, low, high = throughput_interval(rounds)
         return {
+            "timing_rounds": float(len(rounds)),
+            # median round; the interval covers round-to-round and batch-to-batch variation (orchestrator/stats.py)
+            "throughput": thr,
+            "throughput_ci_low": low,
+            "throughput_ci_high": high,
+            "throughput_ci_rel_pct": 100.0 * (high - low) / (2 * thr) if thr > 0 else 0.0,
             "timing_iterations": float(len(lat_ms)),
             "latency_mean_ms": mean,
             "latency_p50_ms": float(np.percentile(lat_ms, 50)),
             "latency_p90_ms": float(np.percentile(lat_ms, 90)),
             "latency_p99_ms": float(np.percentile(lat_ms, 99)),
             "latency_stdev_pct": (100.0 * statistics.stdev(lat_ms.tolist()) / mean) if len(lat_ms) > 1 else 0.0,
-            "throughput": self.rows / busy if busy > 0 else 0.0,
             "timing_wall_s": self.wall_s,
             # everything in the timing loop that is not the model forward + head
             "overhead_pct": 100.0 * max(self.wall_s - busy, 0.0) / self.wall_s if self.wall_s > 0 else 0.0,
@@ -131,16 +153,34 @@ def timing_order(n_batches: int, seed: int) -> List[int]:
     return order
 
 
+def timing_rounds(step: Callable, batches: List[Batch], repeats: int, warmup: int, min_iterations: int,
+                  min_duration_s: float, max_iterations: Optional[int], seed: int,
+                  progress: bool = False) -> TimingResult:
+    """``repeats`` timing passes after one warm-up, each over its own seeded order of the batches."""
+    out = TimingResult([], 0, 0.0)
+    for k in range(repeats):
+        part = timing_pass(step, batches, warmup if k == 0 else 0, min_iterations, min_duration_s, max_iterations,
+                           progress=progress, order=timing_order(len(batches), seed + k),
+                           desc=f"timing {k + 1}/{repeats}" if repeats > 1 else "timing")
+        out.latencies_s += part.latencies_s
+        out.batch_ids += part.batch_ids
+        out.batch_rows += [batches[b].size for b in part.batch_ids]
+        out.round_ids += [k] * len(part.latencies_s)
+        out.rows += part.rows
+        out.wall_s += part.wall_s
+    return out
+
+
 def timing_pass(step: Callable, batches: List[Batch], warmup: int, min_iterations: int, min_duration_s: float,
                 max_iterations: Optional[int] = None, progress: bool = False,
-                order: Optional[List[int]] = None) -> TimingResult:
+                order: Optional[List[int]] = None, desc: str = "timing") -> TimingResult:
     order = order if order is not None else list(range(len(batches)))
     for i in range(warmup):
         step(batches[order[i % len(order)]].inputs)
     latencies: List[float] = []
     batch_ids: List[int] = []
     rows = 0
-    bar = tqdm(desc="timing", disable=not progress, leave=False, unit="batch")
+    bar = tqdm(desc=desc, disable=not progress, leave=False, unit="batch")
     start = time.perf_counter()
     i = 0
     while True:
@@ -160,7 +200,7 @@ def timing_pass(step: Callable, batches: List[Batch], warmup: int, min_iteration
             break
     wall = time.perf_counter() - start
     bar.close()
-    return TimingResult(latencies, rows, wall, batch_ids)
+    return TimingResult(latencies, rows, wall, batch_ids, [0] * len(latencies), [batches[k].size for k in batch_ids])
 
 
 class PeakRSS(contextlib.AbstractContextManager):

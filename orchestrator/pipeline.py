@@ -114,8 +114,33 @@ def build_plugins(stack: Dict[str, Any]) -> List[Plugin]:
             options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), opts or {}))
         except Exception as e:  # omegaconf's messages name the key; keep just the first line
             raise ConfigError(f"optimization.{name}: {_first_line(e)}") from e
+        cls.validate_options(options)
         out.append(cls(options))
     return out
+
+
+def check_stack(plugins: List[Plugin], ctx: PluginContext, on_error: str) -> Tuple[List[Plugin], Dict[str, str]]:
+    """Every plugin's check() before the model loads. fail: the first unavailable plugin ends the run now;
+    fallback: it is dropped and its reason returned (plugin name -> reason)."""
+    names = [p.name for p in plugins]
+    kept, fallbacks = [], {}
+    for i, plugin in enumerate(plugins):
+        ctx.applied, ctx.following = names[:i], names[i + 1:]
+        try:
+            plugin.check(ctx)
+        except RunInterrupted:
+            raise
+        except Exception as e:
+            reason = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {_first_line(e)}"
+            if on_error != "fallback":
+                if isinstance(e, OrchestratorError):
+                    raise
+                raise PluginUnavailable(plugin.name, f"check failed: {reason}") from e
+            log.warning("plugin %s skipped (on_plugin_error=fallback): %s", plugin.name, reason)
+            fallbacks[plugin.name] = reason
+            continue
+        kept.append(plugin)
+    return kept, fallbacks
 
 
 def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str) -> Tuple[Any, StackRecord]:

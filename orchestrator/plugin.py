@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Dict, Optional
 
 import torch
 
-from .errors import PluginUnavailable
+from .errors import ConfigError, PluginUnavailable
 
 
 @dataclass
@@ -59,8 +59,17 @@ class Plugin:
         self.options = options if options is not None else self.Options()
         self._details: Dict[str, str] = {}
 
+    @classmethod
+    def validate_options(cls, options: Any) -> None:
+        """Raise ConfigError for option values that are wrong anywhere (a choice not in the list, a range).
+
+        Called while the config is validated, before any model or data loads; the error is never a fallback."""
+
     def check(self, ctx: PluginContext) -> None:
-        """Raise PluginUnavailable(reason) when this plugin cannot run here."""
+        """Raise PluginUnavailable(reason) when this plugin cannot run here.
+
+        Called before the model loads (``ctx.example_batch`` is empty then) and again just before ``apply``: it may
+        look at the precision, the stack, the installed packages and the CPU, never at the model or the data."""
 
     def apply(self, model: torch.nn.Module, ctx: PluginContext) -> Any:
         raise NotImplementedError
@@ -71,3 +80,8 @@ class Plugin:
 
     def unavailable(self, reason: str) -> PluginUnavailable:
         return PluginUnavailable(self.name, reason)
+
+    @classmethod
+    def require_choice(cls, key: str, value: Any, choices: tuple) -> None:
+        if value not in choices:
+            raise ConfigError(f"optimization.{cls.name}.{key}={value!r}: valid: {', '.join(choices)}")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import random
+import re
 import sys
 import time
 from datetime import datetime
@@ -18,7 +20,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import data, feature_cache, flops, measure, pipeline
+from . import cpu, data, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, to_run_config, validate
 from .environment import available_cpus, environment_tags, ipex_fusions_for
 from .errors import OrchestratorError, RunInterrupted
@@ -29,6 +31,11 @@ from .report import print_results
 from .tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
+
+# set by hydra/launcher=isolated for the job process it starts (hydra_plugins/orchestrator_launcher)
+ISOLATED_ENV = "ORCH_ISOLATED_JOB"
+SPAWNED_AT_ENV = "ORCH_JOB_SPAWNED_AT"
+DECISIONS_FILE = "decisions.json"
 
 
 def _hydra_info() -> Dict[str, Any]:
@@ -48,12 +55,12 @@ def _hydra_info() -> Dict[str, Any]:
     }
 
 
-def _run_name(rc: RunConfig, choices: Dict[str, Any]) -> str:
+def _run_name(rc: RunConfig, choices: Dict[str, Any], stack: Optional[str] = None) -> str:
     if rc.tracking.run_name:
         return rc.tracking.run_name
     model = choices.get("model") or Path(rc.model.name_or_path).name
     dataset = choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
-    stack = "+".join(rc.optimization) or "eager"
+    stack = stack or "+".join(rc.optimization) or "eager"
     return f"{model}-{dataset}-{rc.precision.name}-{stack}"
 
 
@@ -82,12 +89,28 @@ def config_digest(container: Dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def comparison_keys(container: Dict[str, Any]) -> Dict[str, str]:
+    """Which runs a sweep summary compares: ``workload`` (same model, data, task settings and truncation: the
+    accuracy gate's baseline must have it) and ``baseline_key`` (everything but the stack and precision: the
+    like-for-like eager fp32 job a speedup is taken against)."""
+    runtime = container.get("runtime", {})
+    workload = {"model": container.get("model"), "dataset": container.get("dataset"),
+                "max_length": runtime.get("max_length")}
+    skip_runtime = ("progress", "timeout_s", "on_plugin_error")
+    like = {k: v for k, v in container.items()
+            if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires")}
+    like["runtime"] = {k: v for k, v in runtime.items() if k not in skip_runtime}
+    return {"workload": _digest(workload), "baseline_key": _digest(like)}
+
+
 class Results(dict):
     """Everything known about the run so far; written to results.json whatever happens."""
-
-    def metrics(self, values: Dict[str, float], tracker: Tracker) -> None:
-        self.setdefault("metrics", {}).update(values)
-        tracker.log_metrics(values)
 
 
 def _quiet_libraries() -> None:
@@ -101,20 +124,26 @@ def _quiet_libraries() -> None:
 
 def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     rc = to_run_config(cfg)
+    started = time.time()
     _quiet_libraries()
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
     hydra = _hydra_info()
     run_dir = hydra.get("output_dir") or Path("outputs/runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_name = _run_name(rc, hydra.get("choices", {}))
-    stack = list(rc.optimization)
+    stack = "+".join(rc.optimization) or "eager"
 
     tags = environment_tags()
     tags.update({
         "task": rc.dataset.task,
-        "stack": "+".join(stack) or "eager",
+        # the stack that ran; set again once the stack is applied (a plugin that fell back is not in it)
+        "stack": stack,
+        "stack.requested": stack,
         "precision": rc.precision.name,
         "overrides": " ".join(hydra.get("overrides", [])),
+        **process_tags(),
+        **comparison_keys(container),
+        "run_dir": str(Path(run_dir).resolve()),
     })
     if hydra.get("job_num") is not None and hydra.get("mode") == "RunMode.MULTIRUN":
         tags["job_num"] = str(hydra["job_num"])
@@ -126,151 +155,266 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         if previous is not None:
             return _skip(previous, run_name, rc, container, run_dir)
     tracker.start(flatten(container), tags)
-    results = Results(run_name=run_name, status="RUNNING", stack="+".join(stack), precision=rc.precision.name,
-                      task=rc.dataset.task, config=container, run_dir=str(run_dir), run_id=tracker.run_id,
-                      tracking_uri=rc.tracking.uri if rc.tracking.enabled else None, metrics={})
-    predictions: List[dict] = []
-    metric_names: List[str] = []
+    results = Results(run_name=run_name, status="RUNNING", stack=stack, stack_requested=stack,
+                      precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
+                      run_id=tracker.run_id, tracking_uri=rc.tracking.uri if rc.tracking.enabled else None,
+                      keys=comparison_keys(container), overrides=tags["overrides"], cpu_model=tags.get("cpu.model"),
+                      metrics={})
+    measured = Measurement(rc, hydra, tracker, results, run_dir)
+    startup = process_startup_s(started)
     try:
+        if startup is not None:
+            measured.record({"process_startup_s": startup})
         with interruptible(rc.runtime.timeout_s):
-            _measure(rc, hydra, tracker, results, run_dir, predictions, metric_names)
+            measured.run()
         results["status"] = "FINISHED"
     except BaseException as e:
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit, RunInterrupted))
         results["status"] = "KILLED" if interrupted else "FAILED"
-        message = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {e}"
-        results["error"] = message.strip().splitlines()[0] if message.strip() else type(e).__name__
+        results["error"] = one_line_error(e)
         tracker.set_tags({"error": results["error"]})
         raise
     finally:
-        _finish(results, tracker, run_dir, predictions, rc, metric_names)
+        _finish(results, tracker, run_dir, measured, rc)
     return results
+
+
+def process_tags() -> Dict[str, str]:
+    """Which OS process measured the run, and whether it was a fresh one of its own (hydra/launcher=isolated)."""
+    return {"process.pid": str(os.getpid()), "process.isolated": str(os.environ.get(ISOLATED_ENV) == "1").lower()}
+
+
+def process_startup_s(run_started: float) -> Optional[float]:
+    """Seconds from the isolated launcher starting this job's process to the run starting in it."""
+    spawned = os.environ.get(SPAWNED_AT_ENV)
+    if os.environ.get(ISOLATED_ENV) != "1" or not spawned:
+        return None
+    try:
+        return max(run_started - float(spawned), 0.0)
+    except ValueError:
+        return None
+
+
+def one_line_error(e: BaseException) -> str:
+    message = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {e}"
+    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message).strip()  # terminal colour codes
+    return message.splitlines()[0] if message else type(e).__name__
 
 
 def _skip(previous, run_name: str, rc: RunConfig, container: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
     """resume=true and this exact config already FINISHED: reuse that run's results instead of measuring again."""
-    results = Results(run_name=run_name, status="FINISHED", stack="+".join(rc.optimization),
+    tags = previous.data.tags
+    results = Results(run_name=previous.info.run_name or run_name, status="FINISHED",
+                      stack=tags.get("stack", "+".join(rc.optimization) or "eager"),
+                      stack_requested=tags.get("stack.requested", "+".join(rc.optimization) or "eager"),
                       precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
                       run_id=previous.info.run_id, resumed_from=previous.info.run_id,
-                      tracking_uri=rc.tracking.uri, metrics=dict(previous.data.metrics))
+                      tracking_uri=rc.tracking.uri, keys=comparison_keys(container),
+                      overrides=tags.get("overrides", ""), cpu_model=tags.get("cpu.model"),
+                      metrics=dict(previous.data.metrics))
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
     log.info("resume: identical config already FINISHED in MLflow run %s; skipped", previous.info.run_id)
     print(f"{run_name}: skipped (resume=true), identical config FINISHED in MLflow run {previous.info.run_id}")
     return results
 
 
-def _measure(rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: "Results", run_dir: Path,
-             predictions: List[dict], metric_names: List[str]) -> None:
-    """The measured part of a run; fills ``results``/``predictions``/``metric_names`` as it goes."""
-    validate(rc)  # inside the try: an invalid run is still recorded, as FAILED with the reason
-    task_cls = task_registry.get(rc.dataset.task)
-    metric_names.extend(task_cls.metric_names)
-    results.metrics(_set_threads(rc), tracker)
-    torch.manual_seed(rc.runtime.seed)
-    random.seed(rc.runtime.seed)
-    plugins = pipeline.build_plugins(rc.optimization)
-    with measure.PeakRSS() as rss, ipex_fusions_for(list(rc.optimization)) as ipex_state:
-        t0 = time.perf_counter()
-        model, tokenizer, hf_config = pipeline.load_model(rc.model, task_cls)
-        results.metrics({"model_load_s": time.perf_counter() - t0}, tracker)
+class Measurement:
+    """The measured part of a run as named phases; each records what it measured as soon as it has it.
 
+    validate -> load -> featurize + batch -> eager reference -> precision + stack -> parity -> accuracy pass ->
+    timing pass -> FLOPs. ``record`` is the one place a figure goes to results.json *and* MLflow.
+    """
+
+    def __init__(self, rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: Results, run_dir: Path):
+        self.rc, self.hydra, self.tracker, self.results, self.run_dir = rc, hydra, tracker, results, run_dir
+        self.predictions: List[dict] = []
+        self.metric_names: List[str] = []
+        self.task_cls = None
+
+    def record(self, values: Dict[str, float]) -> None:
+        self.results.setdefault("metrics", {}).update(values)
+        self.tracker.log_metrics(values)
+
+    def tag(self, tags: Dict[str, str]) -> None:
+        self.results.setdefault("tags", {}).update(tags)
+        self.tracker.set_tags(tags)
+
+    def batches_of(self, rows, sort: bool) -> List[measure.Batch]:
+        r = self.rc.runtime
+        return measure.make_batches(rows, r.batch_size, self.pad_id, r.padding, r.max_length, sort,
+                                    r.pad_to_multiple_of)
+
+    # -- phases -------------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        rc = self.rc
+        validate(rc)  # inside the try: an invalid run is still recorded, as FAILED with the reason
+        self.task_cls = task_registry.get(rc.dataset.task)
+        self.metric_names.extend(self.task_cls.metric_names)
+        self.record(_set_threads(rc))
+        _warn_precision_hardware(rc)
+        torch.manual_seed(rc.runtime.seed)
+        random.seed(rc.runtime.seed)
+        plugins, early_fallbacks = self.check_stack()
+        with measure.PeakRSS() as rss, ipex_fusions_for(list(rc.optimization)) as ipex_state:
+            self.load()
+            self.featurize()
+            self.reference()
+            record = self.apply_stack(plugins, early_fallbacks, ipex_state)
+            self.parity()
+            self.accuracy_pass()
+            timing = self.timing_pass()
+            self.count_flops(record, timing)
+        self.record({"peak_rss_mb": rss.peak_mb})
+
+    def check_stack(self) -> Tuple[List[Any], Dict[str, str]]:
+        """Every plugin's check() before the model loads: an unavailable plugin costs no load (or, under
+        on_plugin_error=fallback, is dropped now and recorded as a fallback)."""
+        rc = self.rc
+        plugins = pipeline.build_plugins(rc.optimization)
+        ctx = PluginContext(task=rc.dataset.task, dtype=pipeline.DTYPES[rc.precision.dtype],
+                            autocast_dtype=pipeline.autocast_dtype(rc.precision), example_batch={},
+                            threads=torch.get_num_threads())
+        return pipeline.check_stack(plugins, ctx, rc.runtime.on_plugin_error)
+
+    def load(self) -> None:
         t0 = time.perf_counter()
-        dataset = data.load(rc.dataset)
-        task = task_cls(rc.dataset, rc.runtime, tokenizer, hf_config)
-        task.check_columns(dataset.column_names)
-        tracker.log_dataset(dataset, name=hydra.get("choices", {}).get("dataset") or rc.dataset.path,
-                            source=str(rc.dataset.data_files or rc.dataset.path))
+        self.model, self.tokenizer, self.hf_config = pipeline.load_model(self.rc.model, self.task_cls)
+        self.record({"model_load_s": time.perf_counter() - t0})
+
+    def featurize(self) -> None:
+        rc = self.rc
+        t0 = time.perf_counter()
+        self.dataset = data.load(rc.dataset)
+        self.task = self.task_cls(rc.dataset, rc.runtime, self.tokenizer, self.hf_config)
+        self.task.check_columns(self.dataset.column_names)
+        self.tracker.log_dataset(self.dataset, name=self.hydra.get("choices", {}).get("dataset") or rc.dataset.path,
+                                 source=str(rc.dataset.data_files or rc.dataset.path))
         t1 = time.perf_counter()
-        features, cached = feature_cache.featurize(task, dataset)
+        self.features, cached = feature_cache.featurize(self.task, self.dataset)
         t2 = time.perf_counter()
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        r = rc.runtime
-        batches = measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
-                                       r.sort_by_length, r.pad_to_multiple_of)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.batches = self.batches_of(self.features.rows, rc.runtime.sort_by_length)
         t3 = time.perf_counter()
-        results.metrics({"examples": float(len(dataset)), "features": float(len(features)),
-                         "dataset_load_s": t1 - t0, "featurize_s": t2 - t1, "features_cached": float(cached),
-                         "collate_s": t3 - t2, "padding_pct": measure.padding_pct(features.rows, batches),
-                         "batch_shapes": float(measure.batch_shapes(batches))}, tracker)
+        self.record({"examples": float(len(self.dataset)), "features": float(len(self.features)),
+                     "dataset_load_s": t1 - t0, "featurize_s": t2 - t1, "features_cached": float(cached),
+                     "collate_s": t3 - t2, "padding_pct": measure.padding_pct(self.features.rows, self.batches),
+                     "batch_shapes": float(measure.batch_shapes(self.batches))})
 
-        # eager fp32 reference on a fixed sample, before precision and stack touch the model
-        n_par = min(r.parity_samples, len(features))
-        par_batches = measure.make_batches(features.rows[:n_par], r.batch_size, pad_id, r.padding,
-                                           r.max_length, False, r.pad_to_multiple_of) if n_par else []
-        reference, _ = measure.run_all(measure.forward_fn(model, task.head, None), par_batches, n_par)
-        flop_coef = _flop_coefficients(model, batches, pad_id)
+    def reference(self) -> None:
+        """Eager fp32 outputs on a fixed sample, before precision and stack touch the model."""
+        self.n_par = min(self.rc.runtime.parity_samples, len(self.features))
+        self.par_batches = self.batches_of(self.features.rows[:self.n_par], False) if self.n_par else []
+        self.reference_outputs, _ = measure.run_all(measure.forward_fn(self.model, self.task.head, None),
+                                                    self.par_batches, self.n_par)
+        self.flop_coef = _flop_coefficients(self.model, self.batches, self.pad_id)
 
+    def apply_stack(self, plugins, early_fallbacks: Dict[str, str], ipex_state) -> pipeline.StackRecord:
+        rc = self.rc
         t0 = time.perf_counter()
-        model = pipeline.apply_precision(model, rc.precision)
-        ac = pipeline.autocast_dtype(rc.precision)
-        ctx = PluginContext(task=task.name, dtype=pipeline.DTYPES[rc.precision.dtype], autocast_dtype=ac,
-                            example_batch=batches[0].inputs, threads=torch.get_num_threads(),
-                            calibration_batches=_calibration_batches(rc, task, pad_id))
-        model, record = pipeline.apply_stack(model, plugins, ctx, r.on_plugin_error)
-        results["applied"] = record.applied
-        results["fallbacks"] = record.fallbacks
+        self.model = pipeline.apply_precision(self.model, rc.precision)
+        self.autocast = pipeline.autocast_dtype(rc.precision)
+        self.ctx = PluginContext(task=self.task.name, dtype=pipeline.DTYPES[rc.precision.dtype],
+                                 autocast_dtype=self.autocast, example_batch=self.batches[0].inputs,
+                                 threads=torch.get_num_threads(),
+                                 calibration_batches=_calibration_batches(rc, self.task, self.pad_id))
+        self.model, record = pipeline.apply_stack(self.model, plugins, self.ctx, rc.runtime.on_plugin_error)
+        record.fallbacks = {**early_fallbacks, **record.fallbacks}
+        applied = "+".join(record.applied) or "eager"
+        self.results["applied"] = record.applied
+        self.results["fallbacks"] = record.fallbacks
         stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}
         stack_tags.update({f"plugin.{n}.fallback": why for n, why in record.fallbacks.items()})
-        stack_tags["stack.applied"] = "+".join(record.applied) or "eager"
-        if ipex_state is None and "ipex" not in record.applied and "intel_extension_for_pytorch" in sys.modules:
-            ipex_state = "on"  # ipex was asked for but fell back: IPEX's process-wide passes stayed on
-        if ipex_state is not None:
-            stack_tags["ipex.loaded_in_process"] = "true"
-            stack_tags["ipex.fusions"] = ipex_state
-            if ipex_state == "off":
-                log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript "
-                         "fusion passes are off for this run (%s)", stack_tags["stack.applied"])
-            else:
-                log.warning("intel_extension_for_pytorch is loaded in this process and its TorchScript fusions "
-                            "stay on (%s): they also apply to this run's stack (%s); run ipex and non-ipex stacks "
-                            "in separate processes to compare them",
-                            "ipex fell back" if ipex_state == "on" else "this version has no switch",
-                            stack_tags["stack.applied"])
-        tracker.set_tags(stack_tags)
-        results["tags"] = stack_tags
-        size = measure.model_size_mb(model)
-        results.metrics({"stack_apply_s": time.perf_counter() - t0,
-                         **{f"plugin_{n}_s": s for n, s in record.seconds.items()},
-                         **({"model_size_mb": size} if size is not None else {})}, tracker)
+        stack_tags["stack.applied"] = applied
+        if record.fallbacks:
+            # the run is labelled with what ran: a fallback never carries the name of the plugin that did not run
+            stack_tags["stack"] = applied
+            stack_tags["stack.fallback"] = ",".join(record.fallbacks)
+            self.results["stack"] = applied
+            name = _run_name(rc, self.hydra.get("choices", {}), applied)
+            if name != self.results["run_name"]:
+                self.results["run_name"] = name
+                self.tracker.rename(name)
+        stack_tags.update(_ipex_tags(ipex_state, record.applied, applied))
+        self.tag(stack_tags)
+        size = measure.model_size_mb(self.model)
+        self.record({"stack_apply_s": time.perf_counter() - t0,
+                     **{f"plugin_{n}_s": s for n, s in record.seconds.items()},
+                     **({"model_size_mb": size} if size is not None else {})})
+        self.step = measure.forward_fn(self.model, self.task.head, self.autocast)
+        return record
 
-        step = measure.forward_fn(model, task.head, ac)
-        if n_par:
-            candidate, _ = measure.run_all(step, par_batches, n_par)
-            diff, agree = task.parity(reference, candidate)
-            results.metrics({"parity_max_abs_diff": diff, "parity_agreement": agree}, tracker)
+    def parity(self) -> None:
+        """Max |delta| and agreement vs the eager fp32 reference on the first parity_samples rows (a sample;
+        sweep summaries compare every example, agreement_vs_baseline)."""
+        if not self.n_par:
+            return
+        candidate, _ = measure.run_all(self.step, self.par_batches, self.n_par)
+        diff, agree = self.task.parity(self.reference_outputs, candidate)
+        self.record({"parity_max_abs_diff": diff, "parity_agreement": agree})
 
+    def accuracy_pass(self) -> None:
+        m = self.results["metrics"]
         t0 = time.perf_counter()
-        outputs, lat = measure.run_all(step, batches, len(features), desc="accuracy pass", progress=r.progress)
+        outputs, lat = measure.run_all(self.step, self.batches, len(self.features), desc="accuracy pass",
+                                       progress=self.rc.runtime.progress)
         forward_s = sum(lat)
         t1 = time.perf_counter()
-        task_metrics, preds = task.evaluate(dataset, features, outputs)
-        predictions.extend(preds)
+        task_metrics, preds = self.task.evaluate(self.dataset, self.features, outputs)
+        self.predictions.extend(preds)
         post_s = time.perf_counter() - t1
-        for name, content in task.artifacts(predictions).items():  # e.g. QA's full predictions.json
-            (run_dir / name).write_text(json.dumps(content, indent=2, default=str))
-            tracker.log_artifact(run_dir / name)
+        for name, content in self.task.artifacts(self.predictions).items():  # e.g. QA's full predictions.json
+            (self.run_dir / name).write_text(json.dumps(content, indent=2, default=str))
+            self.tracker.log_artifact(self.run_dir / name)
         acc_s = t1 - t0 + post_s
-        m = results["metrics"]
         eval_s = m["featurize_s"] + m["collate_s"] + acc_s
-        results.metrics({**task_metrics, "accuracy_pass_s": acc_s, "postprocess_s": post_s,
-                         "accuracy_pass_forward_s": forward_s, "eval_s": eval_s,
-                         # the whole evaluation, tokenization to metric: features/s over the dataset
-                         "eval_throughput": len(features) / eval_s if eval_s > 0 else 0.0,
-                         # everything but the model forward: tokenize, collate, batch loop, postprocess, metric
-                         "eval_overhead_pct": 100.0 * max(eval_s - forward_s, 0.0) / eval_s if eval_s > 0 else 0.0},
-                        tracker)
+        self.record({**task_metrics, "accuracy_pass_s": acc_s, "postprocess_s": post_s,
+                     "accuracy_pass_forward_s": forward_s, "eval_s": eval_s,
+                     # the whole evaluation, tokenization to metric: features/s over the dataset
+                     "eval_throughput": len(self.features) / eval_s if eval_s > 0 else 0.0,
+                     # everything but the model forward: tokenize, collate, batch loop, postprocess, metric
+                     "eval_overhead_pct": 100.0 * max(eval_s - forward_s, 0.0) / eval_s if eval_s > 0 else 0.0})
 
-        timing = measure.timing_pass(step, batches, r.warmup, r.min_iterations, r.min_duration_s,
-                                     r.max_iterations, progress=r.progress,
-                                     order=measure.timing_order(len(batches), r.seed))
-        results.metrics(timing.metrics(), tracker)
-        if flop_coef is not None:
-            int8 = "quantize" in record.applied or record.details.get("ipex", {}).get("int8", "none") != "none"
-            compute = "int8" if int8 else ("bf16" if torch.bfloat16 in (ctx.dtype, ac) else "fp32")
-            flop_metrics, peak_note = _flop_metrics(flop_coef, batches, timing, compute)
-            results.metrics(flop_metrics, tracker)
-            tracker.set_tags({"peak.compute": compute, "peak.formula": peak_note})
-    results.metrics({"peak_rss_mb": rss.peak_mb}, tracker)
+    def timing_pass(self) -> measure.TimingResult:
+        r = self.rc.runtime
+        timing = measure.timing_rounds(self.step, self.batches, r.repeats, r.warmup, r.min_iterations,
+                                       r.min_duration_s, r.max_iterations, r.seed, progress=r.progress)
+        self.record(timing.metrics())
+        for k, thr in enumerate(stats.round_throughputs(timing.rounds())):
+            self.tracker.log_metrics({"round_throughput": thr}, step=k)  # MLflow history: one point per round
+        return timing
+
+    def count_flops(self, record: pipeline.StackRecord, timing: measure.TimingResult) -> None:
+        if self.flop_coef is None:
+            return
+        int8 = "quantize" in record.applied or record.details.get("ipex", {}).get("int8", "none") != "none"
+        compute = "int8" if int8 else ("bf16" if torch.bfloat16 in (self.ctx.dtype, self.autocast) else "fp32")
+        flop_metrics, peak_note = _flop_metrics(self.flop_coef, self.batches, timing, compute)
+        self.record(flop_metrics)
+        self.tag({"peak.compute": compute, "peak.formula": peak_note})
+
+
+def _warn_precision_hardware(rc: RunConfig) -> None:
+    """bf16 without native bf16 runs, but emulated and slower than fp32: say so instead of letting it look slow."""
+    bf16 = rc.precision.dtype == "bfloat16" or (rc.precision.autocast and rc.precision.autocast_dtype == "bfloat16")
+    if bf16 and not cpu.has("bf16"):
+        log.warning("precision=%s on a CPU without native bf16 (%s): bf16 is emulated there and usually slower "
+                    "than fp32", rc.precision.name, cpu.describe())
+
+
+def _ipex_tags(ipex_state: Optional[str], applied: List[str], stack: str) -> Dict[str, str]:
+    if ipex_state is None and "ipex" not in applied and "intel_extension_for_pytorch" in sys.modules:
+        ipex_state = "on"  # ipex was asked for but fell back: IPEX's process-wide passes stayed on
+    if ipex_state is None:
+        return {}
+    if ipex_state == "off":
+        log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript "
+                 "fusion passes are off for this run (%s)", stack)
+    else:
+        log.warning("intel_extension_for_pytorch is loaded in this process and its TorchScript fusions "
+                    "stay on (%s): they also apply to this run's stack (%s); run ipex and non-ipex stacks "
+                    "in separate processes to compare them",
+                    "ipex fell back" if ipex_state == "on" else "this version has no switch", stack)
+    return {"ipex.loaded_in_process": "true", "ipex.fusions": ipex_state}
 
 
 def _flop_coefficients(model, batches, pad_id: int):
@@ -318,16 +462,20 @@ def _calibration_batches(rc: RunConfig, task, pad_id: int) -> List[Dict[str, tor
                                                    False, r.pad_to_multiple_of)]
 
 
-def _finish(results: Results, tracker: Tracker, run_dir: Path, predictions: List[dict], rc: RunConfig,
-            metric_names: List[str]) -> None:
+def _finish(results: Results, tracker: Tracker, run_dir: Path, measured: Measurement, rc: RunConfig) -> None:
     results["tracking_error"] = tracker.error
     (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    predictions = measured.predictions
     if predictions and rc.tracking.prediction_samples:
         sample = predictions[:rc.tracking.prediction_samples]
         (run_dir / "predictions_sample.json").write_text(json.dumps(sample, indent=2, default=str))
+    if predictions and measured.task_cls is not None:
+        # every example's decision, in dataset order: what a sweep compares with its eager fp32 job
+        (run_dir / DECISIONS_FILE).write_text(json.dumps(measured.task_cls.decisions(predictions), default=str))
     tracker.log_artifact(run_dir / "results.json")
     tracker.log_artifact(run_dir / "predictions_sample.json")
+    tracker.log_artifact(run_dir / DECISIONS_FILE)
     tracker.log_artifact(run_dir / ".hydra", "hydra")
     tracker.end(results["status"])
     results["tracking_error"] = tracker.error
-    print_results(results, metric_names)
+    print_results(results, measured.metric_names)

@@ -13,31 +13,46 @@ from typing import Any, Dict, List, Optional
 from rich.console import Console
 from rich.table import Table
 
-COLUMNS = ["job", "stack", "precision", "metric", "value", "throughput", "speedup", "latency_p50_ms",
-           "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct",
-           "status", "run_id"]
+from . import verdict
+
+COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "throughput_ci_low",
+           "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
+           "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p99_ms", "parity_max_abs_diff",
+           "parity_agreement", "eval_throughput", "peak_fraction_pct", "status", "stack_requested", "fallback",
+           "swept", "cpu_model", "baseline_job", "run_id"]
+# what the console shows of them (the files have all)
+SHOWN = ["job", "stack", "precision", "swept", "metric", "value", "accuracy_delta", "throughput", "speedup",
+         "speedup_ci", "noise", "agreement_vs_baseline", "gate", "latency_p50_ms", "fallback", "status"]
 
 
 def _primary(task: Optional[str]) -> Optional[str]:
+    cls = _task_class(task)
+    return cls.primary_metric if cls is not None else None
+
+
+def _task_class(task: Optional[str]):
     if not task:
         return None
     from .registry import tasks
 
     try:
-        return tasks.get(task).primary_metric
+        return tasks.get(task)
     except Exception:
         return None
 
 
 def _row(job: str, status: str, task: Optional[str], stack: str, precision: str, metrics: Dict[str, float],
-         run_id: Optional[str]) -> Dict[str, Any]:
+         run_id: Optional[str], **extra: Any) -> Dict[str, Any]:
     metric = _primary(task)
-    return {"job": job, "stack": stack or "eager", "precision": precision, "metric": metric,
-            "value": metrics.get(metric) if metric else None, "throughput": metrics.get("throughput"),
-            "speedup": None, "latency_p50_ms": metrics.get("latency_p50_ms"),
-            "latency_p99_ms": metrics.get("latency_p99_ms"), "parity_max_abs_diff": metrics.get("parity_max_abs_diff"),
-            "parity_agreement": metrics.get("parity_agreement"), "eval_throughput": metrics.get("eval_throughput"),
-            "peak_fraction_pct": metrics.get("peak_fraction_pct"), "status": status, "run_id": run_id}
+    row = {c: None for c in COLUMNS}
+    row.update({"job": job, "stack": stack or "eager", "precision": precision, "metric": metric,
+                "value": metrics.get(metric) if metric else None, "status": status, "run_id": run_id, "task": task})
+    for key in ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p99_ms",
+                "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct"):
+        row[key] = metrics.get(key)
+    row.update(extra)
+    row["stack_requested"] = row.get("stack_requested") or row["stack"]
+    return row
 
 
 def rows_from_mlflow(client, parent_id: str) -> List[Dict[str, Any]]:
@@ -48,7 +63,10 @@ def rows_from_mlflow(client, parent_id: str) -> List[Dict[str, Any]]:
     for r in runs:
         t = r.data.tags
         rows.append(_row(t.get("job_num", r.info.run_name), r.info.status, t.get("task"), t.get("stack", "eager"),
-                         t.get("precision", "?"), r.data.metrics, r.info.run_id))
+                         t.get("precision", "?"), r.data.metrics, r.info.run_id,
+                         stack_requested=t.get("stack.requested"), fallback=t.get("stack.fallback"),
+                         workload=t.get("workload"), baseline_key=t.get("baseline_key"), run_dir=t.get("run_dir"),
+                         overrides=t.get("overrides", ""), cpu_model=t.get("cpu.model")))
     return rows
 
 
@@ -58,11 +76,17 @@ def rows_from_dir(sweep_dir: Path) -> List[Dict[str, Any]]:
     for job_dir in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name):
         res = job_dir / "results.json"
         if not res.exists():
-            rows.append(_row(job_dir.name, "MISSING", None, "?", "?", {}, None))
+            rows.append(_row(job_dir.name, "MISSING", None, "?", "?", {}, None, run_dir=str(job_dir)))
             continue
         data = json.loads(res.read_text())
+        keys = data.get("keys", {})
         rows.append(_row(job_dir.name, data.get("status", "?"), data.get("task"), data.get("stack", ""),
-                         data.get("precision", "?"), data.get("metrics", {}), data.get("run_id")))
+                         data.get("precision", "?"), data.get("metrics", {}), data.get("run_id"),
+                         stack_requested=data.get("stack_requested"),
+                         fallback=",".join(data.get("fallbacks") or {}) or None,
+                         workload=keys.get("workload"), baseline_key=keys.get("baseline_key"),
+                         run_dir=str(job_dir), overrides=data.get("overrides", ""),
+                         cpu_model=data.get("cpu_model")))
     return rows
 
 
@@ -80,47 +104,116 @@ def merge_rows(tracked: List[Dict[str, Any]], local: List[Dict[str, Any]]) -> Li
     return sorted(rows, key=lambda r: (len(str(r["job"])), str(r["job"])))
 
 
-def add_speedups(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Speedup vs the eager fp32 job of the same task metric (the sweep's baseline), when there is one."""
-    base = next((r for r in rows if r["stack"] == "eager" and r["precision"] == "fp32" and r["throughput"]), None)
+def add_swept(rows: List[Dict[str, Any]]) -> List[str]:
+    """The keys whose command-line values differ between the jobs (besides stack and precision, shown anyway)."""
+    parsed = []
     for r in rows:
-        if base and r["throughput"]:
-            r["speedup"] = r["throughput"] / base["throughput"]
-    return base
+        pairs = dict(tok.split("=", 1) for tok in str(r.get("overrides") or "").split() if "=" in tok)
+        parsed.append({k.lstrip("+~"): v for k, v in pairs.items()})
+    keys = sorted({k for p in parsed for k in p} - {"optimization", "precision"})
+    swept = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
+    for r, p in zip(rows, parsed):
+        r["swept"] = {k: p.get(k) for k in swept} or None
+    return swept
+
+
+def decisions_loader(client) -> Any:
+    """Each run's decisions.json: from its run directory, else from its MLflow artifacts."""
+    from .runner import DECISIONS_FILE
+
+    def load(r: Dict[str, Any]) -> Optional[list]:
+        path = Path(r["run_dir"]) / DECISIONS_FILE if r.get("run_dir") else None
+        try:
+            if path is not None and path.is_file():
+                return json.loads(path.read_text())
+            if client is not None and r.get("run_id"):
+                import tempfile
+
+                with tempfile.TemporaryDirectory() as tmp:
+                    local = client.download_artifacts(r["run_id"], DECISIONS_FILE, tmp)
+                    return json.loads(Path(local).read_text())
+        except Exception:  # a run without the file (older, failed): agreement is simply not known
+            return None
+        return None
+
+    return load
+
+
+def assess(rows: List[Dict[str, Any]], client=None, min_accuracy_ratio: float = 0.99,
+           min_agreement: float = 0.95) -> Optional[str]:
+    """Speedups with intervals, gate, agreement, Pareto front (in place); returns the recommendation line."""
+    add_swept(rows)
+    verdict.assess(rows, min_accuracy_ratio, min_agreement, _task_class, decisions_loader(client))
+    verdict.mark_pareto(rows)
+    return verdict.recommend(rows)
+
+
+def add_speedups(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    """Speedup vs the eager fp32 job (kept for callers that want only that); returns the first baseline."""
+    assess(rows)
+    return next((r for r in rows if r.get("gate") == "baseline"), None)
 
 
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
+    if isinstance(v, bool):
+        return "yes" if v else ""
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:.2f}"
+    if isinstance(v, dict):
+        return " ".join(f"{k}={x}" for k, x in v.items())
     return str(v)
 
 
+def _cell(r: Dict[str, Any], c: str) -> str:
+    if c == "speedup_ci":
+        lo, hi = r.get("speedup_ci_low"), r.get("speedup_ci_high")
+        return "-" if lo is None or hi is None else f"{lo:.2f}-{hi:.2f}"
+    if c == "agreement_vs_baseline" and r.get(c) is not None:
+        return f"{r[c]:.1%}"
+    if c == "accuracy_delta" and r.get(c) is not None:
+        return f"{r[c]:+.2f}"
+    if c == "gate" and r.get("gate") == "fail":
+        return f"fail: {r.get('gate_reason')}"
+    return _fmt(r.get(c))
+
+
 HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
-           "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree", "eval_throughput": "eval rows/s",
-           "peak_fraction_pct": "% peak"}
+           "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree (sample)", "eval_throughput": "eval rows/s",
+           "peak_fraction_pct": "% peak", "accuracy_delta": "Δ metric", "speedup_ci": "95% CI",
+           "agreement_vs_baseline": "agree (all)", "fallback": "fell back", "swept": "swept"}
 
 
 def table(rows: List[Dict[str, Any]], title: Optional[str] = None) -> Table:
     t = Table(title=title, title_justify="left")
-    shown = [c for c in COLUMNS if c != "run_id"]
+    shown = [c for c in SHOWN if c != "swept" or any(r.get("swept") for r in rows)]
     for c in shown:
-        t.add_column(HEADERS.get(c, c), justify="right" if c not in ("stack", "precision", "metric", "status")
-                     else "left", no_wrap=True)
+        t.add_column(HEADERS.get(c, c), justify="left" if c in ("stack", "precision", "metric", "status", "gate",
+                                                                 "noise", "swept", "fallback") else "right",
+                     no_wrap=c != "gate")
     for r in rows:
-        t.add_row(*[_fmt(r[c]) for c in shown])
+        t.add_row(*[_cell(r, c) for c in shown])
     return t
 
 
-def markdown(rows: List[Dict[str, Any]]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r[c]) for c in COLUMNS) + " |" for r in rows]
+def markdown(rows: List[Dict[str, Any]], header: str = "") -> str:
+    lines = [header, ""] if header else []
+    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: List[Dict[str, Any]], base: Optional[Dict[str, Any]], path: Path) -> Optional[Path]:
-    done = [r for r in rows if r["throughput"] and r["value"] is not None]
+def _short(r: Dict[str, Any]) -> str:
+    label = f"{r['stack']}/{r['precision']}"
+    if r.get("swept"):
+        label += " " + _fmt(r["swept"])
+    return label
+
+
+def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
+    """Speed vs accuracy with the Pareto front and the recommended job; speedups with their intervals."""
+    done = [r for r in rows if r.get("throughput") and r.get("value") is not None]
     if not done:
         return None
     import matplotlib
@@ -128,76 +221,144 @@ def plot(rows: List[Dict[str, Any]], base: Optional[Dict[str, Any]], path: Path)
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in done:
-        label = f"{r['stack']}/{r['precision']}"
-        is_base = r is base
-        ax1.scatter(r["throughput"], r["value"], marker="*" if is_base else "o", s=160 if is_base else 50,
-                    color="black" if is_base else None)
-        ax1.annotate(label + (" (baseline)" if is_base else ""), (r["throughput"], r["value"]), fontsize=8,
-                     xytext=(4, 4), textcoords="offset points")
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    recommended = next((r for r in done if r.get("recommended")), None)
+    for i, r in enumerate(done):
+        is_base = r.get("gate") == "baseline"
+        marker = "*" if is_base else ("X" if r.get("gate") == "fail" else "o")
+        ax1.scatter(r["throughput"], r["value"], marker=marker, s=170 if is_base else 60,
+                    color="black" if is_base else ("tab:red" if r.get("gate") == "fail" else "tab:blue"), zorder=3)
+        # numbers on the points and names in the legend: labels never overlap however close the points are
+        ax1.annotate(str(r["job"]), (r["throughput"], r["value"]), fontsize=8, xytext=(5, 5),
+                     textcoords="offset points")
+        ax1.scatter([], [], marker="none", label=f"{r['job']}: {_short(r)}"
+                    + (" (baseline)" if is_base else "") + (" (gate fail)" if r.get("gate") == "fail" else ""))
+    front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["throughput"])
+    if len(front) > 1:
+        ax1.plot([r["throughput"] for r in front], [r["value"] for r in front], color="tab:green", linewidth=1.2,
+                 linestyle="--", label="Pareto front", zorder=2)
+    if recommended is not None:
+        ax1.scatter(recommended["throughput"], recommended["value"], s=420, facecolors="none",
+                    edgecolors="tab:green", linewidths=2, label=f"recommended: job {recommended['job']}", zorder=4)
+    ax1.ticklabel_format(axis="both", style="plain", useOffset=False)
+    values = [r["value"] for r in done]
+    span = max(values) - min(values)
+    mid = (max(values) + min(values)) / 2
+    # a 0.003-point wobble must not fill the axis and look like an accuracy loss: show at least 2 points
+    if span < 2.0:
+        ax1.set_ylim(mid - 1.0, mid + 1.0)
     ax1.set_xlabel("throughput (rows/s)")
     ax1.set_ylabel(done[0]["metric"] or "metric")
     ax1.set_title("speed vs accuracy")
-    if base:
-        ax1.axhline(base["value"], color="grey", linestyle=":", linewidth=1)
-        ax1.axvline(base["throughput"], color="grey", linestyle=":", linewidth=1)
-    speed = [r for r in done if r["speedup"]]
-    ax2.bar([f"{r['stack']}\n{r['precision']}" for r in speed], [r["speedup"] for r in speed],
-            color=["black" if r is base else "tab:blue" for r in speed])
+    ax1.legend(fontsize=7, loc="best", handlelength=1, framealpha=0.8)
+    speed = [r for r in done if r.get("speedup")]
+    xs = list(range(len(speed)))
+    heights = [r["speedup"] for r in speed]
+    err = [[max(r["speedup"] - (r.get("speedup_ci_low") or r["speedup"]), 0) for r in speed],
+           [max((r.get("speedup_ci_high") or r["speedup"]) - r["speedup"], 0) for r in speed]]
+    ax2.bar(xs, heights, yerr=err, capsize=3,
+            color=["black" if r.get("gate") == "baseline" else
+                   ("tab:red" if r.get("gate") == "fail" else "tab:blue") for r in speed])
+    ax2.set_xticks(xs, [f"{r['job']}\n{_short(r)}" for r in speed], fontsize=7, rotation=30, ha="right")
     ax2.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    ax2.set_ylabel("speedup vs eager fp32")
+    ax2.set_ylabel("speedup vs eager fp32 (95% interval)")
     ax2.set_title("throughput ratio")
-    ax2.tick_params(axis="x", labelsize=7)
+    if title:
+        fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path]) -> Dict[str, Any]:
+def frame(rows: List[Dict[str, Any]]):
+    """The rows as a flat table (the swept values as one text column) for CSV and MLflow."""
+    import pandas as pd
+
+    flat = [{c: (_fmt(r.get(c)) if isinstance(r.get(c), dict) else r.get(c)) for c in COLUMNS} for r in rows]
+    return pd.DataFrame(flat, columns=COLUMNS)
+
+
+def cpu_header(rows: List[Dict[str, Any]]) -> str:
+    """Which CPU(s) the jobs ran on (a cluster sweep may span several)."""
+    from collections import Counter
+
+    models = Counter(r.get("cpu_model") for r in rows if r.get("cpu_model"))
+    if not models:
+        from . import cpu
+
+        return f"CPU: {cpu.describe()} (this machine)"
+    if len(models) == 1:
+        return f"CPU: {next(iter(models))}"
+    return "CPUs: " + "; ".join(f"{m} ({n} jobs)" for m, n in models.most_common())
+
+
+def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path], min_accuracy_ratio: float = 0.99,
+                    min_agreement: float = 0.95) -> Dict[str, Any]:
     """Rows for the sweep, files in the sweep dir, and (with a parent run) everything logged to it."""
     tracked = rows_from_mlflow(client, parent_id) if client is not None and parent_id else []
     local = rows_from_dir(sweep_dir) if sweep_dir is not None and sweep_dir.is_dir() else []
     rows = merge_rows(tracked, local)
-    base = add_speedups(rows)
+    recommendation = assess(rows, client, min_accuracy_ratio, min_agreement)
+    _mark_recommended(rows, recommendation)
     failed = sum(r["status"] != "FINISHED" for r in rows)
-    out: Dict[str, Any] = {"rows": rows, "failed": failed, "parent_id": parent_id, "files": []}
+    fell_back = [r["job"] for r in rows if r.get("fallback")]
+    header = cpu_header(rows)
+    out: Dict[str, Any] = {"rows": rows, "failed": failed, "parent_id": parent_id, "files": [],
+                           "recommendation": recommendation, "fell_back": fell_back, "cpu": header,
+                           "gate": {"min_accuracy_ratio": min_accuracy_ratio, "min_agreement": min_agreement}}
     if sweep_dir is not None and sweep_dir.is_dir():
         import pandas as pd
 
         csv = sweep_dir / "summary.csv"
-        pd.DataFrame(rows, columns=COLUMNS).to_csv(csv, index=False)
+        frame(rows).to_csv(csv, index=False)
         md = sweep_dir / "summary.md"
-        md.write_text(markdown(rows))
-        png = plot(rows, base, sweep_dir / "summary.png")
+        md.write_text(markdown(rows, f"{header}\n\n{recommendation}"))
+        png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}"[:180])
         out["files"] = [p for p in (csv, md, png) if p is not None]
     if client is not None and parent_id:
         import pandas as pd
 
-        client.log_table(parent_id, data=pd.DataFrame(rows, columns=COLUMNS), artifact_file="summary_table.json")
+        client.log_table(parent_id, data=frame(rows), artifact_file="summary_table.json")
         for p in out["files"]:
             client.log_artifact(parent_id, str(p))
         import time
 
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
         ts = int(time.time() * 1000)
         client.log_batch(parent_id, metrics=[Metric("n_jobs", float(len(rows)), ts, 0),
-                                             Metric("failed_jobs", float(failed), ts, 0)])
+                                             Metric("failed_jobs", float(failed), ts, 0),
+                                             Metric("fallback_jobs", float(len(fell_back)), ts, 0)],
+                         tags=[RunTag("recommendation", (recommendation or "")[:5000]), RunTag("summary.cpu", header)])
         client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
     return out
 
 
+def _mark_recommended(rows: List[Dict[str, Any]], recommendation: Optional[str]) -> None:
+    for r in rows:
+        r["recommended"] = bool(recommendation) and recommendation.startswith("recommended: ") and \
+            recommendation.startswith(f"recommended: job {r['job']} (")
+
+
 def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) -> None:
     # a sweep table is wide: do not squeeze it into 80 columns when stdout is not a terminal
-    console = console or Console(width=max(Console().width, 140))
+    console = console or Console(width=max(Console().width, 200))
     rows = summary["rows"]
     title = f"sweep summary: {len(rows)} jobs, {summary['failed']} not finished"
     if summary.get("parent_id"):
         title += f" (MLflow parent run {summary['parent_id']})"
     console.print(title)
+    console.print(summary.get("cpu") or cpu_header(rows), highlight=False)
     console.print(table(rows))
+    if summary.get("fell_back"):
+        console.print(f"[yellow]fell back[/yellow]: job(s) {', '.join(map(str, summary['fell_back']))} ran without "
+                      "a plugin that could not apply (runtime.on_plugin_error=fallback); their rows show the stack "
+                      "that ran")
+    if summary.get("recommendation"):
+        console.print(summary["recommendation"], highlight=False, soft_wrap=True)
+    if summary.get("files"):
+        console.print(f"summary files: {Path(summary['files'][0]).parent}", highlight=False, soft_wrap=True)
 
 
 def report_main(argv: Optional[List[str]] = None) -> int:
@@ -205,8 +366,11 @@ def report_main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="orchestrator-report", description=report_main.__doc__)
     parser.add_argument("target", help="MLflow parent run id of a sweep, or a sweep directory (outputs/multirun/...)")
     parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    parser.add_argument("--min-accuracy-ratio", type=float, default=0.99, help="accuracy gate (default 0.99)")
+    parser.add_argument("--min-agreement", type=float, default=0.95, help="agreement gate (default 0.95)")
     args = parser.parse_args(argv)
     path = Path(args.target)
+    client = None
     if path.is_dir():
         rows = merge_rows([], rows_from_dir(path))
         parent = None
@@ -214,14 +378,16 @@ def report_main(argv: Optional[List[str]] = None) -> int:
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
+        client = MlflowClient(args.tracking_uri)
         try:
-            rows = rows_from_mlflow(MlflowClient(args.tracking_uri), args.target)
+            rows = rows_from_mlflow(client, args.target)
         except MlflowException as e:
             print(f"error: {args.target!r} is neither a sweep directory nor a run in {args.tracking_uri}: "
                   f"{str(e).splitlines()[0]}", file=sys.stderr)
             return 2
         rows = merge_rows(rows, [])
         parent = args.target
-    add_speedups(rows)
-    print_summary({"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent})
+    recommendation = assess(rows, client, args.min_accuracy_ratio, args.min_agreement)
+    print_summary({"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent,
+                   "recommendation": recommendation, "fell_back": [r["job"] for r in rows if r.get("fallback")]})
     return 0

@@ -31,7 +31,7 @@ def parallel_warning(launcher: Any) -> Optional[str]:
     if target.endswith("submitit_launcher.LocalLauncher"):
         return ("hydra/launcher=submitit_local starts every job of the sweep at once on this machine: they compete "
                 "for cores and memory bandwidth, so latency, throughput and speedup are distorted. For timing sweeps "
-                "use the default launcher or hydra/launcher=joblib hydra.launcher.n_jobs=1")
+                "use the default launcher (hydra/launcher=isolated: one job at a time, each in a fresh process)")
     if target.endswith("ray_launcher.RayLauncher"):
         return ("hydra/launcher=ray runs jobs side by side (one per free CPU by default): on a shared node they "
                 "compete for cores and memory bandwidth, so latency, throughput and speedup are distorted. For timing "
@@ -39,8 +39,15 @@ def parallel_warning(launcher: Any) -> Optional[str]:
     return None
 
 
-# jobs of the last sweep in this process that did not finish; the CLI turns it into its exit status
+# jobs of the last sweep in this process that did not finish / that fell back without the user asking for it on
+# the command line; the CLI turns them into its exit status
 last_failed_jobs = 0
+last_unasked_fallbacks: list = []
+
+
+def fallback_asked(overrides) -> bool:
+    """runtime.on_plugin_error=fallback given on the command line (not only inherited from a preset)."""
+    return any(str(o).lstrip("+~").startswith("runtime.on_plugin_error=") and "fallback" in str(o) for o in overrides)
 
 
 class MlflowSweepCallback(Callback):
@@ -108,13 +115,18 @@ class MlflowSweepCallback(Callback):
         os.environ.pop(PARENT_RUN_ENV, None)
         from .summary import print_summary, summarize_sweep
 
+        gate = config.get("summary") or {}
         try:
-            summary = summarize_sweep(self.client, self.parent_id, self.sweep_dir)
+            summary = summarize_sweep(self.client, self.parent_id, self.sweep_dir,
+                                      min_accuracy_ratio=float(gate.get("min_accuracy_ratio", 0.99)),
+                                      min_agreement=float(gate.get("min_agreement", 0.95)))
         except Exception as e:
             log.error("sweep summary failed: %s: %s", type(e).__name__, e)
             if self.client is not None and self.parent_id:
                 self.client.set_terminated(self.parent_id, "FAILED")
             raise
         print_summary(summary)
-        global last_failed_jobs
+        global last_failed_jobs, last_unasked_fallbacks
         last_failed_jobs = summary["failed"]
+        asked = fallback_asked(list(config.hydra.overrides.task))
+        last_unasked_fallbacks = [] if asked else list(summary["fell_back"])

@@ -211,7 +211,7 @@ class Tracker:
 
         self._guard("log_params", self.client.log_batch, self.run_id, params=[Param(k, v) for k, v in params.items()])
 
-    def log_metrics(self, metrics: Dict[str, float]) -> None:
+    def log_metrics(self, metrics: Dict[str, float], step: int = 0) -> None:
         if not self.active or not metrics:
             return
         import time
@@ -220,7 +220,12 @@ class Tracker:
 
         ts = int(time.time() * 1000)
         self._guard("log_metrics", self.client.log_batch, self.run_id,
-                    metrics=[Metric(k, float(v), ts, 0) for k, v in metrics.items() if v is not None])
+                    metrics=[Metric(k, float(v), ts, step) for k, v in metrics.items() if v is not None])
+
+    def rename(self, name: str) -> None:
+        self.run_name = name
+        if self.active:
+            self._guard("rename", self.client.update_run, self.run_id, name=name)
 
     def set_tags(self, tags: Dict[str, str]) -> None:
         if not self.active or not tags:

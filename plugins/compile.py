@@ -57,10 +57,12 @@ class CompilePlugin(Plugin):
     conflicts = ("jit",)
     Options = CompileOptions
 
+    @classmethod
+    def validate_options(cls, o) -> None:
+        cls.require_choice("mode", o.mode, MODES)
+
     def check(self, ctx: PluginContext) -> None:
         o = self.options
-        if o.mode not in MODES:
-            raise self.unavailable(f"optimization.compile.mode={o.mode}: valid: {', '.join(MODES)}")
         if not hasattr(torch, "compile"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.compile")
         from torch._inductor import config as inductor_config

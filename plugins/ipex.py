@@ -152,16 +152,18 @@ class IpexPlugin(Plugin):
     Options = IpexOptions
 
     # ---- checks (no IPEX import) --------------------------------------------------------------------------------
+    @classmethod
+    def validate_options(cls, o) -> None:
+        cls.require_choice("level", o.level, LEVELS)
+        cls.require_choice("dtype", o.dtype, DTYPE_CHOICES)
+        cls.require_choice("int8", o.int8, INT8_CHOICES)
+        if o.calibration_batches < 1:
+            from orchestrator.errors import ConfigError
+
+            raise ConfigError(f"optimization.ipex.calibration_batches={o.calibration_batches}: must be >= 1")
+
     def check(self, ctx: PluginContext) -> None:
         o = self.options
-        if o.level not in LEVELS:
-            raise self.unavailable(f"optimization.ipex.level={o.level}: valid: {', '.join(LEVELS)}")
-        if o.dtype not in DTYPE_CHOICES:
-            raise self.unavailable(f"optimization.ipex.dtype={o.dtype}: valid: {', '.join(DTYPE_CHOICES)}")
-        if o.int8 not in INT8_CHOICES:
-            raise self.unavailable(f"optimization.ipex.int8={o.int8}: valid: {', '.join(INT8_CHOICES)}")
-        if o.calibration_batches < 1:
-            raise self.unavailable(f"optimization.ipex.calibration_batches={o.calibration_batches}: must be >= 1")
         problem = environment_problem()
         if problem:
             raise self.unavailable(problem)

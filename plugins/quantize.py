@@ -44,10 +44,12 @@ class QuantizePlugin(Plugin):
     conflicts = ("ipex", "bettertransformer")
     Options = QuantizeOptions
 
+    @classmethod
+    def validate_options(cls, o) -> None:
+        cls.require_choice("backend", o.backend, BACKENDS)
+
     def check(self, ctx: PluginContext) -> None:
         o = self.options
-        if o.backend not in BACKENDS:
-            raise self.unavailable(f"optimization.quantize.backend={o.backend}: valid: {', '.join(BACKENDS)}")
         if o.backend == "ao_dynamic":
             if ctx.dtype != torch.float32 or ctx.autocast:
                 raise self.unavailable("backend=ao_dynamic quantizes fp32 models only (its int8 Linear takes "

@@ -18,6 +18,17 @@ WORDS = ("the a cat dog sat on mat ran fast slow good bad movie film great awful
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS
 
 
+def needs_cpu(capability: str):
+    """Skip where this CPU (or a ONEDNN_MAX_CPU_ISA cap) lacks a capability; the reason names the CPU."""
+    from orchestrator import cpu
+
+    return pytest.mark.skipif(not cpu.has(capability), reason=f"this CPU has no {capability} "
+                              f"({cpu.CAPABILITIES[capability][1]}): {cpu.describe()}")
+
+
+needs_bf16 = needs_cpu("bf16")
+
+
 def needs_shared(*parts: str):
     path = SHARED.joinpath(*parts)
     return pytest.mark.skipif(not path.exists(), reason=f"{path} is absent (../shared is a development/CI folder)")

@@ -18,8 +18,15 @@ def options(group: str):
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_config_file_composes_and_validates(compose, group, option):
+    from orchestrator import cpu
+
     override = f"{group}=[{option}]" if group == "optimization" else f"{group}={option}"
     cfg = compose(override)
+    lacking = cpu.missing(list(cfg.get("requires") or []))
+    if lacking:  # a preset for other CPUs: it must say so in one line, naming what is missing
+        with pytest.raises(ConfigError, match=f"needs {lacking[0]}: .*; this CPU is "):
+            validate(cfg)
+        pytest.skip(f"{group}={option} needs {', '.join(lacking)}: {cpu.describe()}")
     rc = validate(cfg)
     if group == "optimization":
         assert list(rc.optimization) == [option]
@@ -96,7 +103,10 @@ def test_cli_prints_composed_config(tmp_path):
 
 
 def test_fastest_qa_is_the_seed_evaluation_with_the_measured_fastest_stack(compose):
-    seed, fast = validate(compose("experiment=seed_run_qa")), validate(compose("experiment=fastest_qa"))
+    from orchestrator.config import to_run_config
+
+    seed, fast = validate(compose("experiment=seed_run_qa")), to_run_config(compose("experiment=fastest_qa"))
+    assert fast.requires == ["bf16"]
     assert (fast.model, fast.dataset) == (seed.model, seed.dataset)
     assert (fast.runtime.max_length, fast.runtime.batch_size) == (seed.runtime.max_length, seed.runtime.batch_size)
     assert list(fast.optimization) == ["fused_linear", "jit"] and fast.precision.name == "bf16"

@@ -71,7 +71,6 @@ def test_guard_accepts_the_ipex_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("options, precision, message", [
-    ({"level": "O3"}, "fp32", "optimization.ipex.level=O3: valid: O0, O1"),
     ({"int8": "static"}, "bf16", "optimization.ipex.int8=static quantizes an fp32 model; use precision=fp32"),
     ({"dtype": "bfloat16"}, "fp32", "optimization.ipex.dtype=bfloat16 disagrees with the precision"),
     ({"dtype": "float32"}, "bf16_autocast", "optimization.ipex.dtype=float32 disagrees with the precision"),
@@ -84,6 +83,19 @@ def test_options_are_checked_before_any_import(monkeypatch, options, precision, 
     ctx = PluginContext(task="text_classification", dtype=dtype, autocast_dtype=ac, example_batch={}, threads=1)
     with pytest.raises(PluginUnavailable, match=message.replace(".", r"\.").replace("(", r"\(")):
         plugin.check(ctx)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"level": "O3"}, "optimization.ipex.level='O3': valid: O0, O1"),
+    ({"int8": "yes"}, "optimization.ipex.int8='yes': valid: none, dynamic, static"),
+    ({"calibration_batches": 0}, "optimization.ipex.calibration_batches=0: must be >= 1"),
+])
+def test_option_values_are_config_errors_before_anything_loads(options, message):
+    from orchestrator.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        ipex_plugin.IpexPlugin.validate_options(ipex_plugin.IpexOptions(**options))
+    assert str(e.value) == message
 
 
 # ---- main environment: the refusal --------------------------------------------------------------------------------

@@ -48,6 +48,9 @@ class Task:
     roles: ClassVar[Dict[str, bool]] = {}
     # schema of dataset.task_options for this task
     Options: ClassVar[type] = NoOptions
+    # the field of each prediction record that is the model's decision for that example; sweep summaries
+    # compare it with the eager fp32 job's on every example (agreement_vs_baseline)
+    decision_field: ClassVar[str] = "predicted"
 
     def __init__(self, dataset_cfg, runtime_cfg, tokenizer, model_config):
         self.dataset_cfg = dataset_cfg
@@ -68,10 +71,25 @@ class Task:
         from omegaconf import OmegaConf
 
         try:
-            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), options))
+            parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), options))
         except Exception as e:  # omegaconf names the key; keep its first line
             first = str(e).strip().splitlines()[0]
             raise ConfigError(f"dataset.task_options ({cls.name}): {first}") from e
+        cls.validate_options(parsed)
+        return parsed
+
+    @classmethod
+    def validate_options(cls, options: Any) -> None:
+        """Raise ConfigError for option values no dataset or model could make valid (runs before anything loads)."""
+
+    # -- decisions (whole-dataset agreement between two runs) ---------------------------------------------------
+    @classmethod
+    def decisions(cls, predictions: List[dict]) -> List[Any]:
+        return [p.get(cls.decision_field) for p in predictions]
+
+    @classmethod
+    def same_decision(cls, reference: Any, candidate: Any) -> bool:
+        return reference == candidate
 
     # -- model ---------------------------------------------------------------------------------------------
     @classmethod

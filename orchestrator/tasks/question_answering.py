@@ -79,15 +79,21 @@ class QuestionAnswering(Task):
     metric_names = ("exact_match", "f1")
     roles = {"id": False, "question": True, "context": True, "answers": True}
     Options = QAOptions
+    decision_field = "answer"
 
-    def __init__(self, dataset_cfg, runtime_cfg, tokenizer, model_config):
-        super().__init__(dataset_cfg, runtime_cfg, tokenizer, model_config)
-        o = self.options
+    @classmethod
+    def validate_options(cls, o) -> None:
         if o.scoring not in SCORING_RULES:
             raise ConfigError(f"dataset.task_options.scoring={o.scoring!r}: valid: {', '.join(SCORING_RULES)}")
         for key in ("n_best_size", "max_answer_length"):
             if getattr(o, key) < 1:
                 raise ConfigError(f"dataset.task_options.{key}={getattr(o, key)}: must be >= 1")
+        if o.doc_stride is not None and o.doc_stride < 0:
+            raise ConfigError(f"dataset.task_options.doc_stride={o.doc_stride}: must be >= 0 and < runtime.max_length")
+
+    def __init__(self, dataset_cfg, runtime_cfg, tokenizer, model_config):
+        super().__init__(dataset_cfg, runtime_cfg, tokenizer, model_config)
+        o = self.options
         self.max_seq_length = min(self.runtime.max_length, int(getattr(tokenizer, "model_max_length", 10**9)))
         if self.max_seq_length < self.runtime.max_length:
             log.warning("runtime.max_length=%d is longer than the tokenizer allows; using %d",

@@ -20,6 +20,12 @@ class SentenceSimilarity(Task):
     primary_metric = "spearman"
     metric_names = ("spearman", "pearson")
     roles = {"sentence1": True, "sentence2": True, "score": True}
+    decision_field = "similarity"
+
+    @classmethod
+    def same_decision(cls, reference, candidate) -> bool:
+        # a similarity is a score, not a choice: "the same" is within the per-run parity tolerance
+        return reference is not None and candidate is not None and abs(reference - candidate) <= SIMILARITY_TOLERANCE
 
     def featurize(self, dataset) -> Features:
         s1, s2 = self.column(dataset, "sentence1"), self.column(dataset, "sentence2")

@@ -1,0 +1,181 @@
+"""``hydra/launcher=isolated``: every job of a sweep in a fresh Python process of its own, one after the other.
+
+Why: a job run in the same process as the jobs before it inherits their state. oneDNN keeps the kernels it built
+for every input shape, TorchScript/inductor keep their caches, IPEX registers fusion passes process-wide, the
+allocator keeps its arenas and inter-op threads can be set once. A later job then skips work an earlier one paid
+for, and its timings are not what a user running it alone would get. A fresh process per job, run alone, gives each
+job the whole CPU and nothing from its predecessors.
+
+How: the sweep process composes each job's config (as Hydra's basic launcher does), pickles what ``run_job`` needs
+(cloudpickle, as the joblib launcher hands jobs to its workers) and runs ``python -m
+hydra_plugins.orchestrator_launcher._job`` on it, then reads the job's ``JobReturn`` back. The job process gets the
+sweep's environment (so it nests under the sweep's MLflow parent run) plus ``ORCH_ISOLATED_JOB=1`` and the time it
+was started, from which the run logs ``process_startup_s``.
+
+Signals: the job runs in its own process group, so a terminal's Ctrl-C reaches the sweep process only, which passes
+it on: one Ctrl-C ends the current job (its run ends KILLED) and the sweep goes on; a second within 2 s stops the
+sweep. SIGTERM is passed on too, and the sweep stops after that job has ended KILLED.
+"""
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.core.singleton import Singleton
+from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.plugins.launcher import Launcher
+from hydra.types import HydraContext, TaskFunction
+from omegaconf import DictConfig, open_dict
+
+log = logging.getLogger(__name__)
+
+ISOLATED_ENV = "ORCH_ISOLATED_JOB"  # the same names as orchestrator.runner reads (no import: Hydra scans this early)
+SPAWNED_AT_ENV = "ORCH_JOB_SPAWNED_AT"
+DOUBLE_INTERRUPT_S = 2.0
+# after the sweep is stopped, how long a job may take to record itself KILLED before it is killed outright
+GRACE_S = 60.0
+
+
+@dataclass
+class IsolatedLauncherConf:
+    _target_: str = "hydra_plugins.orchestrator_launcher.isolated_launcher.IsolatedLauncher"
+    # the interpreter that runs each job; null: the one running the sweep
+    python: Optional[str] = None
+    # extra environment for every job process (e.g. ONEDNN_MAX_CPU_ISA: AVX2, OMP_NUM_THREADS: "2")
+    env: Dict[str, str] = field(default_factory=dict)
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="isolated", node=IsolatedLauncherConf,
+                             provider="cpu-inference-orchestrator")
+
+
+class SweepStopped(Exception):
+    pass
+
+
+class IsolatedLauncher(Launcher):
+    def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> None:
+        self.python = python or sys.executable
+        self.env = {str(k): str(v) for k, v in (env or {}).items()}
+        self.config: Optional[DictConfig] = None
+        self.task_function: Optional[TaskFunction] = None
+        self.hydra_context: Optional[HydraContext] = None
+        self._last_interrupt = 0.0
+
+    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
+        self.config = config
+        self.task_function = task_function
+        self.hydra_context = hydra_context
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        log.info(f"Launching {len(job_overrides)} jobs, each in a fresh process (hydra/launcher=isolated)")
+        runs: List[JobReturn] = []
+        for idx, overrides in enumerate(job_overrides):
+            idx = initial_job_idx + idx
+            log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
+            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
+            with open_dict(sweep_config):
+                sweep_config.hydra.job.id = idx
+                sweep_config.hydra.job.num = idx
+            runs.append(self._run_one(idx, list(overrides), sweep_config, sweep_dir))
+            configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        return runs
+
+    # -- one job ------------------------------------------------------------------------------------------------
+    def _run_one(self, idx: int, overrides: List[str], sweep_config: DictConfig, sweep_dir: Path) -> JobReturn:
+        import cloudpickle
+
+        payload = {"hydra_context": self.hydra_context, "task_function": self.task_function,
+                   "config": sweep_config, "singleton_state": Singleton.get_state()}
+        with tempfile.TemporaryDirectory(prefix=f".isolated-{idx}-", dir=sweep_dir) as tmp:
+            job_in, job_out = Path(tmp, "job.pkl"), Path(tmp, "return.pkl")
+            job_in.write_bytes(cloudpickle.dumps(payload))
+            env = {**os.environ, **self.env, ISOLATED_ENV: "1", SPAWNED_AT_ENV: repr(time.time())}
+            proc = subprocess.Popen([self.python, "-m", "hydra_plugins.orchestrator_launcher._job", str(job_in),
+                                     str(job_out)], env=env, start_new_session=True)
+            stop = self._wait(proc, idx)
+            ret = self._read_return(job_out, proc.returncode, idx, overrides, sweep_config)
+        if stop is not None:
+            raise stop
+        return ret
+
+    def _wait(self, proc: subprocess.Popen, idx: int) -> Optional[BaseException]:
+        """Wait for the job, passing Ctrl-C and SIGTERM on; returns what should stop the sweep afterwards."""
+        stop: Optional[BaseException] = None
+
+        def on_term(signum, frame):
+            nonlocal stop
+            log.error("SIGTERM: ending job %d (KILLED), then stopping the sweep", idx)
+            stop = SystemExit(128 + signal.SIGTERM)
+            _signal(proc, signal.SIGTERM)
+
+        old_term = signal.signal(signal.SIGTERM, on_term) if _main_thread() else None
+        try:
+            while True:
+                try:
+                    proc.wait(timeout=None if stop is None else GRACE_S)
+                    return stop
+                except subprocess.TimeoutExpired:
+                    log.error("job %d did not end %g s after it was stopped; killing it", idx, GRACE_S)
+                    proc.kill()
+                except KeyboardInterrupt:
+                    now = time.monotonic()
+                    _signal(proc, signal.SIGINT)
+                    if now - self._last_interrupt < DOUBLE_INTERRUPT_S:
+                        log.error("second Ctrl-C: stopping the sweep after job %d", idx)
+                        stop = KeyboardInterrupt()
+                    else:
+                        log.warning("Ctrl-C: ending job %d (KILLED); Ctrl-C again within %g s stops the sweep",
+                                    idx, DOUBLE_INTERRUPT_S)
+                    self._last_interrupt = now
+        finally:
+            if old_term is not None:
+                signal.signal(signal.SIGTERM, old_term)
+
+    @staticmethod
+    def _read_return(path: Path, returncode: Optional[int], idx: int, overrides: List[str],
+                     config: DictConfig) -> JobReturn:
+        import cloudpickle
+
+        if path.is_file():
+            try:
+                return cloudpickle.loads(path.read_bytes())
+            except Exception as e:  # an unpicklable return value: report, keep the sweep going
+                reason = f"its result could not be read back ({type(e).__name__}: {e})"
+        else:
+            how = (f"signal {signal.Signals(-returncode).name}" if returncode is not None and returncode < 0
+                   else f"exit code {returncode}")
+            reason = f"its process ended ({how}) before the job returned"
+        log.error("job %d failed: %s", idx, reason)
+        # COMPLETED with a FAILED result, as orchestrator's task function reports failed jobs: the sweep goes on
+        # and its summary lists the job (from its results.json, or as MISSING)
+        return JobReturn(overrides=overrides, cfg=config, hydra_cfg=config, status=JobStatus.COMPLETED,
+                         _return_value={"status": "FAILED", "error": reason},
+                         working_dir=str(Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)))
+
+
+def _signal(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            proc.send_signal(sig)
+        except ProcessLookupError:
+            pass
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()

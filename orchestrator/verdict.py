@@ -1,0 +1,161 @@
+"""What a sweep's rows say: speedups with intervals, the accuracy gate, whole-dataset agreement, the Pareto front
+and one recommendation. Pure functions over summary rows (dicts), so the sweep callback and
+``orchestrator-report`` give the same answer.
+
+- **Baseline.** For each row, the eager fp32 job of the same model, data and runtime settings (tag
+  ``baseline_key``); failing that, any eager fp32 job of the same model and data (tag ``workload``).
+- **Speedup** = throughput / the baseline's, with a 95 % interval from both runs' intervals (orchestrator/stats.py).
+  An interval that contains 1.0 is "within noise".
+- **Gate** (MLPerf-style): the task metric keeps at least ``min_accuracy_ratio`` of the baseline's (0.99 by
+  default), and the job's predictions agree with the baseline's on at least ``min_agreement`` of *all* examples
+  (0.95 by default; ``agreement_vs_baseline``, from each run's decisions.json).
+- **Recommendation**: the fastest job that passes the gate and whose speedup is beyond noise; else a plain
+  statement that nothing beat eager fp32 beyond noise.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Dict, List, Optional
+
+from . import stats
+
+
+def is_baseline_candidate(r: Dict[str, Any]) -> bool:
+    return (r.get("stack") == "eager" and r.get("precision") == "fp32" and r.get("status") == "FINISHED"
+            and bool(r.get("throughput")) and not r.get("fallback"))
+
+
+def find_baseline(r: Dict[str, Any], rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
+    candidates = [b for b in rows if is_baseline_candidate(b)]
+    for key in ("baseline_key", "workload"):
+        if r.get(key):
+            same = [b for b in candidates if b.get(key) == r.get(key)]
+            if same:
+                return same[0]
+    if any(b.get("workload") for b in candidates) and r.get("workload"):
+        return None  # rows of other models/data only: no fair baseline
+    return candidates[0] if candidates else None
+
+
+def agreement(task_cls: Any, reference: Optional[list], candidate: Optional[list]) -> Optional[float]:
+    if task_cls is None or reference is None or candidate is None or len(reference) != len(candidate):
+        return None
+    if not reference:
+        return None
+    same = sum(bool(task_cls.same_decision(a, b)) for a, b in zip(reference, candidate))
+    return same / len(reference)
+
+
+def _keeps_metric(value: float, base: float, ratio: float) -> bool:
+    # metrics here are higher-is-better; |base| keeps the rule meaningful for a negative correlation
+    return value >= base - (1.0 - ratio) * abs(base)
+
+
+def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement: float,
+           task_of: Callable[[Optional[str]], Any], decisions_of: Callable[[Dict[str, Any]], Optional[list]]) -> None:
+    """Fill speedup (+ interval, noise), agreement_vs_baseline, accuracy_delta, gate and gate_reason in place."""
+    cache: Dict[int, Optional[list]] = {}
+
+    def decisions(r):
+        if id(r) not in cache:
+            cache[id(r)] = decisions_of(r)
+        return cache[id(r)]
+
+    for r in rows:
+        base = find_baseline(r, rows)
+        r["baseline_job"] = base["job"] if base else None
+        if r.get("status") != "FINISHED":
+            r["gate"], r["gate_reason"] = "-", f"job {str(r.get('status', '?')).lower()}"
+            continue
+        if base is None:
+            r["gate"], r["gate_reason"] = "-", "no eager fp32 job of this model and data in the sweep"
+            continue
+        if r is base:
+            r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = 1.0, None, None
+        elif r.get("throughput"):
+            s = stats.speedup_interval((r["throughput"], r.get("throughput_ci_low"), r.get("throughput_ci_high")),
+                                       (base["throughput"], base.get("throughput_ci_low"),
+                                        base.get("throughput_ci_high")))
+            if s is not None:
+                r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = s
+                r["noise"] = ("within noise" if stats.within_noise(s[1], s[2])
+                              else ("no interval" if s[1] is None else ""))
+        if r is base:
+            r["agreement_vs_baseline"], r["accuracy_delta"] = 1.0, 0.0
+            r["gate"], r["gate_reason"] = "baseline", "the eager fp32 job others are measured against"
+            continue
+        r["agreement_vs_baseline"] = agreement(task_of(r.get("task")), decisions(base), decisions(r))
+        reasons = []
+        if r.get("value") is not None and base.get("value") is not None:
+            r["accuracy_delta"] = r["value"] - base["value"]
+            if not _keeps_metric(r["value"], base["value"], min_accuracy_ratio):
+                reasons.append(f"{r['metric']} {r['value']:.2f} < {min_accuracy_ratio:.0%} of {base['value']:.2f}")
+        else:
+            reasons.append("no task metric")
+        agree = r["agreement_vs_baseline"]
+        if agree is not None and agree < min_agreement:
+            reasons.append(f"agreement {agree:.1%} < {min_agreement:.0%}")
+        if reasons:
+            r["gate"], r["gate_reason"] = "fail", "; ".join(reasons)
+        else:
+            r["gate"] = "pass"
+            r["gate_reason"] = (f"keeps >= {min_accuracy_ratio:.0%} of {r['metric']}"
+                                + (f", agrees on {agree:.1%}" if agree is not None
+                                   else ", agreement not measured (no decisions.json)"))
+
+
+def mark_pareto(rows: List[Dict[str, Any]]) -> None:
+    """pareto=True for each finished row no other row of its workload beats on both throughput and metric."""
+    done = [r for r in rows if r.get("status") == "FINISHED" and r.get("throughput") and r.get("value") is not None]
+    for r in rows:
+        r["pareto"] = False
+    for r in done:
+        peers = [o for o in done if o.get("workload") == r.get("workload") and o is not r]
+        r["pareto"] = not any(o["throughput"] >= r["throughput"] and o["value"] >= r["value"]
+                              and (o["throughput"] > r["throughput"] or o["value"] > r["value"]) for o in peers)
+
+
+def _label(r: Dict[str, Any]) -> str:
+    label = f"{r['stack']}/{r['precision']}"
+    swept = r.get("swept")
+    if swept:
+        label += " " + " ".join(f"{k}={v}" for k, v in swept.items())
+    return f"job {r['job']} ({label})"
+
+
+def _interval(r: Dict[str, Any]) -> str:
+    if r.get("speedup_ci_low") is None:
+        return f"{r['speedup']:.2f}x (no interval)"
+    return f"{r['speedup']:.2f}x [95% {r['speedup_ci_low']:.2f}-{r['speedup_ci_high']:.2f}]"
+
+
+def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
+    """One line: the fastest job that passes the gate with a speedup beyond noise, or why there is none."""
+    workloads: List[Any] = []
+    for r in rows:
+        if r.get("gate") == "baseline" and r.get("workload") not in workloads:
+            workloads.append(r.get("workload"))
+    if not workloads:
+        return "no recommendation: the sweep has no finished eager fp32 job to measure speedups and accuracy against"
+    lines = []
+    for w in workloads:
+        group = [r for r in rows if r.get("workload") == w and r.get("speedup") and r.get("gate") != "baseline"]
+        good = [r for r in group if r.get("gate") == "pass" and r.get("speedup_ci_low") is not None
+                and r["speedup_ci_low"] > 1.0]
+        prefix = "" if len(workloads) == 1 else f"[workload {w}] "
+        if good:
+            best = max(good, key=lambda r: r["throughput"])
+            delta = best.get("accuracy_delta")
+            agree = best.get("agreement_vs_baseline")
+            lines.append(f"{prefix}recommended: {_label(best)}: {_interval(best)} vs eager fp32, "
+                         f"{best['metric']} {delta:+.2f}" + (f", agreement {agree:.1%}" if agree is not None else ""))
+            continue
+        faster = sorted((r for r in group if r.get("speedup", 0) > 1.0), key=lambda r: -r["throughput"])
+        note = ""
+        if faster:
+            top = faster[0]
+            why = (f"failed the gate ({top['gate_reason']})" if top.get("gate") == "fail"
+                   else "within noise" if top.get("noise") == "within noise" else "no interval")
+            note = f" (fastest, {_label(top)} at {_interval(top)}, {why})"
+        lines.append(f"{prefix}no recommendation: nothing beat eager fp32 beyond noise while passing the "
+                     f"accuracy gate{note}")
+    return "; ".join(lines)
