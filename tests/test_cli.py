@@ -57,7 +57,9 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
     assert {"summary.csv", "summary.md", "summary.png", "summary_table.json"} <= artifacts
     sweep_dir = Path(parent.data.tags["sweep.dir"])
     csv = (sweep_dir / "summary.csv").read_text().splitlines()
-    assert len(csv) == 5 and csv[0].startswith("job,stack,precision,metric,value,throughput,speedup")
+    header = csv[0].split(",")
+    assert len(csv) == 5 and header[:5] == ["job", "stack", "precision", "metric", "value"]
+    assert {"throughput", "speedup", "speedup_ci_low", "speedup_ci_high", "gate", "agreement_vs_baseline"} <= set(header)
 
     report = run_cli.__globals__["subprocess"].run(
         ["orchestrator-report", parent.info.run_id, "--tracking-uri", uri], capture_output=True, text=True)
