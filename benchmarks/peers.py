@@ -253,7 +253,7 @@ def main() -> int:
                         "runtime.sort_by_length=true", "optimization=[fused_linear,jit]",
                         "runtime.pad_to_multiple_of=32"],
                 }
-                from plugins.ipex import environment_problem
+                from orchestrator_plugins.ipex import environment_problem
 
                 if environment_problem() is None:
                     # run from the IPEX environment (docs/ipex.md): ours on torch 2.8 + IPEX, the peer unchanged in

@@ -1,6 +1,6 @@
 """CPU inference orchestrator: compose a model, dataset, precision and optimization stack; measure; track.
 
-Importing this package loads no optional plugin dependency (IPEX and friends load only when their plugin runs).
+Importing this package loads no optional plugin dependency (those load only when their plugin runs).
 """
 __version__ = "0.1.0"
 

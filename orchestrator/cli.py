@@ -18,15 +18,15 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register_configs
-from .errors import OrchestratorError
+from .errors import OrchestratorError, first_line
 
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# the repository's conf/, shipped inside the package (orchestrator/conf links to it in a checkout)
+CONF_DIR = str(Path(__file__).parent / "conf")
 log = logging.getLogger("orchestrator")
 
 
-def _first(text: str) -> str:
-    text = str(text).strip()
-    return text.splitlines()[0].strip() if text else ""
+def _first(text) -> str:
+    return first_line(text)
 
 
 def _valid_keys(object_type: Any) -> Optional[str]:
@@ -44,7 +44,7 @@ def one_line(ex: BaseException) -> str:
     m = re.search(r"Could not (?:find|load) '([^']+)/([^'/]+)'", str(ex))
     if m and isinstance(ex, (MissingConfigException, ConfigCompositionException)):
         group, choice = m.groups()
-        options = getattr(ex, "options", None) or sorted(p.stem for p in Path(CONF_DIR, group).glob("*.yaml"))
+        options = getattr(ex, "options", None) or group_options(group)
         return f"{group}={choice}: unknown choice; valid: {', '.join(options) or '(none)'}"
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
     if isinstance(ex, OmegaConfBaseException) and cause is None:
@@ -57,6 +57,18 @@ def one_line(ex: BaseException) -> str:
             return f"{key}: unknown key" + (f"; valid keys here: {valid}" if valid else f" ({msg})")
         return f"{key}: {msg}" if key and key not in msg else msg
     return f"{type(ex).__name__}: {_first(ex)}" if not _first(ex).startswith(type(ex).__name__) else _first(ex)
+
+
+def group_options(group: str) -> list:
+    """A config group's choices: YAML files in conf/ and schemas in the ConfigStore (e.g. installed plugins)."""
+    from hydra.core.config_store import ConfigStore
+
+    names = {p.stem for p in Path(CONF_DIR, group).glob("*.yaml")}
+    try:
+        names |= {Path(n).stem for n in ConfigStore.instance().list(group)}
+    except (OSError, KeyError, IOError):  # the group has no schema entries
+        pass
+    return sorted(names)
 
 
 def report_error(func: Any) -> Any:

@@ -6,12 +6,13 @@ Ranges and cross-field rules are checked by :func:`validate`, which runs before 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError
+from .errors import ConfigError, first_line
 
 
 @dataclass
@@ -32,7 +33,7 @@ class DatasetConfig:
     data_files: Any = None
     split: str = "train"
     max_samples: Optional[int] = None
-    # split that calibrating plugins (ipex int8 static) read batches from; never the evaluated split by default
+    # split that calibrating plugins (static int8) read batches from; never the evaluated split by default
     calibration_split: Optional[str] = None
     calibration_samples: int = 256
     # registered task name; decides preprocessing, head and metric
@@ -55,15 +56,25 @@ class PrecisionConfig:
     autocast_dtype: str = "bfloat16"
 
 
+class Padding(StrEnum):
+    dynamic = "dynamic"
+    max_length = "max_length"
+
+
+class OnPluginError(StrEnum):
+    fail = "fail"
+    fallback = "fallback"
+
+
 @dataclass
 class RuntimeConfig:
     batch_size: int = 32
     max_length: int = 128
     # dynamic: pad each batch to its longest row; max_length: pad every row to max_length (the seed's behaviour)
-    padding: str = "dynamic"
+    padding: Padding = Padding.dynamic
     # batch rows of similar length together (order is restored before metrics)
     sort_by_length: bool = False
-    # round dynamic batch widths up to a multiple of this (fewer shapes for jit/compile; AMX tiles like 16/32/64)
+    # round dynamic batch widths up to a multiple of this (fewer shapes for graph capture; AMX tiles like 16/32/64)
     pad_to_multiple_of: Optional[int] = None
     threads: Optional[int] = None
     interop_threads: Optional[int] = None
@@ -77,7 +88,7 @@ class RuntimeConfig:
     parity_samples: int = 32
     seed: int = 0
     # fail: a plugin that cannot apply ends the run; fallback: continue eager and record why
-    on_plugin_error: str = "fail"
+    on_plugin_error: OnPluginError = OnPluginError.fail
     progress: bool = True
     # wall-clock limit for the whole run; on expiry the run ends KILLED with what it measured so far
     timeout_s: Optional[float] = None
@@ -123,12 +134,37 @@ class RunConfig:
 
 
 def register_configs() -> None:
+    """The run's schema, and each registered plugin's options as the config group option ``optimization/<name>``.
+
+    Plugins come from the ``orchestrator.plugins`` entry points (built-in and installed third-party alike), so
+    ``optimization=[name]`` works for any installed plugin, its options are typed by its own ``Options`` dataclass
+    (unknown keys and invalid choices fail while composing) and the defaults live only there."""
+    import logging
+
+    from .registry import plugins, tasks
+
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
+    # each task's options schema, pulled into a dataset file by `defaults: [{task_options: <task>}]`, so
+    # `dataset.task_options.<key>=...` is typed and its defaults live only in the task's Options dataclass
+    for name in tasks.names():
+        try:
+            cs.store(group="dataset/task_options", name=name, node=tasks.get(name).Options,
+                     package="dataset.task_options", provider="orchestrator.tasks")
+        except Exception as e:
+            logging.getLogger(__name__).warning("task %r could not be loaded (%s); it cannot be chosen", name,
+                                                first_line(e))
+    for name in plugins.names():
+        try:
+            options = plugins.get(name).Options
+        except Exception as e:  # a broken third-party package must not take the CLI down
+            logging.getLogger(__name__).warning("optimization plugin %r could not be loaded (%s: %s); it cannot be "
+                                                "chosen", name, type(e).__name__, first_line(e))
+            continue
+        cs.store(group="optimization", name=name, node=options, package=f"optimization.{name}",
+                 provider="orchestrator.plugins")
 
 
-PADDING_CHOICES = ("dynamic", "max_length")
-POLICY_CHOICES = ("fail", "fallback")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
@@ -144,10 +180,13 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
     _refuse_targets(OmegaConf.to_container(cfg, resolve=False))
     _refuse_unknown(cfg, OmegaConf.structured(RunConfig))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), cfg)
+        # plugin and task options arrive typed by their own schemas; in the run config they are plain mappings
+        # (each component re-validates its own against its schema)
+        plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
+        merged = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except Exception as e:  # interpolation or type errors: omegaconf names the key on the first line
-        raise ConfigError(str(e).strip().splitlines()[0]) from e
+        raise ConfigError(first_line(e)) from e
 
 
 def _refuse_targets(node: Any, path: str = "") -> None:
@@ -185,7 +224,6 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     r = rc.runtime
     _require(r.batch_size >= 1, "runtime.batch_size", r.batch_size, "must be >= 1")
     _require(r.max_length >= 8, "runtime.max_length", r.max_length, "must be >= 8")
-    _require(r.padding in PADDING_CHOICES, "runtime.padding", r.padding, f"valid: {', '.join(PADDING_CHOICES)}")
     _require(r.pad_to_multiple_of is None or r.pad_to_multiple_of >= 1, "runtime.pad_to_multiple_of",
              r.pad_to_multiple_of, "must be >= 1 or null (pad to the longest row)")
     _require(r.threads is None or r.threads >= 1, "runtime.threads", r.threads, "must be >= 1 or null (torch default)")
@@ -199,8 +237,6 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              r.max_iterations, f"must be >= runtime.min_iterations ({r.min_iterations}) or null")
     _require(r.timeout_s is None or r.timeout_s > 0, "runtime.timeout_s", r.timeout_s, "must be > 0 or null")
     _require(r.parity_samples >= 0, "runtime.parity_samples", r.parity_samples, "must be >= 0")
-    _require(r.on_plugin_error in POLICY_CHOICES, "runtime.on_plugin_error", r.on_plugin_error,
-             f"valid: {', '.join(POLICY_CHOICES)}")
     p = rc.precision
     _require(p.dtype in DTYPE_CHOICES, "precision.dtype", p.dtype, f"valid: {', '.join(DTYPE_CHOICES)}")
     _require(p.autocast_dtype in ("bfloat16", "float16"), "precision.autocast_dtype", p.autocast_dtype,

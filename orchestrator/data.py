@@ -5,13 +5,25 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from .errors import DatasetError
+from .errors import DatasetError, first_line
 
-BUILTIN_PREFIX = "builtin:"  # data shipped inside this package (orchestrator/data/)
+# data shipped inside a package: builtin:<file> is orchestrator/data/<file>; builtin:<package>/<path> is a file
+# of any installed package (a plugin's or task's own sample data)
+BUILTIN_PREFIX = "builtin:"
 PACKAGED_BUILDERS = ("csv", "json", "text", "parquet", "arrow")
 
 
 def builtin_path(name: str) -> Path:
+    import importlib.util
+
+    package, _, rest = name.partition("/")
+    if rest and package.isidentifier():
+        try:
+            found = importlib.util.find_spec(package) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            return Path(str(resources.files(package) / rest))
     return Path(str(resources.files("orchestrator") / "data" / name))
 
 
@@ -45,7 +57,7 @@ def load(cfg, seed: int = 0):
             ds = datasets.load_dataset(cfg.path, cfg.name, data_files=data_files, split=cfg.split, **kwargs)
     except (FileNotFoundError, ValueError, UnicodeDecodeError, datasets.exceptions.DatasetGenerationError) as e:
         cause = e.__cause__ or e
-        first = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        first = first_line(cause)
         if "corresponds to no data" in first:  # a file with a header and no rows
             raise DatasetError(f"dataset {cfg.path!r} split {cfg.split!r} has 0 rows (after max_samples/filters)") from e
         raise DatasetError(f"dataset {cfg.path!r} (files {cfg.data_files!r}, split {cfg.split!r}) could not be "

@@ -1,15 +1,13 @@
 """What the numbers were measured on: versions, CPU model and ISA, git SHA, threads."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import platform
 import subprocess
-import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, List
 
 
 def pkg_version(name: str) -> str:
@@ -38,9 +36,6 @@ def git_sha() -> str:
 def environment_tags() -> Dict[str, str]:
     tags = {f"version.{p}": pkg_version(p) for p in ("torch", "transformers", "datasets", "mlflow", "hydra-core")}
     tags["version.python"] = platform.python_version()
-    ipex = pkg_version("intel-extension-for-pytorch")
-    if ipex != "not installed":
-        tags["version.ipex"] = ipex
     tags.update(cpu_info())
     tags["git_sha"] = git_sha()
     tags["host"] = platform.node()
@@ -67,34 +62,3 @@ def thread_environment() -> Dict[str, str]:
     tags["cpu.affinity"] = ",".join(map(str, cpus))
     tags["cpu.available"] = str(len(cpus))
     return tags
-
-
-@contextlib.contextmanager
-def ipex_fusions_for(stack: List[str]) -> Iterator[Optional[str]]:
-    """Keep an earlier job's IPEX out of a run whose stack has no ``ipex``.
-
-    Importing IPEX registers its TorchScript fusion passes for the whole process, so in a sequential sweep a plain
-    ``jit`` job after an ``ipex`` job would silently run IPEX's fused kernels (measured: 30 -> 46 features/s on QA
-    bf16) and no longer be plain jit. While the run lasts, the passes are switched off through IPEX's own switch
-    (``enable_onednn_fusion(False)``) and the process's previous state comes back afterwards. Never imports IPEX:
-    nothing happens unless it is already loaded.
-
-    Yields None when IPEX is not loaded or the stack uses it; "off" when its passes are off for this run;
-    "unisolated" when this IPEX has no switch (the passes stay on: the caller warns).
-    """
-    core = sys.modules.get("intel_extension_for_pytorch._C")
-    if "intel_extension_for_pytorch" not in sys.modules or "ipex" in stack:
-        if core is not None and "ipex" in stack and hasattr(core, "enable_jit_opt"):
-            core.enable_jit_opt()  # an ipex run gets IPEX's fusions even if something switched them off
-        yield None
-        return
-    if core is None or not all(hasattr(core, f) for f in ("get_jit_opt", "enable_jit_opt", "disable_jit_opt")):
-        yield "unisolated"
-        return
-    was_on = bool(core.get_jit_opt())
-    core.disable_jit_opt()
-    try:
-        yield "off"
-    finally:
-        if was_on:
-            core.enable_jit_opt()

@@ -29,3 +29,34 @@ class DatasetError(OrchestratorError):
 
 class RunInterrupted(OrchestratorError):
     """The run was stopped from outside (SIGTERM/SIGINT) or by runtime.timeout_s; it ends KILLED."""
+
+
+_ANSI = None
+# lines that never name a cause: progress banners, traceback scaffolding
+_NOT_A_CAUSE = ("Traceback (most recent call last)", "During handling of the above exception",
+                "The above exception was the direct cause", "This is step", "Set the environment variable")
+
+
+def first_line(error, limit: int = 300) -> str:
+    """The one line of an exception (or text) a user should see: terminal colour codes stripped, and the first
+    line that names a cause rather than a banner or traceback scaffolding. Empty text gives the type's name."""
+    import re
+
+    global _ANSI
+    if _ANSI is None:
+        _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\x1b\][^\x07]*\x07")
+    text = _ANSI.sub("", str(error))
+    lines = [" ".join(ln.split()) for ln in text.splitlines()]
+    lines = [ln for ln in lines if ln and not ln.startswith(_NOT_A_CAUSE)]
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    line = lines[0]
+    return line if len(line) <= limit else line[:limit - 1] + "…"
+
+
+def describe(error: BaseException) -> str:
+    """``Type: first line`` (just the message for an OrchestratorError, which is written for the user)."""
+    line = first_line(error)
+    if isinstance(error, OrchestratorError) or line.startswith(type(error).__name__):
+        return line
+    return f"{type(error).__name__}: {line}" if line != type(error).__name__ else line

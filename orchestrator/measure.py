@@ -35,7 +35,7 @@ def make_batches(rows: Sequence[Dict[str, List[int]]], batch_size: int, pad_id: 
     """Collate once, up front, so neither pass pays for padding inside its timed loop.
 
     ``pad_to_multiple_of`` rounds dynamic widths up (capped at ``max_length``): fewer distinct shapes for
-    shape-specialising backends (TorchScript, compile) and tile-aligned matmuls, at the price of a few pad tokens.
+    shape-specialising backends (graph capture, per-shape oneDNN kernels) and tile-aligned matmuls, at the price of a few pad tokens.
     """
     order = list(range(len(rows)))
     if sort_by_length:

@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted
+from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted, first_line
 from .plugin import Plugin, PluginContext
 from .registry import plugins as plugin_registry
 
@@ -79,8 +79,7 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
 
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+    return first_line(e)
 
 
 def apply_precision(model: torch.nn.Module, precision) -> torch.nn.Module:
@@ -100,6 +99,10 @@ class StackRecord:
     seconds: Dict[str, float] = field(default_factory=dict)
     details: Dict[str, Dict[str, str]] = field(default_factory=dict)
     fallbacks: Dict[str, str] = field(default_factory=dict)
+    metrics: Dict[str, Dict[str, float]] = field(default_factory=dict)
+    artifacts: Dict[str, list] = field(default_factory=dict)
+    # each applied plugin's compute_precision() in stack order (None: the run's precision decides)
+    compute: List[Optional[str]] = field(default_factory=list)
 
     @property
     def total_seconds(self) -> float:
@@ -113,9 +116,21 @@ def build_plugins(stack: Dict[str, Any]) -> List[Plugin]:
         try:
             options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), opts or {}))
         except Exception as e:  # omegaconf's messages name the key; keep just the first line
-            raise ConfigError(f"optimization.{name}: {_first_line(e)}") from e
+            key = getattr(e, "full_key", None)
+            raise ConfigError(f"optimization.{name}{'.' + key if key else ''}: {_first_line(e)}") from e
         cls.validate_options(options)
         out.append(cls(options))
+    return out
+
+
+def loaded_plugins() -> List[type]:
+    """Every plugin class that loads (its process_state hook may guard process-wide state around a run)."""
+    out = []
+    for name in plugin_registry.names():
+        try:
+            out.append(plugin_registry.get(name))
+        except Exception:  # a broken third-party entry point is reported where it is chosen
+            continue
     return out
 
 
@@ -168,4 +183,7 @@ def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str)
             record.seconds[plugin.name] = time.perf_counter() - start
         record.applied.append(plugin.name)
         record.details[plugin.name] = plugin.describe()
+        record.metrics[plugin.name] = plugin.metrics()
+        record.artifacts[plugin.name] = plugin.artifacts()
+        record.compute.append(plugin.compute_precision(ctx))
     return model, record

@@ -1,12 +1,38 @@
-"""The small interface every optimization plugin implements.
+"""The contract between the orchestrator and an optimization plugin (built-in or from another package).
+
+A plugin is a class registered under the entry-point group ``orchestrator.plugins``; its ``Options`` dataclass is
+its config schema (registered as ``optimization/<name>``: the one place its defaults live). For each run:
+
+1. ``validate_options(options)`` (classmethod) while the config is validated: option values that are wrong
+   anywhere raise ``ConfigError`` (never a fallback).
+2. ``check(ctx)`` before the model loads (``ctx.example_batch`` empty) and again before ``apply``: raise
+   ``PluginUnavailable`` when the plugin cannot run here (missing package or version, precision, CPU, stack).
+   Under ``runtime.on_plugin_error=fallback`` the plugin is then skipped and the run labelled with what ran.
+3. ``apply(model, ctx)`` returns the optimized model: **a callable taking the input tensors by keyword**
+   (``input_ids``, ``attention_mask``, ``token_type_ids`` — the tokenizer's ``model_input_names`` — as int64
+   tensors ``[batch, width]``) **and returning a mapping of named float outputs** indexable by the names the task's
+   head reads (``last_hidden_state``, ``logits``, ``start_logits``/``end_logits``): a transformers ``ModelOutput``
+   or a plain dict, on CPU, ``[batch, width, ...]`` or ``[batch, ...]``. Widths vary between batches unless
+   ``runtime.padding=max_length``; the runner calls it under ``torch.inference_mode()`` (and autocast when
+   ``ctx.autocast``). It may be an ``nn.Module`` or anything else (an ONNX Runtime or OpenVINO session wrapper).
+4. After ``apply``, the runner reads what the plugin reports: ``describe()`` -> MLflow tags
+   ``plugin.<name>.<key>``; ``metrics()`` -> metrics ``plugin_<name>_<key>`` (export time, file size, ...; a
+   ``model_size_mb`` entry stands in for the run's ``model_size_mb`` when the result holds no torch parameters);
+   ``artifacts()`` -> files logged under ``plugins/<name>/`` (an exported graph); ``compute_precision()`` -> the
+   unit the work runs on (``fp32``/``bf16``/``int8``), used for the peak-FLOPs figure.
+5. ``process_state(stack)`` (classmethod context manager) is entered around **every** run in this process,
+   whether the plugin is in the stack or not: a plugin whose package changes process-wide state (fusion passes
+   registered for the whole process) keeps other runs free of it there; it yields a function ``applied -> tags`` or None.
 
 Plugins import heavy or optional packages inside ``check``/``apply`` only, so choosing a stack without them
 (or importing ``orchestrator``) never touches those packages.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, Optional
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional
 
 import torch
 
@@ -24,10 +50,15 @@ class PluginContext:
     threads: int
     # plugins that precede this one in the stack (already applied)
     applied: list = field(default_factory=list)
-    # plugins that follow this one in the stack (e.g. ipex adapts its recipe when jit follows)
+    # plugins that follow this one in the stack (e.g. a rewrite adapts its recipe when graph capture follows)
     following: list = field(default_factory=list)
-    # optional: more batches like example_batch (same keys), for plugins that calibrate (ipex int8 static)
+    # optional: more batches like example_batch (same keys), for plugins that calibrate (static int8)
     calibration_batches: list = field(default_factory=list)
+    # the transformers config and tokenizer of the loaded model (None before the model loads)
+    hf_config: Any = None
+    tokenizer: Any = None
+    # the run's directory: where a plugin writes files it reports as artifacts (an exported graph)
+    run_dir: Optional[Path] = None
 
     @property
     def autocast(self) -> bool:
@@ -38,9 +69,9 @@ class PluginContext:
 
 
 # Stages order the stack: lower stages run first. Graph capture goes last because it freezes what came before.
-STAGE_PREPARE = 10  # whole-model rewrites by an extension (ipex)
-STAGE_TRANSFORM = 20  # module swaps (bettertransformer, quantize)
-STAGE_CAPTURE = 90  # graph capture (jit, compile): at most one, last
+STAGE_PREPARE = 10  # whole-model rewrites by an extension library
+STAGE_TRANSFORM = 20  # module swaps (fused kernels, int8 layers)
+STAGE_CAPTURE = 90  # graph capture: at most one, last
 
 
 @dataclass
@@ -54,10 +85,14 @@ class Plugin:
     # names this plugin cannot be stacked with
     conflicts: ClassVar[tuple] = ()
     Options: ClassVar[type] = NoOptions
+    # distributions whose versions the run records (tags version.<name>) when this plugin is in the stack
+    packages: ClassVar[tuple] = ()
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
         self._details: Dict[str, str] = {}
+        self._metrics: Dict[str, float] = {}
+        self._artifacts: List[Path] = []
 
     @classmethod
     def validate_options(cls, options: Any) -> None:
@@ -77,6 +112,25 @@ class Plugin:
     def describe(self) -> Dict[str, str]:
         """What the plugin did, logged as MLflow tags ``plugin.<name>.<key>``."""
         return dict(self._details)
+
+    def metrics(self) -> Dict[str, float]:
+        """Numbers the plugin measured, logged as metrics ``plugin_<name>_<key>``."""
+        return dict(self._metrics)
+
+    def artifacts(self) -> List[Path]:
+        """Files the plugin produced (in ``ctx.run_dir``), logged under ``plugins/<name>/``."""
+        return list(self._artifacts)
+
+    def compute_precision(self, ctx: PluginContext) -> Optional[str]:
+        """The unit the optimized model computes on (fp32, bf16, int8) when the plugin decides it; None: the
+        run's precision decides."""
+        return None
+
+    @classmethod
+    @contextlib.contextmanager
+    def process_state(cls, stack: List[str]) -> Iterator[Optional[Callable[[List[str]], Dict[str, str]]]]:
+        """Entered around every run in this process (see the module docstring); nothing to do by default."""
+        yield None
 
     def unavailable(self, reason: str) -> PluginUnavailable:
         return PluginUnavailable(self.name, reason)

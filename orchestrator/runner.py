@@ -6,12 +6,11 @@ exception propagates for the caller to report.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import random
-import re
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -22,8 +21,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import cpu, data, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, to_run_config, validate
-from .environment import available_cpus, environment_tags, ipex_fusions_for
-from .errors import OrchestratorError, RunInterrupted
+from .environment import available_cpus, environment_tags, pkg_version
+from .errors import RunInterrupted
+from .errors import describe as describe_error
 from .interrupts import interruptible
 from .plugin import PluginContext
 from .registry import tasks as task_registry
@@ -196,9 +196,7 @@ def process_startup_s(run_started: float) -> Optional[float]:
 
 
 def one_line_error(e: BaseException) -> str:
-    message = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {e}"
-    message = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", message).strip()  # terminal colour codes
-    return message.splitlines()[0] if message else type(e).__name__
+    return describe_error(e)
 
 
 def _skip(previous, run_name: str, rc: RunConfig, container: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
@@ -255,11 +253,14 @@ class Measurement:
         torch.manual_seed(rc.runtime.seed)
         random.seed(rc.runtime.seed)
         plugins, early_fallbacks = self.check_stack()
-        with measure.PeakRSS() as rss, ipex_fusions_for(list(rc.optimization)) as ipex_state:
+        with measure.PeakRSS() as rss, contextlib.ExitStack() as process_hooks:
+            stack = list(rc.optimization)
+            # every plugin class loaded in this process may guard process-wide state around the run
+            tag_fns = [process_hooks.enter_context(cls.process_state(stack)) for cls in pipeline.loaded_plugins()]
             self.load()
             self.featurize()
             self.reference()
-            record = self.apply_stack(plugins, early_fallbacks, ipex_state)
+            record = self.apply_stack(plugins, early_fallbacks, [f for f in tag_fns if f is not None])
             self.parity()
             self.accuracy_pass()
             timing = self.timing_pass()
@@ -308,15 +309,15 @@ class Measurement:
                                                     self.par_batches, self.n_par)
         self.flop_coef = _flop_coefficients(self.model, self.batches, self.pad_id)
 
-    def apply_stack(self, plugins, early_fallbacks: Dict[str, str], ipex_state) -> pipeline.StackRecord:
+    def apply_stack(self, plugins, early_fallbacks: Dict[str, str], tag_fns) -> pipeline.StackRecord:
         rc = self.rc
         t0 = time.perf_counter()
         self.model = pipeline.apply_precision(self.model, rc.precision)
         self.autocast = pipeline.autocast_dtype(rc.precision)
         self.ctx = PluginContext(task=self.task.name, dtype=pipeline.DTYPES[rc.precision.dtype],
                                  autocast_dtype=self.autocast, example_batch=self.batches[0].inputs,
-                                 threads=torch.get_num_threads(),
-                                 calibration_batches=_calibration_batches(rc, self.task, self.pad_id))
+                                 threads=torch.get_num_threads(), calibration_batches=self.calibration_batches(),
+                                 hf_config=self.hf_config, tokenizer=self.tokenizer, run_dir=self.run_dir)
         self.model, record = pipeline.apply_stack(self.model, plugins, self.ctx, rc.runtime.on_plugin_error)
         record.fallbacks = {**early_fallbacks, **record.fallbacks}
         applied = "+".join(record.applied) or "eager"
@@ -334,14 +335,37 @@ class Measurement:
             if name != self.results["run_name"]:
                 self.results["run_name"] = name
                 self.tracker.rename(name)
-        stack_tags.update(_ipex_tags(ipex_state, record.applied, applied))
+        for fn in tag_fns:
+            stack_tags.update(fn(record.applied))
+        stack_tags.update({f"version.{pkg}": pkg_version(pkg) for p in plugins if p.name in record.applied
+                           for pkg in p.packages})
         self.tag(stack_tags)
+        reported = {f"plugin_{n}_{k}": v for n, m in record.metrics.items() for k, v in m.items()}
         size = measure.model_size_mb(self.model)
+        if size is None:  # no torch parameters (an exported graph, a session): the plugin's own figure, if any
+            size = next((m["model_size_mb"] for m in record.metrics.values() if "model_size_mb" in m), None)
         self.record({"stack_apply_s": time.perf_counter() - t0,
-                     **{f"plugin_{n}_s": s for n, s in record.seconds.items()},
+                     **{f"plugin_{n}_s": s for n, s in record.seconds.items()}, **reported,
                      **({"model_size_mb": size} if size is not None else {})})
+        if size is None:
+            self.tag({"model_size": "unknown (no torch parameters; no plugin reported model_size_mb)"})
+        for name, paths in record.artifacts.items():
+            for path in paths:
+                self.tracker.log_artifact(Path(path), f"plugins/{name}")
+        self.compute = next((c for c in reversed(record.compute) if c), None) or \
+            ("bf16" if torch.bfloat16 in (self.ctx.dtype, self.autocast) else "fp32")
         self.step = measure.forward_fn(self.model, self.task.head, self.autocast)
         return record
+
+    def calibration_batches(self) -> List[Dict[str, torch.Tensor]]:
+        """Batches from dataset.calibration_split (e.g. the train split) for plugins that calibrate."""
+        if not self.rc.dataset.calibration_split:
+            return []
+        import dataclasses
+
+        cfg = dataclasses.replace(self.rc.dataset, split=self.rc.dataset.calibration_split,
+                                  max_samples=self.rc.dataset.calibration_samples)
+        return [b.inputs for b in self.batches_of(self.task.featurize(data.load(cfg)).rows, False)]
 
     def parity(self) -> None:
         """Max |delta| and agreement vs the eager fp32 reference on the first parity_samples rows (a sample;
@@ -386,11 +410,9 @@ class Measurement:
     def count_flops(self, record: pipeline.StackRecord, timing: measure.TimingResult) -> None:
         if self.flop_coef is None:
             return
-        int8 = "quantize" in record.applied or record.details.get("ipex", {}).get("int8", "none") != "none"
-        compute = "int8" if int8 else ("bf16" if torch.bfloat16 in (self.ctx.dtype, self.autocast) else "fp32")
-        flop_metrics, peak_note = _flop_metrics(self.flop_coef, self.batches, timing, compute)
+        flop_metrics, peak_note = _flop_metrics(self.flop_coef, self.batches, timing, self.compute)
         self.record(flop_metrics)
-        self.tag({"peak.compute": compute, "peak.formula": peak_note})
+        self.tag({"peak.compute": self.compute, "peak.formula": peak_note})
 
 
 def _warn_precision_hardware(rc: RunConfig) -> None:
@@ -399,22 +421,6 @@ def _warn_precision_hardware(rc: RunConfig) -> None:
     if bf16 and not cpu.has("bf16"):
         log.warning("precision=%s on a CPU without native bf16 (%s): bf16 is emulated there and usually slower "
                     "than fp32", rc.precision.name, cpu.describe())
-
-
-def _ipex_tags(ipex_state: Optional[str], applied: List[str], stack: str) -> Dict[str, str]:
-    if ipex_state is None and "ipex" not in applied and "intel_extension_for_pytorch" in sys.modules:
-        ipex_state = "on"  # ipex was asked for but fell back: IPEX's process-wide passes stayed on
-    if ipex_state is None:
-        return {}
-    if ipex_state == "off":
-        log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript "
-                 "fusion passes are off for this run (%s)", stack)
-    else:
-        log.warning("intel_extension_for_pytorch is loaded in this process and its TorchScript fusions "
-                    "stay on (%s): they also apply to this run's stack (%s); run ipex and non-ipex stacks "
-                    "in separate processes to compare them",
-                    "ipex fell back" if ipex_state == "on" else "this version has no switch", stack)
-    return {"ipex.loaded_in_process": "true", "ipex.fusions": ipex_state}
 
 
 def _flop_coefficients(model, batches, pad_id: int):
@@ -426,7 +432,7 @@ def _flop_coefficients(model, batches, pad_id: int):
     except RunInterrupted:  # a timeout/signal that lands while counting must still end the run
         raise
     except Exception as e:  # an exotic model the counter cannot run on single rows
-        log.warning("FLOPs not counted: %s: %s", type(e).__name__, str(e).strip().splitlines()[0] if str(e) else "")
+        log.warning("FLOPs not counted: %s", describe_error(e))
         return None
 
 
@@ -446,20 +452,6 @@ def _flop_metrics(coef, batches, timing: "measure.TimingResult", compute: str) -
             out["peak_fraction_pct"] = 100.0 * out["achieved_gflops"] / peak[0]
             note = peak[1]
     return out, note
-
-
-def _calibration_batches(rc: RunConfig, task, pad_id: int) -> List[Dict[str, torch.Tensor]]:
-    """Batches from dataset.calibration_split (e.g. the train split) for plugins that calibrate."""
-    if not rc.dataset.calibration_split:
-        return []
-    import dataclasses
-
-    cfg = dataclasses.replace(rc.dataset, split=rc.dataset.calibration_split,
-                              max_samples=rc.dataset.calibration_samples)
-    features = task.featurize(data.load(cfg))
-    r = rc.runtime
-    return [b.inputs for b in measure.make_batches(features.rows, r.batch_size, pad_id, r.padding, r.max_length,
-                                                   False, r.pad_to_multiple_of)]
 
 
 def _finish(results: Results, tracker: Tracker, run_dir: Path, measured: Measurement, rc: RunConfig) -> None:

@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.table import Table
 
 from . import verdict
+from .errors import first_line
 
 COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "throughput_ci_low",
            "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
@@ -308,8 +309,6 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
                            "recommendation": recommendation, "fell_back": fell_back, "cpu": header,
                            "gate": {"min_accuracy_ratio": min_accuracy_ratio, "min_agreement": min_agreement}}
     if sweep_dir is not None and sweep_dir.is_dir():
-        import pandas as pd
-
         csv = sweep_dir / "summary.csv"
         frame(rows).to_csv(csv, index=False)
         md = sweep_dir / "summary.md"
@@ -317,8 +316,6 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
         png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}"[:180])
         out["files"] = [p for p in (csv, md, png) if p is not None]
     if client is not None and parent_id:
-        import pandas as pd
-
         client.log_table(parent_id, data=frame(rows), artifact_file="summary_table.json")
         for p in out["files"]:
             client.log_artifact(parent_id, str(p))
@@ -383,7 +380,7 @@ def report_main(argv: Optional[List[str]] = None) -> int:
             rows = rows_from_mlflow(client, args.target)
         except MlflowException as e:
             print(f"error: {args.target!r} is neither a sweep directory nor a run in {args.tracking_uri}: "
-                  f"{str(e).splitlines()[0]}", file=sys.stderr)
+                  f"{first_line(e)}", file=sys.stderr)
             return 2
         rows = merge_rows(rows, [])
         parent = args.target

@@ -15,6 +15,7 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .errors import first_line
 from .tracking import (PARENT_RUN_ENV, PARENT_RUN_FILE, check_reachable, check_uri, default_artifact_location,
                        ensure_experiment, sqlite_path)
 
@@ -97,7 +98,7 @@ class MlflowSweepCallback(Callback):
             log.info("MLflow sweep run %s (%s)", self.parent_id, tracking.uri)
         except Exception as e:  # a tracking failure must not stop the sweep; jobs still write results.json
             log.error("MLflow sweep run could not be created (%s: %s); jobs are tracked without a parent",
-                      type(e).__name__, str(e).strip().splitlines()[0] if str(e).strip() else "")
+                      type(e).__name__, first_line(e))
             self.parent_id = None
 
     def _close_if_open(self) -> None:

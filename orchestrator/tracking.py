@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
-from .errors import ConfigError, RunInterrupted
+from .errors import ConfigError, RunInterrupted, describe, first_line
 from .interrupts import critical
 
 log = logging.getLogger(__name__)
@@ -132,7 +132,7 @@ class Tracker:
         except RunInterrupted:  # a timeout/signal landing inside a logging call still ends the run
             raise
         except Exception as e:  # tracking problems are reported, never fatal to the measurement
-            self.error = f"{what}: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+            self.error = f"{what}: {describe(e)}"
             log.error("MLflow tracking failed (%s); the run goes on untracked and its results are kept in "
                       "results.json of the run directory", self.error)
             return None
@@ -152,7 +152,7 @@ class Tracker:
                 if not any(t in str(e) for t in transient):
                     raise
                 log.warning("MLflow store busy with another job (%s); retrying in %.1f s",
-                            str(e).strip().splitlines()[0][:120], delay)
+                            first_line(e, 120), delay)
                 time.sleep(delay)
         return fn(*args, **kwargs)
 

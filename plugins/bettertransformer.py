@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
+from orchestrator_plugins.activations import probe_activation
+from orchestrator.errors import first_line
 from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
 
 
@@ -127,21 +129,6 @@ class FusedEncoder(nn.Module):
 # reading a layer's weights
 
 
-def _activation(fn) -> Optional[bool]:
-    """True for exact GELU, False for ReLU, None for anything else (probed numerically, not by name)."""
-    probe = torch.linspace(-6, 6, 97)
-    try:
-        with torch.no_grad():
-            out = fn(probe)
-    except Exception:
-        return None
-    if torch.allclose(out, nn.functional.gelu(probe), atol=1e-6):
-        return True
-    if torch.allclose(out, nn.functional.relu(probe), atol=1e-6):
-        return False
-    return None
-
-
 def _plain_linear(m, what: str) -> nn.Linear:
     if type(m) is not nn.Linear or m.bias is None:
         raise TypeError(f"{what} is {type(m).__name__} (needs a plain nn.Linear with bias; "
@@ -184,7 +171,7 @@ def fuse_layer(layer: nn.Module, index: int) -> FusedEncoderLayer:
     n1, n2 = _plain_norm(n1, f"{where} LayerNorm"), _plain_norm(n2, f"{where} LayerNorm")
     if n1.eps != n2.eps:
         raise TypeError(f"{where}: the two LayerNorms use different eps ({n1.eps}, {n2.eps}); the kernel takes one")
-    use_gelu = _activation(act)
+    use_gelu = probe_activation(act)
     if use_gelu is None:
         raise TypeError(f"{where}: activation {type(act).__name__} is neither exact GELU nor ReLU")
     w = {
@@ -287,7 +274,7 @@ class BetterTransformerPlugin(Plugin):
             try:
                 got = fused(hidden, attention_mask=mask)[0]
             except RuntimeError as e:  # e.g. a dtype the kernel refuses
-                first = str(e).strip().splitlines()[0]
+                first = first_line(e)
                 raise self.unavailable(f"the fused kernel refused {hidden.dtype} inputs: {first}") from None
         keep = keep_mask(mask)
         if keep is None:

@@ -62,7 +62,6 @@ class CompilePlugin(Plugin):
         cls.require_choice("mode", o.mode, MODES)
 
     def check(self, ctx: PluginContext) -> None:
-        o = self.options
         if not hasattr(torch, "compile"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.compile")
         from torch._inductor import config as inductor_config

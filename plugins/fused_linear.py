@@ -30,8 +30,9 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
+from orchestrator.errors import describe
 from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
-from plugins.bettertransformer import _activation  # the same numeric probe of an activation
+from orchestrator_plugins.activations import probe_activation
 
 # (linear attribute, activation attribute) pairs where the activation is applied right after that Linear
 GELU_SITES = (("dense", "intermediate_act_fn"), ("lin1", "activation"))
@@ -105,12 +106,12 @@ def _probe() -> Optional[str]:
             want = nn.functional.gelu(lin(x))
         return None if torch.allclose(got, want, atol=1e-4) else "wrong result on a probe"
     except Exception as e:  # noqa: BLE001 - any failure means the plugin cannot run here
-        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}".strip()
+        return describe(e)
 
 
 def _is_exact_gelu(fn) -> bool:
     """Probed numerically, not by class name (GELUActivation, nn.GELU(), ACT2FN['gelu'] all qualify)."""
-    return isinstance(fn, nn.Module) and _activation(fn) is True
+    return isinstance(fn, nn.Module) and probe_activation(fn) is True
 
 
 def _first_tensor(out) -> torch.Tensor:

@@ -32,10 +32,12 @@ import tempfile
 import time
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import List, Optional, Tuple
 
 import torch
 
+from orchestrator.errors import first_line
 from orchestrator.plugin import STAGE_PREPARE, Plugin, PluginContext
 
 log = logging.getLogger(__name__)
@@ -44,19 +46,31 @@ IPEX_MODULE = "intel_extension_for_pytorch"
 # what ``check`` tells a user in the main environment (README commands, also in docs/ipex.md)
 SETUP_HINT = ("set up the IPEX environment: python -m venv .venv-ipex && .venv-ipex/bin/pip install -r "
               "requirements/ipex.txt && .venv-ipex/bin/pip install --no-deps -e . (docs/ipex.md)")
-LEVELS = ("O0", "O1")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
-INT8_CHOICES = ("none", "dynamic", "static")
+class Level(StrEnum):
+    O0 = "O0"
+    O1 = "O1"
+
+
+class Dtype(StrEnum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+
+
+class Int8(StrEnum):
+    none = "none"
+    dynamic = "dynamic"
+    static = "static"
 
 
 @dataclass
 class IpexOptions:
     # ipex.optimize level: O1 fuses and prepacks weights (IPEX's default); O0 only casts to dtype
-    level: str = "O1"
+    level: Level = Level.O1
     # auto: from precision (fp32 -> float32; bf16 or bf16_autocast -> bfloat16); an explicit value must agree with it
-    dtype: str = "auto"
+    dtype: Dtype = Dtype.auto
     # none | dynamic | static: int8 through ipex.quantization instead of ipex.optimize (needs precision=fp32)
-    int8: str = "none"
+    int8: Int8 = Int8.none
     # static int8: how many batches calibrate the activation observers
     calibration_batches: int = 8
     # ipex.optimize knobs; null = IPEX's default for the level
@@ -95,6 +109,20 @@ def environment_problem() -> Optional[str]:
             f"(IPEX 2.8 is the last release); {SETUP_HINT}")
 
 
+def _fusion_tags(state: str, applied: List[str]) -> dict:
+    """Tags (and a log line) saying whether IPEX's process-wide passes touched a run without ipex."""
+    stack = "+".join(applied) or "eager"
+    if state == "off":
+        log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript fusion passes "
+                 "are off for this run (%s)", stack)
+    else:
+        log.warning("intel_extension_for_pytorch is loaded in this process and its TorchScript fusions stay on "
+                    "(%s): they also apply to this run's stack (%s); run ipex and non-ipex stacks in separate "
+                    "processes to compare them (hydra/launcher=isolated)",
+                    "ipex fell back" if state == "on" else "this version has no switch", stack)
+    return {"ipex.loaded_in_process": "true", "ipex.fusions": state}
+
+
 def import_ipex_quietly():
     """Import IPEX with its import-time stderr noise (C++ warnings on fd 2, a CUDA logging line) kept out of sight.
 
@@ -125,7 +153,7 @@ def import_ipex_quietly():
         sys.modules.pop(IPEX_MODULE, None)  # a half-imported module must not look importable next time
         lines = [ln.strip() for ln in captured.splitlines() if ln.strip()]
         said = f"; it printed: {lines[-1][:200]}" if lines else ""
-        first = str(failure).strip().splitlines()[0] if str(failure).strip() else ""
+        first = first_line(failure) if str(failure).strip() else ""
         raise RuntimeError(f"import {IPEX_MODULE} failed: {type(failure).__name__}: {first}{said}") from failure
     return sys.modules[IPEX_MODULE]
 
@@ -150,13 +178,44 @@ class IpexPlugin(Plugin):
     name = "ipex"
     stage = STAGE_PREPARE
     Options = IpexOptions
+    packages = ("intel-extension-for-pytorch",)
+
+    def compute_precision(self, ctx: PluginContext) -> Optional[str]:
+        return "int8" if self.options.int8 != "none" else None
+
+    @classmethod
+    @contextlib.contextmanager
+    def process_state(cls, stack: List[str]):
+        """Keep an earlier job's IPEX out of a run whose stack has no ``ipex``.
+
+        Importing IPEX registers its TorchScript fusion passes for the whole process, so in a sweep run in one
+        process a plain ``jit`` job after an ``ipex`` job would silently run IPEX's fused kernels (measured: 30 -> 46
+        features/s on QA bf16) and no longer be plain jit. While the run lasts, the passes are switched off through
+        IPEX's own switch and the process's previous state comes back afterwards. Never imports IPEX: nothing
+        happens unless it is already loaded. (The isolated launcher, the default for sweeps, avoids the question.)
+        """
+        core = sys.modules.get("intel_extension_for_pytorch._C")
+        if IPEX_MODULE not in sys.modules or "ipex" in stack:
+            if core is not None and "ipex" in stack and hasattr(core, "enable_jit_opt"):
+                core.enable_jit_opt()  # an ipex run gets IPEX's fusions even if something switched them off
+            # ipex asked for but fell back after importing IPEX: its passes stayed on for the stack that ran
+            yield lambda applied: (_fusion_tags("on", applied)
+                                   if "ipex" not in applied and IPEX_MODULE in sys.modules else {})
+            return
+        if core is None or not all(hasattr(core, f) for f in ("get_jit_opt", "enable_jit_opt", "disable_jit_opt")):
+            yield lambda applied: _fusion_tags("unisolated", applied)
+            return
+        was_on = bool(core.get_jit_opt())
+        core.disable_jit_opt()
+        try:
+            yield lambda applied: _fusion_tags("off", applied)
+        finally:
+            if was_on:
+                core.enable_jit_opt()
 
     # ---- checks (no IPEX import) --------------------------------------------------------------------------------
     @classmethod
     def validate_options(cls, o) -> None:
-        cls.require_choice("level", o.level, LEVELS)
-        cls.require_choice("dtype", o.dtype, DTYPE_CHOICES)
-        cls.require_choice("int8", o.int8, INT8_CHOICES)
         if o.calibration_batches < 1:
             from orchestrator.errors import ConfigError
 

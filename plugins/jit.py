@@ -28,6 +28,13 @@ class JitPlugin(Plugin):
     conflicts = ("compile",)
     Options = JitOptions
 
+    @classmethod
+    def validate_options(cls, o) -> None:
+        if o.warmup_calls < 0:
+            from orchestrator.errors import ConfigError
+
+            raise ConfigError(f"optimization.jit.warmup_calls={o.warmup_calls}: must be >= 0")
+
     def check(self, ctx: PluginContext) -> None:
         if not hasattr(torch.jit, "trace"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.jit.trace")

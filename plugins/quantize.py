@@ -19,19 +19,23 @@ import copy
 import importlib.util
 import warnings
 from dataclasses import dataclass
+from enum import StrEnum
+from typing import Optional
 
 import torch
 
 from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
 
-BACKENDS = ("ao_dynamic", "torchao")
+class Backend(StrEnum):
+    ao_dynamic = "ao_dynamic"
+    torchao = "torchao"
 
 
 @dataclass
 class QuantizeOptions:
     # ao_dynamic: torch.ao.quantization.quantize_dynamic (deprecated, fast in eager, jit-traceable)
     # torchao: torchao.quantization.quantize_ with Int8DynamicActivationInt8WeightConfig (pip install torchao)
-    backend: str = "ao_dynamic"
+    backend: Backend = Backend.ao_dynamic
     # ao_dynamic only: per-output-channel weight scales instead of one per tensor
     per_channel: bool = False
 
@@ -43,10 +47,10 @@ class QuantizePlugin(Plugin):
     # bettertransformer kernel takes float weights
     conflicts = ("ipex", "bettertransformer")
     Options = QuantizeOptions
+    packages = ("torchao",)
 
-    @classmethod
-    def validate_options(cls, o) -> None:
-        cls.require_choice("backend", o.backend, BACKENDS)
+    def compute_precision(self, ctx: PluginContext) -> Optional[str]:
+        return "int8"
 
     def check(self, ctx: PluginContext) -> None:
         o = self.options

@@ -18,7 +18,7 @@ from conftest import REPO, SHARED, needs_shared, run_cli, tiny_sts_overrides
 from orchestrator.errors import PluginUnavailable
 from orchestrator.plugin import PluginContext
 from orchestrator.runner import run
-from plugins import ipex as ipex_plugin
+from orchestrator_plugins import ipex as ipex_plugin
 
 IPEX_ENV = ipex_plugin.environment_problem() is None
 in_ipex_env = pytest.mark.skipif(
@@ -46,7 +46,7 @@ def test_importing_orchestrator_and_the_plugin_class_does_not_import_ipex():
             "print('intel_extension_for_pytorch' in sys.modules, cls.__module__)\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["False", "plugins.ipex"]
+    assert out.stdout.split() == ["False", "orchestrator_plugins.ipex"]
 
 
 @pytest.mark.parametrize("versions, needle", [
@@ -86,15 +86,17 @@ def test_options_are_checked_before_any_import(monkeypatch, options, precision, 
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"level": "O3"}, "optimization.ipex.level='O3': valid: O0, O1"),
-    ({"int8": "yes"}, "optimization.ipex.int8='yes': valid: none, dynamic, static"),
+    ({"level": "O3"}, "optimization.ipex.level: Invalid value 'O3', expected one of [O0, O1]"),
+    ({"int8": "yes"}, "optimization.ipex.int8: Invalid value 'yes', expected one of [none, dynamic, static]"),
     ({"calibration_batches": 0}, "optimization.ipex.calibration_batches=0: must be >= 1"),
 ])
 def test_option_values_are_config_errors_before_anything_loads(options, message):
+    """Typed choices (the schema) and ranges (validate_options): ConfigError while validating, IPEX not imported."""
     from orchestrator.errors import ConfigError
+    from orchestrator.pipeline import build_plugins
 
     with pytest.raises(ConfigError) as e:
-        ipex_plugin.IpexPlugin.validate_options(ipex_plugin.IpexOptions(**options))
+        build_plugins({"ipex": options})
     assert str(e.value) == message
 
 
@@ -193,7 +195,7 @@ def test_static_int8_calibrates_on_the_given_batches(tiny_classifier):
 @pytest.mark.ipex
 def test_ipex_import_is_quiet():
     code = ("import time, sys; t = time.perf_counter()\n"
-            "from plugins.ipex import import_ipex_quietly\n"
+            "from orchestrator_plugins.ipex import import_ipex_quietly\n"
             "ipex = import_ipex_quietly(); print(ipex.__version__, round(time.perf_counter() - t, 1))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr

@@ -21,11 +21,11 @@ from conftest import VOCAB, make_tiny_model, make_tokenizer, needs_bf16, tiny_st
 from orchestrator.errors import ConfigError, PluginUnavailable
 from orchestrator.plugin import PluginContext
 from orchestrator.runner import run
-from plugins.bettertransformer import BetterTransformerOptions, BetterTransformerPlugin, keep_mask
-from plugins.compile import CompileOptions, CompilePlugin
-from plugins.fused_linear import FusedLinearOptions, FusedLinearPlugin, PackedLinear, _probe
-from plugins.jit import JitPlugin
-from plugins.quantize import QuantizeOptions, QuantizePlugin
+from orchestrator_plugins.bettertransformer import BetterTransformerOptions, BetterTransformerPlugin, keep_mask
+from orchestrator_plugins.compile import CompileOptions, CompilePlugin
+from orchestrator_plugins.fused_linear import FusedLinearOptions, FusedLinearPlugin, PackedLinear, _probe
+from orchestrator_plugins.jit import JitPlugin
+from orchestrator_plugins.quantize import QuantizeOptions, QuantizePlugin
 
 
 def load(path, head="base"):
@@ -303,8 +303,11 @@ def test_quantize_refuses_what_its_kernels_cannot_run():
         p.check(ctx_for(padded_batch([3]), torch.bfloat16))
     with pytest.raises(PluginUnavailable, match="backend=ao_dynamic quantizes fp32 models only"):
         p.check(ctx_for(padded_batch([3]), autocast=torch.bfloat16))
-    with pytest.raises(ConfigError, match="backend='int4': valid: ao_dynamic, torchao"):
-        QuantizePlugin.validate_options(QuantizeOptions(backend="int4"))
+    from orchestrator.pipeline import build_plugins
+
+    with pytest.raises(ConfigError, match=r"^optimization.quantize.backend: Invalid value 'int4', expected one of "
+                                          r"\[ao_dynamic, torchao\]$"):
+        build_plugins({"quantize": {"backend": "int4"}})
 
 
 @pytest.mark.skipif(importlib.util.find_spec("torchao") is None, reason="torchao is not installed (optional)")

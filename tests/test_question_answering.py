@@ -283,15 +283,29 @@ def test_missing_columns_name_the_columns_found(tiny_qa_model, small_squad, comp
 
 
 @pytest.mark.parametrize("option,message", [
-    ("dataset.task_options.scoring=best", "dataset.task_options.scoring='best': valid: run_qa, pipeline"),
     ("dataset.task_options.doc_stride=64", "dataset.task_options.doc_stride=64: must be >= 0 and < runtime.max_length"),
-    ("+dataset.task_options.n_best=3", "dataset.task_options (question_answering): Key 'n_best' not in 'QAOptions'"),
+    ("dataset.task_options.n_best_size=0", "dataset.task_options.n_best_size=0: must be >= 1"),
 ])
 def test_bad_task_options_are_one_line(tiny_qa_model, small_squad, compose, option, message):
     with pytest.raises(ConfigError) as e:
         run(compose(*qa_overrides(tiny_qa_model, small_squad, "sqlite:///unused.db", "tracking=off",
                                   "runtime.max_length=64", option)))
     assert str(e.value).startswith(message) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("option,message", [
+    # typed by the task's schema (conf/dataset/squad*.yaml pull it in): refused while composing
+    ("dataset.task_options.scoring=best",
+     "error: dataset.task_options.scoring: Invalid value 'best', expected one of [run_qa, pipeline]"),
+    ("dataset.task_options.n_best=3",
+     "error: dataset.task_options.n_best: unknown key; valid keys here: doc_stride, n_best_size, max_answer_length"),
+])
+def test_task_option_typos_are_refused_while_composing(tmp_path, tiny_qa_model, small_squad, option, message):
+    from conftest import run_cli
+
+    proc = run_cli(*qa_overrides(tiny_qa_model, small_squad, "sqlite:///unused.db", "tracking=off", option),
+                   cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
 
 
 def test_empty_dataset_after_max_samples_filtering_is_refused(tmp_path):

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -108,11 +107,24 @@ def test_presets_that_need_a_capability_refuse_in_one_line(compose, monkeypatch)
 
 @pytest.mark.parametrize("policy", ["fail", "fallback"])
 def test_a_bad_plugin_option_fails_before_the_model_loads(compose, tiny_classifier, cls_file, tracking_uri, policy):
-    with pytest.raises(ConfigError, match=r"^optimization.quantize.backend='typo': valid: ao_dynamic, torchao$"):
-        run(compose(*cls_overrides(tiny_classifier, cls_file, tracking_uri), "optimization=[quantize]",
-                    "optimization.quantize.backend=typo", f"runtime.on_plugin_error={policy}"))
+    """A range rule (validate_options): the run is recorded FAILED with the reason, nothing loaded, never a fallback."""
+    with pytest.raises(ConfigError, match=r"^optimization.jit.warmup_calls=-1: must be >= 0$"):
+        run(compose(*cls_overrides(tiny_classifier, cls_file, tracking_uri), "optimization=[jit]",
+                    "optimization.jit.warmup_calls=-1", f"runtime.on_plugin_error={policy}"))
     _, runs = runs_of(tracking_uri)
     assert runs[0].info.status == "FAILED" and "model_load_s" not in runs[0].data.metrics
+    assert runs[0].data.tags["error"] == "optimization.jit.warmup_calls=-1: must be >= 0"
+
+
+def test_a_bad_plugin_choice_is_refused_while_composing(tmp_path, tiny_classifier, cls_file):
+    """A typed choice (the plugin's schema): one line, before any run exists."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = run_cli(*cls_overrides(tiny_classifier, cls_file, uri), "optimization=[quantize]",
+                   "optimization.quantize.backend=typo", cwd=tmp_path, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == ("error: optimization.quantize.backend: Invalid value 'typo', "
+                                                    "expected one of [ao_dynamic, torchao]")
+    assert not runs_of(uri)[1]
 
 
 def test_an_unavailable_plugin_fails_before_the_model_loads(compose, tiny_classifier, cls_file, tracking_uri):
@@ -182,16 +194,13 @@ class LossyPlugin(Plugin):
 
 @pytest.fixture(scope="module")
 def lossy_package(tmp_path_factory):
-    """An out-of-tree plugin as a user would install one: a module, its entry point, and its config file."""
+    """An out-of-tree plugin as installed: a module and its entry point (its options come from its schema)."""
     root = tmp_path_factory.mktemp("lossy")
     (root / "lossy_plugin.py").write_text(LOSSY_PLUGIN)
     info = root / "lossy_plugin-0.0.1.dist-info"
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lossy-plugin\nVersion: 0.0.1\n")
     (info / "entry_points.txt").write_text("[orchestrator.plugins]\nlossy = lossy_plugin:LossyPlugin\n")
-    conf = root / "conf" / "optimization"
-    conf.mkdir(parents=True)
-    (conf / "lossy.yaml").write_text("# @package optimization.lossy\nnoise: 20.0\n")
     return root
 
 
@@ -209,8 +218,7 @@ def default_sweep(tmp_path_factory, lossy_package):
                       for _ in range(60)])
     uri = f"sqlite:///{tmp / 'store.db'}"
     env = {"PYTHONPATH": os.pathsep.join([str(lossy_package), os.environ.get("PYTHONPATH", "")])}
-    proc = run_cli("-m", *cls_overrides(model, data, uri), "optimization=[],[jit],[lossy]",
-                   f"hydra.searchpath=[file://{lossy_package / 'conf'}]", cwd=tmp, env=env)
+    proc = run_cli("-m", *cls_overrides(model, data, uri), "optimization=[],[jit],[lossy]", cwd=tmp, env=env)
     return proc, uri
 
 

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import ConfigError, DatasetError, ModelLoadError
+from ..errors import ConfigError, DatasetError, ModelLoadError, first_line
 
 
 @dataclass
@@ -73,7 +73,7 @@ class Task:
         try:
             parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), options))
         except Exception as e:  # omegaconf names the key; keep its first line
-            first = str(e).strip().splitlines()[0]
+            first = first_line(e)
             raise ConfigError(f"dataset.task_options ({cls.name}): {first}") from e
         cls.validate_options(parsed)
         return parsed

@@ -25,17 +25,21 @@ from __future__ import annotations
 import collections
 import logging
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DatasetError, ModelLoadError
+from ..errors import first_line as describe_first_line
 from .base import Features, Task
 
 log = logging.getLogger(__name__)
 
-SCORING_RULES = ("run_qa", "pipeline")
+class Scoring(StrEnum):
+    run_qa = "run_qa"
+    pipeline = "pipeline"
 EMPTY_ANSWER = "empty"  # run_qa's answer when no span is valid
 
 
@@ -49,7 +53,7 @@ class QAOptions:
     # longest answer, in tokens
     max_answer_length: int = 30
     # run_qa: start+end logits (the reference evaluation); pipeline: softmax probabilities per window, word-aligned
-    scoring: str = "run_qa"
+    scoring: Scoring = Scoring.run_qa
 
 
 def squad_scores(prediction: str, golds: List[str]) -> Tuple[float, float]:
@@ -83,8 +87,6 @@ class QuestionAnswering(Task):
 
     @classmethod
     def validate_options(cls, o) -> None:
-        if o.scoring not in SCORING_RULES:
-            raise ConfigError(f"dataset.task_options.scoring={o.scoring!r}: valid: {', '.join(SCORING_RULES)}")
         for key in ("n_best_size", "max_answer_length"):
             if getattr(o, key) < 1:
                 raise ConfigError(f"dataset.task_options.{key}={getattr(o, key)}: must be >= 1")
@@ -139,7 +141,7 @@ class QuestionAnswering(Task):
                                  max_length=self.max_seq_length, stride=self.options.doc_stride,
                                  return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
         except Exception as e:  # the Rust tokenizer refuses a question that leaves no room for the context
-            first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first_line = describe_first_line(e)
             raise DatasetError(f"question answering windows could not be built with runtime.max_length="
                                f"{self.max_seq_length} and dataset.task_options.doc_stride={self.options.doc_stride} "
                                f"(a question may be too long; raise max_length or lower doc_stride): {first_line}") from e
