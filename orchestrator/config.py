@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError, first_line
+from .errors import ConfigError, RunInterrupted, first_line
 
 
 @dataclass
@@ -185,6 +185,8 @@ def to_run_config(cfg: DictConfig | RunConfig) -> RunConfig:
         plain = OmegaConf.create(OmegaConf.to_container(cfg, resolve=False, enum_to_str=True))
         merged = OmegaConf.merge(OmegaConf.structured(RunConfig), plain)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except RunInterrupted:  # runtime.timeout_s or a signal, not a config error
+        raise
     except Exception as e:  # interpolation or type errors: omegaconf names the key on the first line
         raise ConfigError(first_line(e)) from e
 

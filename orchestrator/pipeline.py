@@ -11,7 +11,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted, first_line
+from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted, describe, first_line
 from .plugin import Plugin, PluginContext
 from .registry import plugins as plugin_registry
 
@@ -115,6 +115,8 @@ def build_plugins(stack: Dict[str, Any]) -> List[Plugin]:
         cls = plugin_registry.get(name)
         try:
             options = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), opts or {}))
+        except RunInterrupted:  # runtime.timeout_s or a signal, not a config error
+            raise
         except Exception as e:  # omegaconf's messages name the key; keep just the first line
             key = getattr(e, "full_key", None)
             raise ConfigError(f"optimization.{name}{'.' + key if key else ''}: {_first_line(e)}") from e
@@ -134,6 +136,17 @@ def loaded_plugins() -> List[type]:
     return out
 
 
+def _refused(plugin: Plugin, e: Exception, on_error: str, what: str) -> str:
+    """The reason a plugin could not run; raises unless on_plugin_error=fallback (then the caller skips it)."""
+    reason = describe(e)
+    if on_error != "fallback":
+        if isinstance(e, OrchestratorError):
+            raise e
+        raise PluginUnavailable(plugin.name, f"{what} failed: {reason}") from e
+    log.warning("plugin %s skipped (on_plugin_error=fallback): %s", plugin.name, reason)
+    return reason
+
+
 def check_stack(plugins: List[Plugin], ctx: PluginContext, on_error: str) -> Tuple[List[Plugin], Dict[str, str]]:
     """Every plugin's check() before the model loads. fail: the first unavailable plugin ends the run now;
     fallback: it is dropped and its reason returned (plugin name -> reason)."""
@@ -143,16 +156,10 @@ def check_stack(plugins: List[Plugin], ctx: PluginContext, on_error: str) -> Tup
         ctx.applied, ctx.following = names[:i], names[i + 1:]
         try:
             plugin.check(ctx)
-        except RunInterrupted:
+        except RunInterrupted:  # a timeout/signal is not a plugin failure: never fall back on it
             raise
         except Exception as e:
-            reason = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {_first_line(e)}"
-            if on_error != "fallback":
-                if isinstance(e, OrchestratorError):
-                    raise
-                raise PluginUnavailable(plugin.name, f"check failed: {reason}") from e
-            log.warning("plugin %s skipped (on_plugin_error=fallback): %s", plugin.name, reason)
-            fallbacks[plugin.name] = reason
+            fallbacks[plugin.name] = _refused(plugin, e, on_error, "check")
             continue
         kept.append(plugin)
     return kept, fallbacks
@@ -162,22 +169,15 @@ def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str)
     record = StackRecord()
     names = [p.name for p in plugins]
     for i, plugin in enumerate(plugins):
-        ctx.applied = names[:i]
-        ctx.following = names[i + 1:]
+        ctx.applied, ctx.following = names[:i], names[i + 1:]
         start = time.perf_counter()
         try:
             plugin.check(ctx)
             model = plugin.apply(model, ctx)
-        except RunInterrupted:  # a timeout/signal is not a plugin failure: never fall back on it
+        except RunInterrupted:
             raise
         except Exception as e:
-            reason = str(e) if isinstance(e, OrchestratorError) else f"{type(e).__name__}: {_first_line(e)}"
-            if on_error != "fallback":
-                if isinstance(e, OrchestratorError):
-                    raise
-                raise PluginUnavailable(plugin.name, f"apply failed: {reason}") from e
-            log.warning("plugin %s skipped (on_plugin_error=fallback): %s", plugin.name, reason)
-            record.fallbacks[plugin.name] = reason
+            record.fallbacks[plugin.name] = _refused(plugin, e, on_error, "apply")
             continue
         finally:
             record.seconds[plugin.name] = time.perf_counter() - start

@@ -71,7 +71,7 @@ def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     proc = run_cli("-m", "sweep=scenario", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}",
                    "dataset.max_samples=12", "runtime.warmup=0", "runtime.min_iterations=1",
-                   "runtime.min_duration_s=0", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+                   "runtime.min_duration_s=0", "hydra/launcher=basic", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert proc.returncode == 0, proc.stderr[-2000:]
     _, runs = runs_of(uri)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]

@@ -105,7 +105,9 @@ def test_sweep_on_a_postgresql_store(tmp_path, postgres_uri, tiny_encoder, sts_f
 
     artifacts = tmp_path / "artifacts"
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
-                   "optimization=[],[jit]", f"tracking.artifact_location={artifacts.as_uri()}", cwd=tmp_path,
+                   "optimization=[],[jit]", f"tracking.artifact_location={artifacts.as_uri()}",
+                   "hydra/launcher=basic",  # the store is under test here; isolation is tested with sqlite/server
+                   cwd=tmp_path,
                    env={"ORCH_TRACKING_URI": postgres_uri})
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     client = MlflowClient(postgres_uri)

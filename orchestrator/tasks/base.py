@@ -10,7 +10,7 @@ from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from ..errors import ConfigError, DatasetError, ModelLoadError, first_line
+from ..errors import ConfigError, DatasetError, ModelLoadError, RunInterrupted, first_line
 
 
 @dataclass
@@ -72,6 +72,8 @@ class Task:
 
         try:
             parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), options))
+        except RunInterrupted:  # runtime.timeout_s or a signal, not a config error
+            raise
         except Exception as e:  # omegaconf names the key; keep its first line
             first = first_line(e)
             raise ConfigError(f"dataset.task_options ({cls.name}): {first}") from e
