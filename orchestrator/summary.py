@@ -251,7 +251,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     ax1.set_xlabel("throughput (rows/s)")
     ax1.set_ylabel(done[0]["metric"] or "metric")
     ax1.set_title("speed vs accuracy")
-    ax1.legend(fontsize=7, loc="best", handlelength=1, framealpha=0.8)
+    ax1.legend(fontsize=7, loc="best", handlelength=1, framealpha=0.8, markerscale=0.5)
     speed = [r for r in done if r.get("speedup")]
     xs = list(range(len(speed)))
     heights = [r["speedup"] for r in speed]

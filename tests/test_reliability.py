@@ -59,7 +59,8 @@ def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     args = ["-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
             "dataset.max_samples=10,0,12"]
-    first = run_cli(*args, cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+    # the first sweep only fills the store (in process: faster); the resumed one runs with the default launcher
+    first = run_cli(*args, "hydra/launcher=basic", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert first.returncode == 1  # max_samples=0 is invalid: one job FAILED
     second = run_cli(*args, "resume=true", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert second.returncode == 1
