@@ -46,14 +46,25 @@ class DatasetConfig:
     load_kwargs: Dict[str, Any] = field(default_factory=dict)
 
 
+class Dtype(StrEnum):
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+class AutocastDtype(StrEnum):
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
 @dataclass
 class PrecisionConfig:
     name: str = "fp32"
     # dtype the weights are cast to
-    dtype: str = "float32"
+    dtype: Dtype = Dtype.float32
     # run the forward under torch.autocast("cpu", dtype=autocast_dtype) with fp32 weights
     autocast: bool = False
-    autocast_dtype: str = "bfloat16"
+    autocast_dtype: AutocastDtype = AutocastDtype.bfloat16
 
 
 class Padding(StrEnum):
@@ -165,7 +176,6 @@ def register_configs() -> None:
                  provider="orchestrator.plugins")
 
 
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 
 
 def _require(ok: bool, key: str, value: Any, rule: str) -> None:
@@ -239,10 +249,6 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
              r.max_iterations, f"must be >= runtime.min_iterations ({r.min_iterations}) or null")
     _require(r.timeout_s is None or r.timeout_s > 0, "runtime.timeout_s", r.timeout_s, "must be > 0 or null")
     _require(r.parity_samples >= 0, "runtime.parity_samples", r.parity_samples, "must be >= 0")
-    p = rc.precision
-    _require(p.dtype in DTYPE_CHOICES, "precision.dtype", p.dtype, f"valid: {', '.join(DTYPE_CHOICES)}")
-    _require(p.autocast_dtype in ("bfloat16", "float16"), "precision.autocast_dtype", p.autocast_dtype,
-             "valid: bfloat16, float16")
     d = rc.dataset
     _require(d.max_samples is None or d.max_samples >= 1, "dataset.max_samples", d.max_samples,
              "must be >= 1 or null (all rows)")

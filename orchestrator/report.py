@@ -15,7 +15,7 @@ PERF_COLUMNS = [
     ("eval_overhead_pct", "eval overhead %", "{:.1f}"),
     ("peak_fraction_pct", "% of peak", "{:.1f}"),
     ("parity_max_abs_diff", "parity max|Δ|", "{:.2e}"),
-    ("parity_agreement", "agreement", "{:.1%}"),
+    ("parity_agreement", "agreement (sample)", "{:.1%}"),
     ("peak_rss_mb", "peak RSS MB", "{:.0f}"),
     ("stack_apply_s", "optimize s", "{:.2f}"),
 ]

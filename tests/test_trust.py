@@ -306,3 +306,15 @@ def test_one_ctrl_c_ends_the_current_isolated_job_and_the_sweep_goes_on(tmp_path
     assert [r.info.status for r in children] == ["KILLED", "FINISHED"]
     assert "spearman" in children[0].data.metrics
     assert "Ctrl-C: ending job 0 (KILLED)" in out + err
+
+
+def test_the_one_line_of_an_error_names_the_cause():
+    from orchestrator.errors import describe, first_line
+
+    coloured = RuntimeError("\x1b[31mThis is step 1 of 3\x1b[0m\n\x1b[1mTorchExportError: unsupported op aten::foo\x1b[0m\n"
+                            "  more detail")
+    assert first_line(coloured) == "TorchExportError: unsupported op aten::foo"
+    assert describe(coloured) == "RuntimeError: TorchExportError: unsupported op aten::foo"
+    assert describe(ValueError("")) == "ValueError"
+    assert describe(ConfigError("runtime.batch_size=0: must be >= 1")) == "runtime.batch_size=0: must be >= 1"
+    assert len(first_line("x" * 1000)) == 300
