@@ -18,15 +18,11 @@ import hydra
 from omegaconf import DictConfig
 
 from .config import register_configs
-from .errors import OrchestratorError, first_line
+from .errors import OrchestratorError, describe, first_line
 
 # the repository's conf/, shipped inside the package (orchestrator/conf links to it in a checkout)
 CONF_DIR = str(Path(__file__).parent / "conf")
 log = logging.getLogger("orchestrator")
-
-
-def _first(text) -> str:
-    return first_line(text)
 
 
 def _valid_keys(object_type: Any) -> Optional[str]:
@@ -51,12 +47,12 @@ def one_line(ex: BaseException) -> str:
         cause = ex
     if cause is not None:
         key = getattr(cause, "full_key", None) or ""
-        msg = _first(cause)
+        msg = first_line(cause)
         if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and key:
             valid = _valid_keys(getattr(cause, "object_type", None))
             return f"{key}: unknown key" + (f"; valid keys here: {valid}" if valid else f" ({msg})")
         return f"{key}: {msg}" if key and key not in msg else msg
-    return f"{type(ex).__name__}: {_first(ex)}" if not _first(ex).startswith(type(ex).__name__) else _first(ex)
+    return describe(ex)
 
 
 def group_options(group: str) -> list:

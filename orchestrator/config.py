@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from .errors import ConfigError, RunInterrupted, first_line
+from .errors import ConfigError, RunInterrupted, describe, first_line
 
 
 @dataclass
@@ -150,30 +150,26 @@ def register_configs() -> None:
     Plugins come from the ``orchestrator.plugins`` entry points (built-in and installed third-party alike), so
     ``optimization=[name]`` works for any installed plugin, its options are typed by its own ``Options`` dataclass
     (unknown keys and invalid choices fail while composing) and the defaults live only there."""
-    import logging
-
     from .registry import plugins, tasks
 
     cs = ConfigStore.instance()
     cs.store(name="base_config", node=RunConfig)
     # each task's options schema, pulled into a dataset file by `defaults: [{task_options: <task>}]`, so
     # `dataset.task_options.<key>=...` is typed and its defaults live only in the task's Options dataclass
-    for name in tasks.names():
-        try:
-            cs.store(group="dataset/task_options", name=name, node=tasks.get(name).Options,
-                     package="dataset.task_options", provider="orchestrator.tasks")
-        except Exception as e:
-            logging.getLogger(__name__).warning("task %r could not be loaded (%s); it cannot be chosen", name,
-                                                first_line(e))
-    for name in plugins.names():
-        try:
-            options = plugins.get(name).Options
-        except Exception as e:  # a broken third-party package must not take the CLI down
-            logging.getLogger(__name__).warning("optimization plugin %r could not be loaded (%s: %s); it cannot be "
-                                                "chosen", name, type(e).__name__, first_line(e))
-            continue
-        cs.store(group="optimization", name=name, node=options, package=f"optimization.{name}",
-                 provider="orchestrator.plugins")
+    _store_schemas(cs, tasks, "dataset/task_options", lambda name: "dataset.task_options")
+    _store_schemas(cs, plugins, "optimization", lambda name: f"optimization.{name}")
+
+
+def _store_schemas(cs: ConfigStore, registry, group: str, package) -> None:
+    """Each registered class's Options as the config group option <group>/<name>."""
+    import logging
+
+    def broken(name: str, e: Exception) -> None:  # a broken third-party package must not take the CLI down
+        logging.getLogger(__name__).warning("%s %r could not be loaded (%s); it cannot be chosen", registry.kind,
+                                            name, describe(e))
+
+    for name, cls in registry.loadable(broken).items():
+        cs.store(group=group, name=name, node=cls.Options, package=package(name), provider=registry.group)
 
 
 

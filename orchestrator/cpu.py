@@ -36,7 +36,8 @@ CAPABILITIES: Dict[str, tuple] = {
 
 @functools.lru_cache(maxsize=1)
 def _proc_cpuinfo() -> tuple:
-    model, flags = "", frozenset()
+    """(model name, flags, nominal MHz) of the first CPU in /proc/cpuinfo."""
+    model, flags, mhz = "", frozenset(), None
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
@@ -45,11 +46,16 @@ def _proc_cpuinfo() -> tuple:
                 model = value.strip()
             elif key == "flags" and not flags:
                 flags = frozenset(value.split())
-            if model and flags:
+            elif key == "cpu MHz" and mhz is None:
+                try:
+                    mhz = float(value)
+                except ValueError:
+                    pass
+            if model and flags and mhz is not None:
                 break
     except OSError:
         pass
-    return model or platform.processor() or "unknown", flags
+    return model or platform.processor() or "unknown", flags, mhz
 
 
 def model_name() -> str:
@@ -59,6 +65,10 @@ def model_name() -> str:
 def flags() -> FrozenSet[str]:
     """The CPU's own flags (/proc/cpuinfo), whatever oneDNN is capped to."""
     return _proc_cpuinfo()[1]
+
+
+def mhz() -> Optional[float]:
+    return _proc_cpuinfo()[2]
 
 
 def onednn_cap() -> Optional[str]:

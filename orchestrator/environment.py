@@ -7,7 +7,7 @@ import platform
 import subprocess
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 
 def pkg_version(name: str) -> str:
@@ -62,3 +62,25 @@ def thread_environment() -> Dict[str, str]:
     tags["cpu.affinity"] = ",".join(map(str, cpus))
     tags["cpu.available"] = str(len(cpus))
     return tags
+
+
+# set by hydra/launcher=isolated for each job process it starts (hydra_plugins/orchestrator_launcher); this module
+# imports nothing heavy, so the launcher shares these names without loading torch while Hydra scans plugins
+ISOLATED_ENV = "ORCH_ISOLATED_JOB"
+SPAWNED_AT_ENV = "ORCH_JOB_SPAWNED_AT"
+
+
+def process_tags() -> Dict[str, str]:
+    """Which OS process measured the run, and whether it was a fresh one of its own (hydra/launcher=isolated)."""
+    return {"process.pid": str(os.getpid()), "process.isolated": str(os.environ.get(ISOLATED_ENV) == "1").lower()}
+
+
+def process_startup_s(run_started: float) -> Optional[float]:
+    """Seconds from the isolated launcher starting this job's process to the run starting in it."""
+    spawned = os.environ.get(SPAWNED_AT_ENV)
+    if os.environ.get(ISOLATED_ENV) != "1" or not spawned:
+        return None
+    try:
+        return max(run_started - float(spawned), 0.0)
+    except ValueError:
+        return None

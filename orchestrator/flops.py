@@ -16,7 +16,6 @@ frequency licences move it both ways), so the fraction is an estimate, and it is
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -69,20 +68,11 @@ def batch_flops(coef: Tuple[float, float, float], rows: int, length: int) -> flo
     return rows * (c + a * length + b * length * length)
 
 
-@functools.lru_cache(maxsize=1)
 def cpu() -> Dict[str, object]:
-    flags, mhz = set(), None
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            key = key.strip()
-            if key == "flags" and not flags:
-                flags = set(value.split())
-            elif key == "cpu MHz" and mhz is None:
-                mhz = float(value)
-    except (OSError, ValueError):
-        pass
-    return {"flags": flags, "mhz": mhz}
+    """The CPU's flags and nominal clock (read once, by orchestrator/cpu.py)."""
+    from . import cpu as cpu_caps
+
+    return {"flags": set(cpu_caps.flags()), "mhz": cpu_caps.mhz()}
 
 
 def flops_per_cycle(compute: str, flags: Optional[set] = None) -> Tuple[int, str]:

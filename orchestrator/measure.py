@@ -107,12 +107,10 @@ class TimingResult:
 
     def rounds(self) -> List[tuple]:
         """(rows per batch, seconds per batch) of each round."""
-        ids = self.round_ids or [0] * len(self.latencies_s)
-        rows = self.batch_rows or [self.rows / max(len(self.latencies_s), 1)] * len(self.latencies_s)
         out = []
-        for k in sorted(set(ids)):
-            sel = [i for i, r in enumerate(ids) if r == k]
-            out.append(([rows[i] for i in sel], [self.latencies_s[i] for i in sel]))
+        for k in sorted(set(self.round_ids)):
+            sel = [i for i, r in enumerate(self.round_ids) if r == k]
+            out.append(([self.batch_rows[i] for i in sel], [self.latencies_s[i] for i in sel]))
         return out
 
     def metrics(self) -> Dict[str, float]:
@@ -164,7 +162,7 @@ def timing_rounds(step: Callable, batches: List[Batch], repeats: int, warmup: in
                            desc=f"timing {k + 1}/{repeats}" if repeats > 1 else "timing")
         out.latencies_s += part.latencies_s
         out.batch_ids += part.batch_ids
-        out.batch_rows += [batches[b].size for b in part.batch_ids]
+        out.batch_rows += part.batch_rows
         out.round_ids += [k] * len(part.latencies_s)
         out.rows += part.rows
         out.wall_s += part.wall_s

@@ -58,7 +58,7 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
     try:
         config = transformers.AutoConfig.from_pretrained(path, **common)
     except OSError as e:
-        raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: {_first_line(e)}") from e
+        raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: {first_line(e)}") from e
     task_cls.check_model(config, model_cfg.name_or_path)
     if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         # transformers 5 would quietly build an empty-vocabulary tokenizer from the config alone
@@ -68,18 +68,14 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path, **common)
     except (OSError, ValueError, TypeError) as e:
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: tokenizer could not be loaded: "
-                             f"{_first_line(e)}") from e
+                             f"{first_line(e)}") from e
     auto = getattr(transformers, task_cls.auto_class)
     try:
         model = auto.from_pretrained(path, config=config, dtype=torch.float32, **common)
     except Exception as e:  # missing, truncated or corrupt weights raise OSError, SafetensorError, RuntimeError...
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: weights could not be loaded: "
-                             f"{_first_line(e)}") from e
+                             f"{first_line(e)}") from e
     return model.eval(), tokenizer, config
-
-
-def _first_line(e: BaseException) -> str:
-    return first_line(e)
 
 
 def apply_precision(model: torch.nn.Module, precision) -> torch.nn.Module:
@@ -119,21 +115,15 @@ def build_plugins(stack: Dict[str, Any]) -> List[Plugin]:
             raise
         except Exception as e:  # omegaconf's messages name the key; keep just the first line
             key = getattr(e, "full_key", None)
-            raise ConfigError(f"optimization.{name}{'.' + key if key else ''}: {_first_line(e)}") from e
+            raise ConfigError(f"optimization.{name}{'.' + key if key else ''}: {first_line(e)}") from e
         cls.validate_options(options)
         out.append(cls(options))
     return out
 
 
-def loaded_plugins() -> List[type]:
-    """Every plugin class that loads (its process_state hook may guard process-wide state around a run)."""
-    out = []
-    for name in plugin_registry.names():
-        try:
-            out.append(plugin_registry.get(name))
-        except Exception:  # a broken third-party entry point is reported where it is chosen
-            continue
-    return out
+def plugin_classes() -> List[type]:
+    """Every registered plugin class that loads (its process_state hook may guard process-wide state)."""
+    return list(plugin_registry.loadable().values())
 
 
 def _refused(plugin: Plugin, e: Exception, on_error: str, what: str) -> str:

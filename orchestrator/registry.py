@@ -6,7 +6,7 @@ Built-ins are registered through the same entry-point groups as third-party pack
 from __future__ import annotations
 
 from importlib.metadata import entry_points
-from typing import Dict, List
+from typing import Callable, Dict, List, Optional
 
 from .errors import ConfigError
 
@@ -29,6 +29,18 @@ class Registry:
 
     def names(self) -> List[str]:
         return sorted(set(self._entry_points()) | set(self._loaded))
+
+    def loadable(self, on_error: Optional[Callable[[str, Exception], None]] = None) -> Dict[str, type]:
+        """name -> class for every registered name whose class loads; a broken third-party entry point is passed
+        to ``on_error`` (or skipped) instead of taking everything else down."""
+        out = {}
+        for name in self.names():
+            try:
+                out[name] = self.get(name)
+            except Exception as e:
+                if on_error is not None:
+                    on_error(name, e)
+        return out
 
     def get(self, name: str) -> type:
         if name in self._loaded:
@@ -61,11 +73,8 @@ class PluginRegistry(Registry):
 
     def order_hint(self) -> str:
         by_stage: Dict[int, List[str]] = {}
-        for n in self.names():
-            try:
-                by_stage.setdefault(self.get(n).stage, []).append(n)
-            except Exception:  # a broken third-party entry point must not hide the hint
-                continue
+        for n, cls in self.loadable().items():  # a broken third-party entry point must not hide the hint
+            by_stage.setdefault(cls.stage, []).append(n)
         return " -> ".join("|".join(sorted(v)) for _, v in sorted(by_stage.items())) + " (graph capture last)"
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import random
 import time
 from datetime import datetime
@@ -21,7 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import cpu, data, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, to_run_config, validate
-from .environment import available_cpus, environment_tags, pkg_version
+from .environment import available_cpus, environment_tags, pkg_version, process_startup_s, process_tags
 from .errors import RunInterrupted
 from .errors import describe as describe_error
 from .interrupts import interruptible
@@ -32,9 +31,6 @@ from .tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
-# set by hydra/launcher=isolated for the job process it starts (hydra_plugins/orchestrator_launcher)
-ISOLATED_ENV = "ORCH_ISOLATED_JOB"
-SPAWNED_AT_ENV = "ORCH_JOB_SPAWNED_AT"
 DECISIONS_FILE = "decisions.json"
 
 
@@ -80,19 +76,18 @@ def _set_threads(rc: RunConfig) -> Dict[str, float]:
     return {"threads": float(torch.get_num_threads()), "interop_threads": float(torch.get_num_interop_threads())}
 
 
-def config_digest(container: Dict[str, Any]) -> str:
-    """Identity of what a run measures: the config without where results go or how progress is shown."""
-    import hashlib
-
-    keep = {k: v for k, v in container.items() if k not in ("tracking", "resume")}
-    keep["runtime"] = {k: v for k, v in keep.get("runtime", {}).items() if k not in ("progress", "timeout_s")}
-    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def _digest(obj: Any) -> str:
     import hashlib
 
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_digest(container: Dict[str, Any]) -> str:
+    """Identity of what a run measures: the config without where results go or how progress is shown."""
+    # summary thresholds judge runs, they are not part of what a run measures
+    keep = {k: v for k, v in container.items() if k not in ("tracking", "resume", "summary")}
+    keep["runtime"] = {k: v for k, v in keep.get("runtime", {}).items() if k not in ("progress", "timeout_s")}
+    return _digest(keep)
 
 
 def comparison_keys(container: Dict[str, Any]) -> Dict[str, str]:
@@ -132,6 +127,7 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     run_name = _run_name(rc, hydra.get("choices", {}))
     stack = "+".join(rc.optimization) or "eager"
+    keys = comparison_keys(container)
 
     tags = environment_tags()
     tags.update({
@@ -142,7 +138,7 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         "precision": rc.precision.name,
         "overrides": " ".join(hydra.get("overrides", [])),
         **process_tags(),
-        **comparison_keys(container),
+        **keys,
         "run_dir": str(Path(run_dir).resolve()),
     })
     if hydra.get("job_num") is not None and hydra.get("mode") == "RunMode.MULTIRUN":
@@ -158,10 +154,10 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     results = Results(run_name=run_name, status="RUNNING", stack=stack, stack_requested=stack,
                       precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
                       run_id=tracker.run_id, tracking_uri=rc.tracking.uri if rc.tracking.enabled else None,
-                      keys=comparison_keys(container), overrides=tags["overrides"], cpu_model=tags.get("cpu.model"),
+                      keys=keys, overrides=tags["overrides"], cpu_model=tags.get("cpu.model"),
                       metrics={})
     measured = Measurement(rc, hydra, tracker, results, run_dir)
-    startup = process_startup_s(started)
+    startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
     try:
         if startup is not None:
             measured.record({"process_startup_s": startup})
@@ -171,32 +167,12 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     except BaseException as e:
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit, RunInterrupted))
         results["status"] = "KILLED" if interrupted else "FAILED"
-        results["error"] = one_line_error(e)
+        results["error"] = describe_error(e)
         tracker.set_tags({"error": results["error"]})
         raise
     finally:
         _finish(results, tracker, run_dir, measured, rc)
     return results
-
-
-def process_tags() -> Dict[str, str]:
-    """Which OS process measured the run, and whether it was a fresh one of its own (hydra/launcher=isolated)."""
-    return {"process.pid": str(os.getpid()), "process.isolated": str(os.environ.get(ISOLATED_ENV) == "1").lower()}
-
-
-def process_startup_s(run_started: float) -> Optional[float]:
-    """Seconds from the isolated launcher starting this job's process to the run starting in it."""
-    spawned = os.environ.get(SPAWNED_AT_ENV)
-    if os.environ.get(ISOLATED_ENV) != "1" or not spawned:
-        return None
-    try:
-        return max(run_started - float(spawned), 0.0)
-    except ValueError:
-        return None
-
-
-def one_line_error(e: BaseException) -> str:
-    return describe_error(e)
 
 
 def _skip(previous, run_name: str, rc: RunConfig, container: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
@@ -256,15 +232,15 @@ class Measurement:
         with measure.PeakRSS() as rss, contextlib.ExitStack() as process_hooks:
             stack = list(rc.optimization)
             # every plugin class loaded in this process may guard process-wide state around the run
-            tag_fns = [process_hooks.enter_context(cls.process_state(stack)) for cls in pipeline.loaded_plugins()]
+            tag_fns = [process_hooks.enter_context(cls.process_state(stack)) for cls in pipeline.plugin_classes()]
             self.load()
             self.featurize()
             self.reference()
-            record = self.apply_stack(plugins, early_fallbacks, [f for f in tag_fns if f is not None])
+            self.apply_stack(plugins, early_fallbacks, [f for f in tag_fns if f is not None])
             self.parity()
             self.accuracy_pass()
             timing = self.timing_pass()
-            self.count_flops(record, timing)
+            self.count_flops(timing)
         self.record({"peak_rss_mb": rss.peak_mb})
 
     def check_stack(self) -> Tuple[List[Any], Dict[str, str]]:
@@ -309,7 +285,7 @@ class Measurement:
                                                     self.par_batches, self.n_par)
         self.flop_coef = _flop_coefficients(self.model, self.batches, self.pad_id)
 
-    def apply_stack(self, plugins, early_fallbacks: Dict[str, str], tag_fns) -> pipeline.StackRecord:
+    def apply_stack(self, plugins, early_fallbacks: Dict[str, str], tag_fns) -> None:
         rc = self.rc
         t0 = time.perf_counter()
         self.model = pipeline.apply_precision(self.model, rc.precision)
@@ -355,7 +331,6 @@ class Measurement:
         self.compute = next((c for c in reversed(record.compute) if c), None) or \
             ("bf16" if torch.bfloat16 in (self.ctx.dtype, self.autocast) else "fp32")
         self.step = measure.forward_fn(self.model, self.task.head, self.autocast)
-        return record
 
     def calibration_batches(self) -> List[Dict[str, torch.Tensor]]:
         """Batches from dataset.calibration_split (e.g. the train split) for plugins that calibrate."""
@@ -407,7 +382,7 @@ class Measurement:
             self.tracker.log_metrics({"round_throughput": thr}, step=k)  # MLflow history: one point per round
         return timing
 
-    def count_flops(self, record: pipeline.StackRecord, timing: measure.TimingResult) -> None:
+    def count_flops(self, timing: measure.TimingResult) -> None:
         if self.flop_coef is None:
             return
         flop_metrics, peak_note = _flop_metrics(self.flop_coef, self.batches, timing, self.compute)

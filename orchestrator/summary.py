@@ -149,12 +149,6 @@ def assess(rows: List[Dict[str, Any]], client=None, min_accuracy_ratio: float = 
     return verdict.recommend(rows)
 
 
-def add_speedups(rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
-    """Speedup vs the eager fp32 job (kept for callers that want only that); returns the first baseline."""
-    assess(rows)
-    return next((r for r in rows if r.get("gate") == "baseline"), None)
-
-
 def _fmt(v: Any) -> str:
     if v is None:
         return "-"
@@ -205,13 +199,6 @@ def markdown(rows: List[Dict[str, Any]], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def _short(r: Dict[str, Any]) -> str:
-    label = f"{r['stack']}/{r['precision']}"
-    if r.get("swept"):
-        label += " " + _fmt(r["swept"])
-    return label
-
-
 def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
     """Speed vs accuracy with the Pareto front and the recommended job; speedups with their intervals."""
     done = [r for r in rows if r.get("throughput") and r.get("value") is not None]
@@ -232,7 +219,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
         # numbers on the points and names in the legend: labels never overlap however close the points are
         ax1.annotate(str(r["job"]), (r["throughput"], r["value"]), fontsize=8, xytext=(5, 5),
                      textcoords="offset points")
-        ax1.scatter([], [], marker="none", label=f"{r['job']}: {_short(r)}"
+        ax1.scatter([], [], marker="none", label=f"{r['job']}: {verdict.label(r)}"
                     + (" (baseline)" if is_base else "") + (" (gate fail)" if r.get("gate") == "fail" else ""))
     front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["throughput"])
     if len(front) > 1:
@@ -260,7 +247,7 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     ax2.bar(xs, heights, yerr=err, capsize=3,
             color=["black" if r.get("gate") == "baseline" else
                    ("tab:red" if r.get("gate") == "fail" else "tab:blue") for r in speed])
-    ax2.set_xticks(xs, [f"{r['job']}\n{_short(r)}" for r in speed], fontsize=7, rotation=30, ha="right")
+    ax2.set_xticks(xs, [f"{r['job']}\n{verdict.label(r)}" for r in speed], fontsize=7, rotation=30, ha="right")
     ax2.axhline(1.0, color="grey", linestyle=":", linewidth=1)
     ax2.set_ylabel("speedup vs eager fp32 (95% interval)")
     ax2.set_title("throughput ratio")
@@ -300,14 +287,8 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     tracked = rows_from_mlflow(client, parent_id) if client is not None and parent_id else []
     local = rows_from_dir(sweep_dir) if sweep_dir is not None and sweep_dir.is_dir() else []
     rows = merge_rows(tracked, local)
-    recommendation = assess(rows, client, min_accuracy_ratio, min_agreement)
-    _mark_recommended(rows, recommendation)
-    failed = sum(r["status"] != "FINISHED" for r in rows)
-    fell_back = [r["job"] for r in rows if r.get("fallback")]
-    header = cpu_header(rows)
-    out: Dict[str, Any] = {"rows": rows, "failed": failed, "parent_id": parent_id, "files": [],
-                           "recommendation": recommendation, "fell_back": fell_back, "cpu": header,
-                           "gate": {"min_accuracy_ratio": min_accuracy_ratio, "min_agreement": min_agreement}}
+    out = summary_of(rows, parent_id, assess(rows, client, min_accuracy_ratio, min_agreement))
+    failed, fell_back, header, recommendation = out["failed"], out["fell_back"], out["cpu"], out["recommendation"]
     if sweep_dir is not None and sweep_dir.is_dir():
         csv = sweep_dir / "summary.csv"
         frame(rows).to_csv(csv, index=False)
@@ -332,10 +313,11 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     return out
 
 
-def _mark_recommended(rows: List[Dict[str, Any]], recommendation: Optional[str]) -> None:
-    for r in rows:
-        r["recommended"] = bool(recommendation) and recommendation.startswith("recommended: ") and \
-            recommendation.startswith(f"recommended: job {r['job']} (")
+def summary_of(rows: List[Dict[str, Any]], parent_id: Optional[str], recommendation: Optional[str]) -> Dict[str, Any]:
+    """What print_summary shows, for assessed rows (the sweep callback and orchestrator-report alike)."""
+    return {"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent_id,
+            "files": [], "recommendation": recommendation, "cpu": cpu_header(rows),
+            "fell_back": [r["job"] for r in rows if r.get("fallback")]}
 
 
 def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) -> None:
@@ -346,7 +328,7 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
     if summary.get("parent_id"):
         title += f" (MLflow parent run {summary['parent_id']})"
     console.print(title)
-    console.print(summary.get("cpu") or cpu_header(rows), highlight=False)
+    console.print(summary["cpu"], highlight=False)
     console.print(table(rows))
     if summary.get("fell_back"):
         console.print(f"[yellow]fell back[/yellow]: job(s) {', '.join(map(str, summary['fell_back']))} ran without "
@@ -384,7 +366,5 @@ def report_main(argv: Optional[List[str]] = None) -> int:
             return 2
         rows = merge_rows(rows, [])
         parent = args.target
-    recommendation = assess(rows, client, args.min_accuracy_ratio, args.min_agreement)
-    print_summary({"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent,
-                   "recommendation": recommendation, "fell_back": [r["job"] for r in rows if r.get("fallback")]})
+    print_summary(summary_of(rows, parent, assess(rows, client, args.min_accuracy_ratio, args.min_agreement)))
     return 0

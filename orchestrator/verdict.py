@@ -114,12 +114,17 @@ def mark_pareto(rows: List[Dict[str, Any]]) -> None:
                               and (o["throughput"] > r["throughput"] or o["value"] > r["value"]) for o in peers)
 
 
-def _label(r: Dict[str, Any]) -> str:
-    label = f"{r['stack']}/{r['precision']}"
+def label(r: Dict[str, Any]) -> str:
+    """stack/precision and the swept values that set this job apart (console, plot, recommendation)."""
+    text = f"{r['stack']}/{r['precision']}"
     swept = r.get("swept")
     if swept:
-        label += " " + " ".join(f"{k}={v}" for k, v in swept.items())
-    return f"job {r['job']} ({label})"
+        text += " " + " ".join(f"{k}={v}" for k, v in swept.items())
+    return text
+
+
+def _label(r: Dict[str, Any]) -> str:
+    return f"job {r['job']} ({label(r)})"
 
 
 def _interval(r: Dict[str, Any]) -> str:
@@ -129,7 +134,10 @@ def _interval(r: Dict[str, Any]) -> str:
 
 
 def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
-    """One line: the fastest job that passes the gate with a speedup beyond noise, or why there is none."""
+    """One line: the fastest job that passes the gate with a speedup beyond noise, or why there is none.
+    The chosen rows get ``recommended=True``."""
+    for r in rows:
+        r["recommended"] = False
     workloads: List[Any] = []
     for r in rows:
         if r.get("gate") == "baseline" and r.get("workload") not in workloads:
@@ -144,6 +152,7 @@ def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
         prefix = "" if len(workloads) == 1 else f"[workload {w}] "
         if good:
             best = max(good, key=lambda r: r["throughput"])
+            best["recommended"] = True
             delta = best.get("accuracy_delta")
             agree = best.get("agreement_vs_baseline")
             lines.append(f"{prefix}recommended: {_label(best)}: {_interval(best)} vs eager fp32, "

@@ -35,10 +35,10 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
 
+from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV
+
 log = logging.getLogger(__name__)
 
-ISOLATED_ENV = "ORCH_ISOLATED_JOB"  # the same names as orchestrator.runner reads (no import: Hydra scans this early)
-SPAWNED_AT_ENV = "ORCH_JOB_SPAWNED_AT"
 DOUBLE_INTERRUPT_S = 2.0
 # after the sweep is stopped, how long a job may take to record itself KILLED before it is killed outright
 GRACE_S = 60.0
