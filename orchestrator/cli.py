@@ -11,6 +11,7 @@ import os
 import re
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Optional
 
@@ -121,6 +122,8 @@ def main() -> None:
     import hydra._internal.utils as hydra_utils
 
     register_configs()
+    # conf/hydra/launcher/submitit_slurm.yaml extends the submitit plugin's schema of the same name on purpose
+    warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
     hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
     app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
     try:

@@ -70,9 +70,19 @@ ISOLATED_ENV = "ORCH_ISOLATED_JOB"
 SPAWNED_AT_ENV = "ORCH_JOB_SPAWNED_AT"
 
 
+# where a cluster ran the job: SLURM's variables in each array task; the ORCH_RAY_* ones are set by hydra/launcher=ray
+CLUSTER_TAGS = {"SLURM_JOB_ID": "slurm.job_id", "SLURM_ARRAY_JOB_ID": "slurm.array_job_id",
+                "SLURM_ARRAY_TASK_ID": "slurm.array_task_id", "SLURMD_NODENAME": "slurm.node",
+                "SLURM_JOB_PARTITION": "slurm.partition", "ORCH_RAY_NODE_ID": "ray.node_id",
+                "ORCH_RAY_TASK_ID": "ray.task_id"}
+
+
 def process_tags() -> Dict[str, str]:
-    """Which OS process measured the run, and whether it was a fresh one of its own (hydra/launcher=isolated)."""
-    return {"process.pid": str(os.getpid()), "process.isolated": str(os.environ.get(ISOLATED_ENV) == "1").lower()}
+    """Which OS process measured the run, whether it was a fresh one of its own (hydra/launcher=isolated and the
+    cluster launchers), and which SLURM job / Ray node ran it."""
+    tags = {"process.pid": str(os.getpid()), "process.isolated": str(os.environ.get(ISOLATED_ENV) == "1").lower()}
+    tags.update({tag: os.environ[var] for var, tag in CLUSTER_TAGS.items() if os.environ.get(var)})
+    return tags
 
 
 def process_startup_s(run_started: float) -> Optional[float]:
