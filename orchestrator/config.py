@@ -35,6 +35,9 @@ class DatasetConfig:
     max_samples: Optional[int] = None
     # split that calibrating plugins (static int8) read batches from; never the evaluated split by default
     calibration_split: Optional[str] = None
+    # files the calibration split is read from when they are not the evaluated ones (a train file beside a dev
+    # file); null: data_files
+    calibration_data_files: Any = None
     calibration_samples: int = 256
     # registered task name; decides preprocessing, head and metric
     task: str = MISSING

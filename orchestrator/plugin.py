@@ -54,6 +54,8 @@ class PluginContext:
     following: list = field(default_factory=list)
     # optional: more batches like example_batch (same keys), for plugins that calibrate (static int8)
     calibration_batches: list = field(default_factory=list)
+    # dataset.calibration_split (known before the model loads; the batches come later): static int8 needs it
+    calibration_split: Optional[str] = None
     # the transformers config and tokenizer of the loaded model (None before the model loads)
     hf_config: Any = None
     tokenizer: Any = None
@@ -84,6 +86,10 @@ class Plugin:
     stage: ClassVar[int] = STAGE_TRANSFORM
     # names this plugin cannot be stacked with
     conflicts: ClassVar[tuple] = ()
+    # why the plugin must be the whole stack, e.g. "runs the whole model in its own runtime" (ONNX Runtime,
+    # OpenVINO: nothing done to the torch model before it carries over, nothing after it has a torch model to
+    # work on); empty: it stacks by the stage and conflict rules
+    runs_alone: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions
     # distributions whose versions the run records (tags version.<name>) when this plugin is in the stack
     packages: ClassVar[tuple] = ()
@@ -120,6 +126,11 @@ class Plugin:
     def artifacts(self) -> List[Path]:
         """Files the plugin produced (in ``ctx.run_dir``), logged under ``plugins/<name>/``."""
         return list(self._artifacts)
+
+    def wants_calibration(self) -> bool:
+        """True when ``apply`` reads ``ctx.calibration_batches`` (static int8): only then does the runner load
+        and tokenize ``dataset.calibration_split``."""
+        return False
 
     def compute_precision(self, ctx: PluginContext) -> Optional[str]:
         """The unit the optimized model computes on (fp32, bf16, int8) when the plugin decides it; None: the

@@ -58,6 +58,12 @@ class PluginRegistry(Registry):
         """Order and combination rules, checked before any model is loaded."""
         classes = [self.get(n) for n in stack]
         shown = f"optimization=[{','.join(stack)}]"
+        alone = [c for c in classes if getattr(c, "runs_alone", "")]
+        if alone and len(stack) > 1:
+            cls = alone[0]
+            others = [n for n in stack if n != cls.name]
+            raise ConfigError(f"{shown}: '{cls.name}' {cls.runs_alone}; it cannot be stacked with {', '.join(others)} "
+                              f"(use optimization=[{cls.name}] alone)")
         for cls in classes:
             for other in cls.conflicts:
                 if other in stack:

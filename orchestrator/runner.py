@@ -250,7 +250,7 @@ class Measurement:
         plugins = pipeline.build_plugins(rc.optimization)
         ctx = PluginContext(task=rc.dataset.task, dtype=pipeline.DTYPES[rc.precision.dtype],
                             autocast_dtype=pipeline.autocast_dtype(rc.precision), example_batch={},
-                            threads=torch.get_num_threads())
+                            threads=torch.get_num_threads(), calibration_split=rc.dataset.calibration_split)
         return pipeline.check_stack(plugins, ctx, rc.runtime.on_plugin_error)
 
     def load(self) -> None:
@@ -292,7 +292,8 @@ class Measurement:
         self.autocast = pipeline.autocast_dtype(rc.precision)
         self.ctx = PluginContext(task=self.task.name, dtype=pipeline.DTYPES[rc.precision.dtype],
                                  autocast_dtype=self.autocast, example_batch=self.batches[0].inputs,
-                                 threads=torch.get_num_threads(), calibration_batches=self.calibration_batches(),
+                                 threads=torch.get_num_threads(), calibration_batches=self.calibration_batches(plugins),
+                                 calibration_split=rc.dataset.calibration_split,
                                  hf_config=self.hf_config, tokenizer=self.tokenizer, run_dir=self.run_dir)
         self.model, record = pipeline.apply_stack(self.model, plugins, self.ctx, rc.runtime.on_plugin_error)
         record.fallbacks = {**early_fallbacks, **record.fallbacks}
@@ -332,13 +333,14 @@ class Measurement:
             ("bf16" if torch.bfloat16 in (self.ctx.dtype, self.autocast) else "fp32")
         self.step = measure.forward_fn(self.model, self.task.head, self.autocast)
 
-    def calibration_batches(self) -> List[Dict[str, torch.Tensor]]:
-        """Batches from dataset.calibration_split (e.g. the train split) for plugins that calibrate."""
-        if not self.rc.dataset.calibration_split:
+    def calibration_batches(self, plugins) -> List[Dict[str, torch.Tensor]]:
+        """Batches from dataset.calibration_split (e.g. the train split), loaded only for plugins that calibrate."""
+        if not self.rc.dataset.calibration_split or not any(p.wants_calibration() for p in plugins):
             return []
         import dataclasses
 
-        cfg = dataclasses.replace(self.rc.dataset, split=self.rc.dataset.calibration_split,
+        d = self.rc.dataset
+        cfg = dataclasses.replace(d, split=d.calibration_split, data_files=d.calibration_data_files or d.data_files,
                                   max_samples=self.rc.dataset.calibration_samples)
         return [b.inputs for b in self.batches_of(self.task.featurize(data.load(cfg)).rows, False)]
 

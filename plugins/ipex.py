@@ -221,6 +221,9 @@ class IpexPlugin(Plugin):
 
             raise ConfigError(f"optimization.ipex.calibration_batches={o.calibration_batches}: must be >= 1")
 
+    def wants_calibration(self) -> bool:
+        return self.options.int8 == "static"
+
     def check(self, ctx: PluginContext) -> None:
         o = self.options
         problem = environment_problem()
