@@ -36,7 +36,7 @@ def parallel_warning(launcher: Any) -> Optional[str]:
     if target.endswith("ray_launcher.RayLauncher"):
         return ("hydra/launcher=ray runs jobs side by side (one per free CPU by default): on a shared node they "
                 "compete for cores and memory bandwidth, so latency, throughput and speedup are distorted. For timing "
-                "sweeps give each job a whole node (+hydra.launcher.ray.remote.num_cpus=<cores per node>)")
+                "sweeps give each job a whole node (hydra.launcher.num_cpus=<cores per node>)")
     return None
 
 
