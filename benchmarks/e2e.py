@@ -63,6 +63,17 @@ QA_VARIANTS: Dict[str, List[str]] = {
     "fused_linear+jit bf16 sorted b8 pad%32": ["precision=bf16", "optimization=[fused_linear,jit]", *SORTED,
                                                "runtime.pad_to_multiple_of=32"],
     "compile bf16 sorted b8": ["precision=bf16", "optimization=[compile]", *SORTED],
+    # engines (extras onnxruntime/openvino/pt2e): the whole model exported once with dynamic batch and width
+    "onnxruntime fp32 sorted b8": ["precision=fp32", "optimization=[onnxruntime]", *SORTED],
+    "onnxruntime int8 dynamic sorted b8": ["precision=fp32", "optimization=[onnxruntime]",
+                                           "optimization.onnxruntime.int8=dynamic", *SORTED],
+    "openvino fp32 sorted b8": ["precision=fp32", "optimization=[openvino]", *SORTED],
+    "openvino bf16 sorted b8": ["precision=bf16", "optimization=[openvino]", *SORTED],
+    "openvino bf16 sorted b8 pad%32": ["precision=bf16", "optimization=[openvino]", *SORTED,
+                                       "runtime.pad_to_multiple_of=32"],
+    "openvino int8 weights bf16 sorted b8": ["precision=bf16", "optimization=[openvino]",
+                                             "optimization.openvino.int8=weights", *SORTED],
+    "pt2e int8 dynamic sorted b8": ["precision=fp32", "optimization=[pt2e]", *SORTED],
 }
 # only in the IPEX environment (torch 2.8 + intel-extension-for-pytorch 2.8, docs/ipex.md). Importing IPEX
 # registers its TorchScript fusion passes for the whole process; the runner switches them off for runs whose
@@ -86,6 +97,16 @@ SST2_VARIANTS: Dict[str, List[str]] = {
                                          "runtime.batch_size=64"],
     "bettertransformer bf16 sorted b64": ["precision=bf16", "optimization=[bettertransformer]", *SORTED,
                                           "runtime.batch_size=64"],
+    "onnxruntime fp32 sorted b64": ["precision=fp32", "optimization=[onnxruntime]", *SORTED, "runtime.batch_size=64"],
+    "onnxruntime int8 dynamic sorted b64": ["precision=fp32", "optimization=[onnxruntime]",
+                                            "optimization.onnxruntime.int8=dynamic", *SORTED, "runtime.batch_size=64"],
+    "openvino fp32 sorted b64": ["precision=fp32", "optimization=[openvino]", *SORTED, "runtime.batch_size=64"],
+    "openvino bf16 sorted b64": ["precision=bf16", "optimization=[openvino]", *SORTED, "runtime.batch_size=64"],
+    # calibrated on sst2_train.tsv (dataset=sst2 sets calibration_split / calibration_data_files)
+    "openvino int8 static sorted b64": ["precision=fp32", "optimization=[openvino]",
+                                        "optimization.openvino.int8=static", *SORTED, "runtime.batch_size=64"],
+    "pt2e int8 static sorted b64": ["precision=fp32", "optimization=[pt2e]", "optimization.pt2e.mode=static",
+                                    *SORTED, "runtime.batch_size=64"],
 }
 
 

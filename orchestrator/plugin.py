@@ -14,7 +14,7 @@ its config schema (registered as ``optimization/<name>``: the one place its defa
    head reads (``last_hidden_state``, ``logits``, ``start_logits``/``end_logits``): a transformers ``ModelOutput``
    or a plain dict, on CPU, ``[batch, width, ...]`` or ``[batch, ...]``. Widths vary between batches unless
    ``runtime.padding=max_length``; the runner calls it under ``torch.inference_mode()`` (and autocast when
-   ``ctx.autocast``). It may be an ``nn.Module`` or anything else (an ONNX Runtime or OpenVINO session wrapper).
+   ``ctx.autocast``). It may be an ``nn.Module`` or anything else (a wrapper around another runtime's session).
 4. After ``apply``, the runner reads what the plugin reports: ``describe()`` -> MLflow tags
    ``plugin.<name>.<key>``; ``metrics()`` -> metrics ``plugin_<name>_<key>`` (export time, file size, ...; a
    ``model_size_mb`` entry stands in for the run's ``model_size_mb`` when the result holds no torch parameters);
@@ -86,8 +86,8 @@ class Plugin:
     stage: ClassVar[int] = STAGE_TRANSFORM
     # names this plugin cannot be stacked with
     conflicts: ClassVar[tuple] = ()
-    # why the plugin must be the whole stack, e.g. "runs the whole model in its own runtime" (ONNX Runtime,
-    # OpenVINO: nothing done to the torch model before it carries over, nothing after it has a torch model to
+    # why the plugin must be the whole stack, e.g. "runs the whole model in its own runtime" (an inference
+    # engine: nothing done to the torch model before it carries over, nothing after it has a torch model to
     # work on); empty: it stacks by the stage and conflict rules
     runs_alone: ClassVar[str] = ""
     Options: ClassVar[type] = NoOptions

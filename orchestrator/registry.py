@@ -79,9 +79,14 @@ class PluginRegistry(Registry):
 
     def order_hint(self) -> str:
         by_stage: Dict[int, List[str]] = {}
+        alone = []
         for n, cls in self.loadable().items():  # a broken third-party entry point must not hide the hint
-            by_stage.setdefault(cls.stage, []).append(n)
-        return " -> ".join("|".join(sorted(v)) for _, v in sorted(by_stage.items())) + " (graph capture last)"
+            if getattr(cls, "runs_alone", ""):
+                alone.append(n)
+            else:
+                by_stage.setdefault(cls.stage, []).append(n)
+        hint = " -> ".join("|".join(sorted(v)) for _, v in sorted(by_stage.items())) + " (graph capture last"
+        return hint + (f"; {', '.join(sorted(alone))} run alone)" if alone else ")")
 
 
 plugins = PluginRegistry("orchestrator.plugins", "optimization plugin")

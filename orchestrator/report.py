@@ -4,6 +4,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 # (metric key, column title, format)
@@ -44,9 +45,10 @@ def print_results(results: Dict[str, Any], task_metrics: List[str], console: Opt
                   f"precision={results.get('precision', '?')} [{results.get('status', '?')}]")
     console.print(results_table(results, task_metrics))
     if results.get("error"):
-        console.print(f"[red]error:[/red] {results['error']}")
+        # escaped: an error quoting optimization=[a,b] must not be read as rich markup; one line, unwrapped
+        console.print(f"[red]error:[/red] {escape(str(results['error']))}", soft_wrap=True)
     if results.get("tracking_error"):
-        console.print(f"[yellow]MLflow tracking failed[/yellow] ({results['tracking_error']}); "
+        console.print(f"[yellow]MLflow tracking failed[/yellow] ({escape(str(results['tracking_error']))}); "
                       f"results are in {results.get('run_dir')}/results.json")
     elif results.get("run_id"):
         console.print(f"MLflow run {results['run_id']} in {results.get('tracking_uri')}")

@@ -110,6 +110,10 @@ class Results(dict):
 
 def _quiet_libraries() -> None:
     """Per-file progress bars of transformers/datasets drown the run's own output."""
+    # transformers imports torchao whenever it is installed; torchao then warns that its CUDA-only kernels
+    # (_C_mxfp8, _C_cutlass_90a) do not load and torch's pytree warns about its enums: nothing a CPU run uses
+    for name in ("torchao", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     import datasets
     import transformers
 

@@ -36,6 +36,9 @@ class CompileOptions:
     freezing: bool = True
     # compile for more shapes inside apply() (a shorter sequence, a smaller batch) unless dynamic=false
     warm_shapes: bool = True
+    # with dynamic=null: mark batch and sequence dimensions dynamic on the first call, so one symbolic graph
+    # serves every width of length-sorted batches (no static compile first, no recompile at the next width)
+    mark_dynamic: bool = True
 
 
 def _variants(batch: Dict[str, torch.Tensor], dynamic: Optional[bool]) -> List[Dict[str, torch.Tensor]]:
@@ -49,6 +52,24 @@ def _variants(batch: Dict[str, torch.Tensor], dynamic: Optional[bool]) -> List[D
     if b > 1:  # contiguous like the runner's batches, or the stride guards fail and it compiles again
         out.append({k: v[:b - 1].contiguous() for k, v in batch.items()})
     return out
+
+
+def _marked(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Copies of the batch's tensors with batch and sequence dimensions marked dynamic for dynamo."""
+    out = {}
+    for k, v in batch.items():
+        t = v.clone()
+        for dim in range(min(t.dim(), 2)):
+            if t.shape[dim] >= 2:  # dynamo specialises sizes 0 and 1 whatever is marked
+                torch._dynamo.mark_dynamic(t, dim)
+        out[k] = t
+    return out
+
+
+def _graph_count() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 class CompilePlugin(Plugin):
@@ -84,6 +105,10 @@ class CompilePlugin(Plugin):
         compiled = torch.compile(model, backend="inductor", fullgraph=o.fullgraph, dynamic=o.dynamic,
                                  options=self._compile_options())
         shapes = _variants(ctx.example_batch, o.dynamic) if o.warm_shapes else [ctx.example_batch]
+        marked = o.dynamic is None and o.mark_dynamic
+        if marked:
+            shapes[0] = _marked(ctx.example_batch)
+        graphs_before = _graph_count()
         seconds = []
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -104,5 +129,8 @@ class CompilePlugin(Plugin):
             "first_call_s": f"{seconds[0]:.2f}",
             "warm_shapes": ";".join("x".join(str(s) for s in b["input_ids"].shape) for b in shapes),
             "steady_call_s": f"{steady:.4f}",
+            "mark_dynamic": str(marked),
+            # graphs dynamo compiled for the warm shapes: 1 when one symbolic graph serves them all
+            "graphs": str(_graph_count() - graphs_before),
         }
         return compiled

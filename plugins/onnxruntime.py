@@ -152,7 +152,8 @@ class OnnxRuntimePlugin(Plugin):
     def _export(self, module, example, inputs: List[str], outputs: List[str], path: Path) -> None:
         args = tuple(example[k] for k in inputs)
         # the exporters log per-op warnings (and onnxscript's optimizer progress) the user cannot act on
-        with warnings.catch_warnings(), quiet_loggers("torch.onnx", "onnxscript", "torch.export", "torch._dynamo"), \
+        with warnings.catch_warnings(), quiet_loggers("torch.onnx", "onnxscript", "onnx_ir", "torch.export",
+                                                                "torch._dynamo"), \
                 quiet_transformers():
             warnings.simplefilter("ignore")
             if self.options.exporter == Exporter.dynamo:

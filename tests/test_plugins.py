@@ -351,7 +351,7 @@ def test_compile_mode_is_validated():
 @pytest.mark.parametrize("stack, message", [
     ("[jit,bettertransformer]", r"optimization=\[jit,bettertransformer\]: 'bettertransformer' must come before "
                                 r"'jit'; valid order: .*bettertransformer\|fused_linear\|quantize -> compile\|jit "
-                                r"\(graph capture last\)"),
+                                r"\(graph capture last; onnxruntime, openvino, pt2e run alone\)"),
     ("[compile,quantize]", r"'quantize' must come before 'compile'; valid order: "),
     ("[compile,jit]", r"optimization=\[compile,jit\]: 'compile' and 'jit' cannot be combined; choose one"),
     ("[quantize,bettertransformer]", r"'quantize' and 'bettertransformer' cannot be combined"),
@@ -433,4 +433,20 @@ def test_compile_end_to_end(compose, tiny_encoder, sts_file, tracking_uri):
     assert results["applied"] == ["compile"] and results["metrics"]["parity_max_abs_diff"] <= 1e-4
     tags, metrics = tags_and_metrics(tracking_uri, results["run_id"])
     assert float(tags["plugin.compile.compile_s"]) > 0 and metrics["plugin_compile_s"] > 0
+    torch._dynamo.reset()
+
+
+def test_compile_marks_batch_and_width_dynamic_so_one_graph_serves_every_width(tiny_classifier):
+    model = load(tiny_classifier, "classification")
+    batch = padded_batch([12, 5, 9, 3])
+    plugin = CompilePlugin(CompileOptions(freezing=False))
+    compiled = plugin.apply(model, ctx_for(batch))
+    d = plugin.describe()
+    assert d["mark_dynamic"] == "True" and d["graphs"] == "1"  # the warm shapes reused the symbolic graph
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    for other in (padded_batch([4, 10, 7], seed=2), padded_batch([6, 6], seed=3)):
+        assert float((forward(compiled, other, "logits") - forward(model, other, "logits")).abs().max()) <= 1e-4
+    assert counters["stats"]["unique_graphs"] == before  # new widths and batch sizes: no recompile
     torch._dynamo.reset()
