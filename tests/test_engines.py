@@ -270,3 +270,31 @@ def test_stack_with_an_engine_is_refused_before_loading(compose, tmp_path, track
     with pytest.raises(ConfigError, match=r"'openvino' runs the whole model"):
         run_(compose("dataset=sts_smoke", "optimization=[openvino,compile]", f"tracking.uri={tracking_uri}"))
     assert not any(Path(tmp_path).rglob("model.xml"))
+
+
+# ---- recipes and the engine sweeps ---------------------------------------------------------------------------
+
+
+RECIPES = {"eager_fp32": ([], "fp32"), "eager_bf16": ([], "bf16"), "jit_bf16": (["jit"], "bf16"),
+           "compile_bf16": (["compile"], "bf16"), "onnxruntime_fp32": (["onnxruntime"], "fp32"),
+           "onnxruntime_int8": (["onnxruntime"], "fp32"), "openvino_fp32": (["openvino"], "fp32"),
+           "openvino_bf16": (["openvino"], "bf16"), "openvino_int8": (["openvino"], "fp32"),
+           "pt2e_int8": (["pt2e"], "fp32")}
+
+
+def test_recipes_name_a_stack_precision_and_options(compose):
+    from omegaconf import OmegaConf
+
+    from orchestrator.config import validate
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    assert {p.stem for p in (conf / "recipe").glob("*.yaml")} == set(RECIPES)
+    for name, (stack, precision) in RECIPES.items():
+        rc = validate(compose(f"recipe={name}", "experiment=sst2_minilm"))
+        assert list(rc.optimization) == stack and rc.precision.name == precision, name
+    rc = validate(compose("recipe=onnxruntime_int8"))
+    assert rc.optimization["onnxruntime"]["int8"] == "dynamic"
+    assert validate(compose("recipe=openvino_int8")).optimization["openvino"]["int8"] == "weights"
+    for preset in ("engines", "engines_bf16"):
+        swept = OmegaConf.load(conf / "sweep" / f"{preset}.yaml").hydra.sweeper.params.recipe.split(",")
+        assert set(swept) <= set(RECIPES) and swept[0] == "eager_fp32"  # the baseline job first

@@ -19,6 +19,10 @@ from orchestrator.config import validate
 from orchestrator.errors import ConfigError
 from orchestrator.runner import run
 
+import importlib.util
+
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
+
 
 def runs_of(uri: str):
     client = MlflowClient(uri)
@@ -218,7 +222,9 @@ def default_sweep(tmp_path_factory, lossy_package):
                       for _ in range(60)])
     uri = f"sqlite:///{tmp / 'store.db'}"
     env = {"PYTHONPATH": os.pathsep.join([str(lossy_package), os.environ.get("PYTHONPATH", "")])}
-    proc = run_cli("-m", *cls_overrides(model, data, uri), "optimization=[],[jit],[lossy]", cwd=tmp, env=env)
+    # an engine beside them when its extra is installed: its job must pass the gate like any fp32 stack
+    stacks = "[],[jit],[lossy]" + (",[openvino]" if HAS_OPENVINO else "")
+    proc = run_cli("-m", *cls_overrides(model, data, uri), f"optimization={stacks}", cwd=tmp, env=env)
     return proc, uri
 
 
@@ -228,9 +234,10 @@ def test_default_sweep_runs_every_job_in_its_own_process(default_sweep):
     assert proc.returncode == 0, proc.stderr[-3000:]
     _, runs = runs_of(uri)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(children) == 3
+    jobs = 4 if HAS_OPENVINO else 3
+    assert len(children) == jobs
     pids = {r.data.tags["process.pid"] for r in children}
-    assert len(pids) == 3 and str(os.getpid()) not in pids
+    assert len(pids) == jobs and str(os.getpid()) not in pids
     assert all(r.data.tags["process.isolated"] == "true" for r in children)
     assert all(r.data.metrics["process_startup_s"] > 0 for r in children)
     assert "each in a fresh process (hydra/launcher=isolated)" in proc.stdout + proc.stderr
@@ -249,8 +256,11 @@ def test_default_sweep_gates_the_lossy_job_and_recommends(default_sweep):
     assert table.loc["jit", "gate"] == "pass" and table.loc["jit", "agreement_vs_baseline"] == 1.0
     assert table.loc["jit", "speedup_ci_low"] <= table.loc["jit", "speedup"] <= table.loc["jit", "speedup_ci_high"]
     assert table.loc["lossy", "gate"] == "fail" and "agreement" in table.loc["lossy", "gate_reason"]
+    if HAS_OPENVINO:
+        assert table.loc["openvino", "gate"] == "pass" and table.loc["openvino", "agreement_vs_baseline"] == 1.0
     recommendation = parent.data.tags["recommendation"]
-    assert recommendation.startswith(("recommended: job 1 (jit/fp32)", "no recommendation: nothing beat eager"))
+    assert recommendation.startswith(("recommended: job 1 (jit/fp32)", "recommended: job 3 (openvino/fp32)",
+                                      "no recommendation: nothing beat eager"))
     assert "lossy" not in recommendation.split("(fastest")[0]
     assert recommendation in proc.stdout.replace("\n", " ") or recommendation[:60] in proc.stdout
     assert f"CPU: {cpu.model_name()}" in proc.stdout
