@@ -47,6 +47,8 @@ STACKS = {
     "eager": [], "jit": ["jit"], "bettertransformer": ["bettertransformer"], "compile": ["compile"],
     "quantize": ["quantize"], "quantize+jit": ["quantize", "jit"], "bettertransformer+jit": ["bettertransformer", "jit"],
     "fused_linear": ["fused_linear"], "fused_linear+jit": ["fused_linear", "jit"],
+    # engines (extras onnxruntime/openvino/pt2e); a precision an engine cannot run is listed with its reason
+    "onnxruntime": ["onnxruntime"], "openvino": ["openvino"], "pt2e": ["pt2e"],
 }
 PRECISIONS = {"fp32": (torch.float32, None), "bf16": (torch.bfloat16, None),
               "bf16_autocast": (torch.float32, torch.bfloat16)}
@@ -145,7 +147,7 @@ def build_variant(w: Workload, stack_name: str, precision: str, compile_opts: Di
     if dtype != torch.float32:
         model = model.to(dtype)
     ctx = PluginContext(task=w.name, dtype=dtype, autocast_dtype=ac, example_batch=w.batches[0].inputs,
-                        threads=torch.get_num_threads())
+                        threads=torch.get_num_threads(), run_dir=Path(tempfile.mkdtemp(prefix="stacks-")))
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings():
