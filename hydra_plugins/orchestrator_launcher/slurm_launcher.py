@@ -18,7 +18,7 @@ structured configs in Hydra's search path, and Hydra merges the plugin's schema 
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, filter_overrides, setup_globals
