@@ -207,6 +207,52 @@ def test_slurm_resume_reruns_only_the_cancelled_job(server, slurm_cancelled, tin
     assert [r["status"] for r in summary_rows(sweep_dir)] == ["FINISHED", "FINISHED"]
 
 
+def test_a_job_the_cluster_lost_is_recorded_and_summarised(server, tmp_path, monkeypatch):
+    """The path for a job that never returns (cancelled while pending, killed after KillWait, a Ray worker or node
+    gone): the launching process ends its RUNNING child run, or creates one if the job never started, and writes
+    its results.json, so the summary counts it and the sweep exits 1."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+    from omegaconf import open_dict
+
+    from conftest import CONF_DIR
+    from hydra_plugins.orchestrator_launcher import _remote
+    from orchestrator.config import register_configs
+    from orchestrator.summary import summarize_sweep
+    from orchestrator.tracking import PARENT_RUN_ENV
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+            cfg = compose(config_name="config", return_hydra_config=True,
+                          overrides=["tracking=server", f"tracking.uri={server}", "tracking.experiment=lost",
+                                     f"hydra.sweep.dir={tmp_path / 'sweep'}", "optimization=[jit]"])
+    finally:
+        GlobalHydra.instance().clear()
+    client = MlflowClient(server)
+    exp_id = client.create_experiment("lost")
+    parent = client.create_run(exp_id, run_name="sweep-lost", tags={"sweep": "true"}).info.run_id
+    monkeypatch.setenv(PARENT_RUN_ENV, parent)
+    # job 0 started its run and was killed hard; job 1 never started
+    running = client.create_run(exp_id, tags={"mlflow.parentRunId": parent, "job_num": "0"}).info.run_id
+    for idx, reason in ((0, "its process ended (signal SIGKILL) before the job returned"),
+                        (1, "SLURM job 7_1 ended CANCELLED by 0 before the job returned")):
+        with open_dict(cfg):
+            cfg.hydra.job.num = idx
+        ret = _remote.record_lost_job(cfg, idx, ["optimization=[jit]"], _remote.lost_status(reason.split()[4])
+                                      if idx else "FAILED", reason)
+        assert ret.return_value["status"] in ("FAILED", "KILLED")
+    assert client.get_run(running).info.status == "FAILED"
+    children = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and tags.job_num = '1'")
+    assert len(children) == 1 and children[0].info.status == "KILLED"
+    assert children[0].data.tags["stack"] == "jit" and "CANCELLED" in children[0].data.tags["error"]
+    assert json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())["status"] == "KILLED"
+    summary = summarize_sweep(client, parent, tmp_path / "sweep")
+    assert summary["failed"] == 2 and [r["status"] for r in summary["rows"]] == ["FAILED", "KILLED"]
+    assert client.get_run(parent).info.status == "FAILED"
+
+
 # -- Ray --------------------------------------------------------------------------------------------------------
 def _listeners() -> List["tuple[str, set]"]:
     out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
