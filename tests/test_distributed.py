@@ -165,7 +165,7 @@ def test_slurm_jobs_are_array_tasks_nested_under_the_parent(server, slurm_cancel
     # one sbatch array, one task per job, each job in a fresh process of its own on the node SLURM chose
     assert {c.data.tags["slurm.array_job_id"] for c in children} == {slurm_cancelled["cancelled"].split("_")[0]}
     assert [c.data.tags["slurm.array_task_id"] for c in children] == ["0", "1"]
-    assert all(c.data.tags["slurm.node"] == "localhost" and c.data.tags["slurm.job_id"] for c in children)
+    assert all(c.data.tags["slurm.node"] and c.data.tags["slurm.job_id"] for c in children)
     for c in children:
         check_where_it_ran(c)
     assert children[0].info.status == "FINISHED" and children[0].data.metrics["throughput"] > 0
