@@ -149,6 +149,9 @@ class OpenVinoPlugin(Plugin):
             res = request.infer(feed, share_outputs=False)
             return [res[port] for port in compiled.outputs]
 
+        # one call now: a kernel OpenVINO cannot create here fails inside apply (one line, fallback possible),
+        # not in the middle of the accuracy pass
+        run({k: example[k].numpy() for k in kept})
         streams = compiled.get_property("NUM_STREAMS")
         self._metrics = {**watch.seconds, "model_size_mb": file_mb(xml, xml.with_suffix(".bin"))}
         self._details = {

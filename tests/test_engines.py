@@ -9,6 +9,7 @@ Real-model accuracy (SST-2, STS-B in ../shared) is in test_engines_reference.py.
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,9 @@ def int8_ok(out, model, batch):
 @pytest.mark.parametrize("name,options", [
     pytest.param("onnxruntime", {"int8": "dynamic"}, marks=needs_ort, id="onnxruntime-dynamic"),
     pytest.param("onnxruntime", {"int8": "static"}, marks=needs_ort, id="onnxruntime-static"),
-    pytest.param("openvino", {"int8": "weights"}, marks=needs_ov, id="openvino-weights"),
+    pytest.param("openvino", {"int8": "weights"}, id="openvino-weights", marks=[needs_ov, pytest.mark.skipif(
+        bool(os.environ.get("ONEDNN_MAX_CPU_ISA")), reason="under ONEDNN_MAX_CPU_ISA on an AVX-512 CPU OpenVINO's "
+        "int8-weight FullyConnected finds no primitive (seen on AMD Zen 5); a real AVX2 CPU is not checked here")]),
     pytest.param("openvino", {"int8": "static"}, marks=needs_ov, id="openvino-static"),
 ])
 def test_int8_engines_stay_close_and_say_how_they_calibrated(tiny_models, tmp_path, name, options):
