@@ -130,9 +130,9 @@ needs_slurm = pytest.mark.skipif(slurm_state() is not None, reason=str(slurm_sta
 
 
 def slurm_args(model: Path, data: Path, url: str, *extra: str) -> List[str]:
-    # job 0 is quick; job 1's timing pass lasts 20 s, long enough to be cancelled in the middle of it
+    # job 0 is quick; job 1's timing pass lasts 12 s, long enough to be cancelled in the middle of it
     return [f"model.name_or_path={model}", f"dataset.data_files={data}", "runtime=quick", "runtime.repeats=1",
-            "runtime.max_iterations=null", "runtime.min_duration_s=0,20", "tracking=server", f"tracking.uri={url}",
+            "runtime.max_iterations=null", "runtime.min_duration_s=0,12", "tracking=server", f"tracking.uri={url}",
             "tracking.experiment=slurm", "hydra/launcher=submitit_slurm", "hydra.launcher.timeout_min=5", *extra]
 
 
