@@ -18,6 +18,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
+from . import allowlist
 from .config import register_configs
 from .errors import OrchestratorError, describe, first_line
 
@@ -122,6 +123,8 @@ def main() -> None:
     import hydra._internal.utils as hydra_utils
 
     register_configs()
+    # hydra.callbacks / logging configs can name any callable: only the allowlisted ones run (orchestrator/allowlist.py)
+    allowlist.install()
     # conf/hydra/launcher/submitit_slurm.yaml extends the submitit plugin's schema of the same name on purpose
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
     hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
