@@ -23,6 +23,9 @@ class ModelConfig:
     # executing code shipped with a checkpoint is opt-in, never implied
     trust_remote_code: bool = False
     local_files_only: bool = False
+    # a checkpoint without the task's head (an encoder for QA) gets a random head, whose accuracy means nothing:
+    # refused unless set (then measure speed only; the run is tagged model.random_head=true)
+    allow_random_head: bool = False
 
 
 @dataclass

@@ -59,7 +59,8 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
         config = transformers.AutoConfig.from_pretrained(path, **common)
     except OSError as e:
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: {first_line(e)}") from e
-    task_cls.check_model(config, model_cfg.name_or_path)
+    if not model_cfg.allow_random_head:  # else the weights check below tags the run random-head
+        task_cls.check_model(config, model_cfg.name_or_path)
     if Path(path).is_dir() and not any((Path(path) / f).exists() for f in TOKENIZER_FILES):
         # transformers 5 would quietly build an empty-vocabulary tokenizer from the config alone
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: tokenizer could not be loaded: none "
@@ -70,12 +71,52 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: tokenizer could not be loaded: "
                              f"{first_line(e)}") from e
     auto = getattr(transformers, task_cls.auto_class)
+    from transformers.utils import logging as hf_logging
+
+    # transformers prints a multi-line LOAD REPORT for missing/unexpected weights; the run records it as
+    # load_report.json instead and decides below what it means for the task
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
     try:
-        model = auto.from_pretrained(path, config=config, dtype=torch.float32, **common)
+        model, info = auto.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
+                                           **common)
     except Exception as e:  # missing, truncated or corrupt weights raise OSError, SafetensorError, RuntimeError...
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: weights could not be loaded: "
                              f"{first_line(e)}") from e
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    report = {k: sorted(map(str, v)) for k, v in info.items()}
+    report["random_head"] = check_weights(model, report, model_cfg, task_cls)
+    model.load_report = report
     return model.eval(), tokenizer, config
+
+
+def _few(keys: List[str], n: int = 3) -> str:
+    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def check_weights(model, report: Dict[str, List[str]], model_cfg, task_cls) -> bool:
+    """Refuse a model whose weights would be newly initialized where the task reads them (a config beside
+    another architecture's weights; an encoder checkpoint under a task head). True: the head is random, allowed."""
+    name = f"model.name_or_path={model_cfg.name_or_path!r}"
+    missing = report.get("missing_keys", [])
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    has_head = task_cls.auto_class != "AutoModel" and prefix and hasattr(model, prefix)
+    body = [k for k in missing if not has_head or k.startswith(prefix + ".")]
+    head = [k for k in missing if k not in body]
+    # a base model's pooler is not read by the tasks that load a base model (they pool the hidden states)
+    if not has_head:
+        body = [k for k in body if not k.startswith("pooler.")]
+    total = sum(1 for _ in model.state_dict())
+    if body:
+        raise ModelLoadError(f"{name}: {len(body)} of {total} weight tensors are not in the checkpoint and would be "
+                             f"random ({_few(body)}); {len(report.get('unexpected_keys', []))} tensors in it fit no "
+                             f"layer: the weights do not match this config")
+    if head and not model_cfg.allow_random_head:
+        raise ModelLoadError(f"{name}: the {task_cls.name} head ({_few(head)}) is not in the checkpoint and would be "
+                             f"random: use a checkpoint fine-tuned for {task_cls.name}, or set "
+                             f"model.allow_random_head=true to measure speed only")
+    return bool(head)
 
 
 def apply_precision(model: torch.nn.Module, precision) -> torch.nn.Module:

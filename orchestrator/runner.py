@@ -261,6 +261,15 @@ class Measurement:
         t0 = time.perf_counter()
         self.model, self.tokenizer, self.hf_config = pipeline.load_model(self.rc.model, self.task_cls)
         self.record({"model_load_s": time.perf_counter() - t0})
+        report = getattr(self.model, "load_report", None)
+        if report is not None:  # transformers' loading info, kept out of the console
+            (self.run_dir / "load_report.json").write_text(json.dumps(report, indent=2))
+            self.tracker.log_artifact(self.run_dir / "load_report.json")
+            if report.get("random_head"):
+                self.results["random_head"] = True
+                self.tag({"model.random_head": "true"})
+                log.warning("model.allow_random_head=true: the %s head is newly initialized; its accuracy is not "
+                            "meaningful, its speed is", self.task_cls.name)
 
     def featurize(self) -> None:
         rc = self.rc

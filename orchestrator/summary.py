@@ -20,7 +20,7 @@ COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "th
            "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
            "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p99_ms", "parity_max_abs_diff",
            "parity_agreement", "eval_throughput", "peak_fraction_pct", "status", "stack_requested", "fallback",
-           "swept", "cpu_model", "baseline_job", "run_id"]
+           "swept", "random_head", "cpu_model", "baseline_job", "run_id"]
 # what the console shows of them (the files have all)
 SHOWN = ["job", "stack", "precision", "swept", "metric", "value", "accuracy_delta", "throughput", "speedup",
          "speedup_ci", "noise", "agreement_vs_baseline", "gate", "latency_p50_ms", "fallback", "status"]
@@ -67,7 +67,8 @@ def rows_from_mlflow(client, parent_id: str) -> List[Dict[str, Any]]:
                          t.get("precision", "?"), r.data.metrics, r.info.run_id,
                          stack_requested=t.get("stack.requested"), fallback=t.get("stack.fallback"),
                          workload=t.get("workload"), baseline_key=t.get("baseline_key"), run_dir=t.get("run_dir"),
-                         overrides=t.get("overrides", ""), cpu_model=t.get("cpu.model")))
+                         overrides=t.get("overrides", ""), cpu_model=t.get("cpu.model"),
+                         random_head=t.get("model.random_head") == "true" or None))
     return rows
 
 
@@ -87,7 +88,7 @@ def rows_from_dir(sweep_dir: Path) -> List[Dict[str, Any]]:
                          fallback=",".join(data.get("fallbacks") or {}) or None,
                          workload=keys.get("workload"), baseline_key=keys.get("baseline_key"),
                          run_dir=str(job_dir), overrides=data.get("overrides", ""),
-                         cpu_model=data.get("cpu_model")))
+                         cpu_model=data.get("cpu_model"), random_head=data.get("random_head") or None))
     return rows
 
 
@@ -317,7 +318,8 @@ def summary_of(rows: List[Dict[str, Any]], parent_id: Optional[str], recommendat
     """What print_summary shows, for assessed rows (the sweep callback and orchestrator-report alike)."""
     return {"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent_id,
             "files": [], "recommendation": recommendation, "cpu": cpu_header(rows),
-            "fell_back": [r["job"] for r in rows if r.get("fallback")]}
+            "fell_back": [r["job"] for r in rows if r.get("fallback")],
+            "random_head": [r["job"] for r in rows if r.get("random_head")]}
 
 
 def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) -> None:
@@ -334,6 +336,9 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
         console.print(f"[yellow]fell back[/yellow]: job(s) {', '.join(map(str, summary['fell_back']))} ran without "
                       "a plugin that could not apply (runtime.on_plugin_error=fallback); their rows show the stack "
                       "that ran")
+    if summary.get("random_head"):
+        console.print(f"[yellow]random head[/yellow]: job(s) {', '.join(map(str, summary['random_head']))} ran with a "
+                      "newly initialized task head (model.allow_random_head=true): their accuracy means nothing")
     if summary.get("recommendation"):
         console.print(summary["recommendation"], highlight=False, soft_wrap=True)
     if summary.get("files"):

@@ -103,7 +103,8 @@ class Task:
         if not any(a.endswith(cls.head_suffix) for a in archs):
             raise ModelLoadError(
                 f"model '{name_or_path}' has architectures {archs or '[none declared]'}; task {cls.name} needs a "
-                f"checkpoint with a *{cls.head_suffix} head (loaded with {cls.auto_class})"
+                f"checkpoint with a *{cls.head_suffix} head (loaded with {cls.auto_class}); or set "
+                f"model.allow_random_head=true to measure speed only"
             )
 
     # -- data ----------------------------------------------------------------------------------------------
