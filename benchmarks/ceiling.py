@@ -3,7 +3,10 @@
 The nominal peak in orchestrator/flops.py (cores x nominal clock x FLOP/cycle) is what every run's
 ``peak_fraction`` divides by; this is the attainable ceiling beside it, for reading those fractions. Not a test.
 
-    python benchmarks/ceiling.py                 # 2 threads, 4096^3, fp32 and bf16
+int8 is ``torch._int_mm`` (int8 x int8 -> int32, oneDNN; VNNI or AMX-INT8 when the CPU has them), counted as
+2 ops per multiply-accumulate like the float rows.
+
+    python benchmarks/ceiling.py                 # 2 threads, 4096^3, fp32, bf16 and int8
     python benchmarks/ceiling.py --threads 1 --n 2048
 """
 from __future__ import annotations
@@ -30,14 +33,19 @@ def main(argv=None) -> int:
 
     torch.set_num_threads(args.threads)
     n = args.n
-    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("int8", torch.int8)):
+        if dtype == torch.int8:
+            a, b = (torch.randint(-128, 128, (n, n), dtype=dtype) for _ in range(2))
+            mm = torch._int_mm
+        else:
+            a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+            mm = torch.matmul
         for _ in range(2):  # first calls pick kernels and fault in the output
-            a @ b
+            mm(a, b)
         times = []
         for _ in range(args.repeats):
             t0 = time.perf_counter()
-            a @ b
+            mm(a, b)
             times.append(time.perf_counter() - t0)
         gf = 2 * n ** 3 / 1e9
         best, med = gf / min(times), gf / statistics.median(times)
