@@ -18,7 +18,7 @@ Workloads
   padded to 128, batches of 8 (Trainer's default eval batch). Accuracy must stay within 0.5 points.
 
 % of peak = GFLOPs per feature as executed (padding included) x eval features/s / peak GFLOP/s of the unit the
-precision runs on (orchestrator/flops.py: AVX-512 FMA fp32 64 FLOP/cycle/core, AMX-BF16 1024, nominal clock).
+precision runs on (orchestrator/flops.py per CPU: AVX-512 FMA fp32 64 FLOP/cycle/core, AVX512-BF16 128, AMX-BF16 1024, AVX512-VNNI int8 256, AMX-INT8 2048; nominal clock).
 
     python benchmarks/e2e.py --workloads sst2 --rounds 3          # ~5 min here
     python benchmarks/e2e.py --workloads qa --rounds 2            # ~25 min here (the baseline alone is ~5 min a run)
@@ -150,23 +150,35 @@ def agreement(a: Dict[str, str], b: Dict[str, str]) -> float:
 def bench(name: str, common: List[str], variants: Dict[str, List[str]], rounds: int, metric: str,
           rng: random.Random) -> List[Dict]:
     runs: Dict[str, List[Dict]] = {v: [] for v in variants}
+    failed: Dict[str, str] = {}
     run_once(common + variants[next(iter(variants))][:1] + ["dataset.max_samples=16"])  # untimed warm-up
     for r in range(rounds):
         order = list(variants)
         rng.shuffle(order)
         for v in order:
-            out = run_once(common + variants[v])
+            try:
+                out = run_once(common + variants[v])
+            except RuntimeError as e:  # one failing variant is reported, the others still make the table
+                failed[v] = str(e).splitlines()[-1]
+                print(f"[{name} round {r + 1}/{rounds}] {v}: FAILED {failed[v]}", flush=True)
+                continue
             runs[v].append(out)
             m = out["metrics"]
             print(f"[{name} round {r + 1}/{rounds}] {v}: {m['eval_throughput']:.2f} features/s "
                   f"(eval {m['eval_s']:.1f}s, overhead {m['eval_overhead_pct']:.1f}%), {metric} {m[metric]:.2f}",
                   flush=True)
     base_name = next(iter(variants))
+    if not runs[base_name]:
+        raise SystemExit(f"the baseline {base_name!r} failed: {failed.get(base_name)}")
+    for v, why in failed.items():
+        print(f"{name}: {v} failed and is left out of the table: {why}")
     base_answers = runs[base_name][-1]["answers"]
     fp32_same_policy = runs.get("eager fp32 sorted b8", [{}])[-1].get("answers", {})
     base_tp = statistics.median(x["metrics"]["eval_throughput"] for x in runs[base_name])
     rows = []
     for v in variants:
+        if not runs[v]:
+            continue
         ms = [x["metrics"] for x in runs[v]]
         tp = statistics.median(m["eval_throughput"] for m in ms)
         last = ms[-1]
@@ -178,7 +190,7 @@ def bench(name: str, common: List[str], variants: Dict[str, List[str]], rounds: 
             "padding_pct": last.get("padding_pct"), "gflops_per_feature": last.get("gflops_per_feature"),
             "peak_pct": (100.0 * last["gflops_per_feature"] * tp / peak) if peak and "gflops_per_feature" in last
             else None,
-            "compute": "bf16" if "bf16" in v else "fp32",
+            "compute": "int8" if "int8" in v and "int8 weights" not in v else ("bf16" if "bf16" in v else "fp32"),
             "metric": last[metric], "apply_s": statistics.median(m.get("stack_apply_s", 0.0) for m in ms),
             "rounds": len(ms),
         }

@@ -81,6 +81,10 @@ def test_peak_uses_the_unit_the_precision_runs_on():
     assert flops.flops_per_cycle("int8", amx) == (2048, "AMX-INT8")
     assert flops.flops_per_cycle("bf16", {"avx512f", "fma"}) == (64, "AVX-512 FMA fp32")
     assert flops.flops_per_cycle("fp32", {"fma"}) == (32, "AVX2 FMA fp32")
+    # int8 without AMX: VNNI's rate, not fp32's (an int8 run's share of peak would read 4x too high)
+    assert flops.flops_per_cycle("int8", {"avx512f", "avx512_vnni"}) == (256, "AVX512-VNNI int8")
+    assert flops.flops_per_cycle("int8", {"fma", "avx_vnni"}) == (128, "AVX-VNNI int8")
+    assert flops.flops_per_cycle("int8", {"fma"}) == (32, "AVX2 FMA fp32")  # no int8 dot product: fp32's FMA rate
 
 
 def test_every_run_reports_end_to_end_eval_and_flops(compose, tiny_encoder, sts_file, tracking_uri):
