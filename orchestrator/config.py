@@ -232,6 +232,12 @@ def _refuse_unknown(node: Any, schema: Any, path: str = "") -> None:
         _refuse_unknown(node._get_node(key), schema._get_node(key), where)
 
 
+def check_tracking(rc: RunConfig) -> None:
+    """Where results go, checked before a run directory or an MLflow run exists."""
+    _require(bool(str(rc.tracking.experiment or "").strip()), "tracking.experiment", rc.tracking.experiment,
+             "must be a non-empty MLflow experiment name (tracking=off runs untracked)")
+
+
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     """Turn the composed config into a typed RunConfig, checking ranges and choices (one-line ConfigError)."""
     rc = to_run_config(cfg)
@@ -260,6 +266,7 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(rc.tracking.prediction_samples >= 0, "tracking.prediction_samples", rc.tracking.prediction_samples,
              "must be >= 0")
 
+    check_tracking(rc)
     sm = rc.summary
     _require(0 < sm.min_accuracy_ratio <= 1, "summary.min_accuracy_ratio", sm.min_accuracy_ratio,
              "must be in (0, 1]")

@@ -19,7 +19,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import cpu, data, feature_cache, flops, measure, pipeline, stats
-from .config import RunConfig, to_run_config, validate
+from .config import RunConfig, check_tracking, to_run_config, validate
 from .environment import available_cpus, environment_tags, pkg_version, process_startup_s, process_tags
 from .errors import RunInterrupted
 from .errors import describe as describe_error
@@ -123,6 +123,7 @@ def _quiet_libraries() -> None:
 
 def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     rc = to_run_config(cfg)
+    check_tracking(rc)  # nothing to record a bad destination in: refuse before any directory or run exists
     started = time.time()
     _quiet_libraries()
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
