@@ -21,3 +21,10 @@ def test_two_sweeps_started_in_the_same_second_get_their_own_directories(tmp_pat
     procs = [subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, text=True) for _ in range(2)]
     dirs = [p.communicate(timeout=300)[0].strip() for p in procs]
     assert all(d.startswith("outputs/multirun/") for d in dirs) and dirs[0] != dirs[1]
+
+
+def test_help_says_what_the_tool_does_with_examples_and_where_results_land(tmp_path):
+    out = run_cli("--help", cwd=tmp_path, timeout=120).stdout
+    assert out.startswith("orchestrator: run a transformers model on a dataset with an optimization stack")
+    assert "orchestrator -m sweep=engines experiment=sst2_minilm" in out and "Results: outputs/runs/" in out
+    assert "optimization: " in out.split("== Configuration groups ==", 1)[1]  # Hydra's group list follows
