@@ -147,6 +147,11 @@ class Plugin:
         return PluginUnavailable(self.name, reason)
 
     @classmethod
+    def require_at_least(cls, key: str, value: Any, minimum: int) -> None:
+        if value < minimum:
+            raise ConfigError(f"optimization.{cls.name}.{key}={value}: must be >= {minimum}")
+
+    @classmethod
     def require_choice(cls, key: str, value: Any, choices: tuple) -> None:
         if value not in choices:
             raise ConfigError(f"optimization.{cls.name}.{key}={value!r}: valid: {', '.join(choices)}")

@@ -30,10 +30,7 @@ class JitPlugin(Plugin):
 
     @classmethod
     def validate_options(cls, o) -> None:
-        if o.warmup_calls < 0:
-            from orchestrator.errors import ConfigError
-
-            raise ConfigError(f"optimization.jit.warmup_calls={o.warmup_calls}: must be >= 0")
+        cls.require_at_least("warmup_calls", o.warmup_calls, 0)
 
     def check(self, ctx: PluginContext) -> None:
         if not hasattr(torch.jit, "trace"):

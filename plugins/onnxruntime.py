@@ -85,8 +85,7 @@ class OnnxRuntimePlugin(Plugin):
 
         if not 14 <= o.opset <= 23:
             raise ConfigError(f"optimization.onnxruntime.opset={o.opset}: valid: 14..23")
-        if o.calibration_batches < 1:
-            raise ConfigError(f"optimization.onnxruntime.calibration_batches={o.calibration_batches}: must be >= 1")
+        cls.require_at_least("calibration_batches", o.calibration_batches, 1)
 
     def wants_calibration(self) -> bool:
         return self.options.int8 == Int8.static

@@ -76,10 +76,7 @@ class OpenVinoPlugin(Plugin):
 
     @classmethod
     def validate_options(cls, o) -> None:
-        from orchestrator.errors import ConfigError
-
-        if o.calibration_batches < 1:
-            raise ConfigError(f"optimization.openvino.calibration_batches={o.calibration_batches}: must be >= 1")
+        cls.require_at_least("calibration_batches", o.calibration_batches, 1)
 
     @staticmethod
     def _wants_bf16(ctx: PluginContext) -> bool:

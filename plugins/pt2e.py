@@ -59,10 +59,7 @@ class Pt2ePlugin(Plugin):
 
     @classmethod
     def validate_options(cls, o) -> None:
-        from orchestrator.errors import ConfigError
-
-        if o.calibration_batches < 1:
-            raise ConfigError(f"optimization.pt2e.calibration_batches={o.calibration_batches}: must be >= 1")
+        cls.require_at_least("calibration_batches", o.calibration_batches, 1)
 
     def wants_calibration(self) -> bool:
         return self.options.mode == Mode.static
