@@ -5,6 +5,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import devdata
 from .errors import DatasetError, first_line
 
 # data shipped inside a package: builtin:<file> is orchestrator/data/<file>; builtin:<package>/<path> is a file
@@ -33,7 +34,9 @@ def _resolve(files: Any) -> Any:
     if isinstance(files, str):
         path = builtin_path(files[len(BUILTIN_PREFIX):]) if files.startswith(BUILTIN_PREFIX) else Path(files)
         if not path.exists():
-            raise DatasetError(f"dataset.data_files: file not found: {files} (resolved to {path.resolve()})")
+            hint = devdata.hint(path, "dataset.data_files", "your file")
+            raise DatasetError(f"dataset.data_files: file not found: {files} (resolved to {path.resolve()})"
+                               + (f"; {hint}" if hint else ""))
         return str(path)
     if isinstance(files, (list, tuple)):
         return [_resolve(f) for f in files]
@@ -131,6 +134,9 @@ def read_conll(path: str):
                 continue
             if len(parts) < 2:
                 raise DatasetError(f"dataset.path='conll': {path} line {n} has one column ({line!r}); "
+                                   "expected token<TAB>tag")
+            if not parts[-1].strip():
+                raise DatasetError(f"dataset.path='conll': {path} line {n} has a blank tag ({line!r}); "
                                    "expected token<TAB>tag")
             tokens.append(parts[0])
             tags.append(parts[-1].strip())

@@ -1,16 +1,18 @@
 """Model and tokenizer loading, precision, and applying the optimization stack in order."""
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
+from . import devdata
 from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted, describe, first_line
 from .plugin import Plugin, PluginContext
 from .registry import plugins as plugin_registry
@@ -41,6 +43,20 @@ def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 
 
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers at error level for the block, then back to the caller's level: loading prints a multi-line
+    LOAD REPORT, and tracing/exporting calls the loss setup, which warns about ``loss_type=None`` every time."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
     """(model in eval mode, tokenizer, HF config). One-line ModelLoadError for missing/corrupt checkpoints."""
     import transformers
@@ -49,7 +65,9 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
     if _looks_local(path):
         p = Path(path).expanduser()
         if not p.is_dir():
-            raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: directory not found ({p.resolve()})")
+            hint = devdata.hint(p, "model.name_or_path", "a local model directory or a Hub id")
+            raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: directory not found ({p.resolve()})"
+                                 + (f"; {hint}" if hint else ""))
         if not (p / "config.json").exists():
             raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: no config.json in {p}")
         path = str(p)
@@ -71,24 +89,35 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: tokenizer could not be loaded: "
                              f"{first_line(e)}") from e
     auto = getattr(transformers, task_cls.auto_class)
-    from transformers.utils import logging as hf_logging
-
-    # transformers prints a multi-line LOAD REPORT for missing/unexpected weights; the run records it as
-    # load_report.json instead and decides below what it means for the task
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
+    # the run records transformers' LOAD REPORT as load_report.json instead and decides below what it means
     try:
-        model, info = auto.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
-                                           **common)
+        with quiet_transformers():
+            model, info = auto.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
+                                               **common)
     except Exception as e:  # missing, truncated or corrupt weights raise OSError, SafetensorError, RuntimeError...
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: weights could not be loaded: "
                              f"{first_line(e)}") from e
-    finally:
-        hf_logging.set_verbosity(verbosity)
     report = {k: sorted(map(str, v)) for k, v in info.items()}
     report["random_head"] = check_weights(model, report, model_cfg, task_cls)
     model.load_report = report
     return model.eval(), tokenizer, config
+
+
+# transformers' model_max_length when a tokenizer declares none (int(1e30)): no limit
+_NO_TOKENIZER_LIMIT = 10 ** 12
+
+
+def max_positions(config, tokenizer) -> Optional[Tuple[int, str]]:
+    """(longest input the model accepts, what sets it): the position table and the tokenizer's declared limit,
+    whichever is lower (RoBERTa's table has 514 rows for 512 tokens, its tokenizer says 512); None: unbounded."""
+    limits = []
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limits.append((positions, f"max_position_embeddings={positions}"))
+    declared = getattr(tokenizer, "model_max_length", None)
+    if isinstance(declared, int) and 0 < declared < _NO_TOKENIZER_LIMIT:
+        limits.append((declared, f"the tokenizer's model_max_length={declared}"))
+    return min(limits) if limits else None
 
 
 def _few(keys: List[str], n: int = 3) -> str:

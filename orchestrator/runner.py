@@ -275,9 +275,10 @@ class Measurement:
     def featurize(self) -> None:
         rc = self.rc
         t0 = time.perf_counter()
-        self.dataset = data.load(rc.dataset)
+        # the task refuses a runtime.max_length above the model's limit before any data is read
         self.task = self.task_cls(rc.dataset, rc.runtime, self.tokenizer, self.hf_config)
-        self.task.check_columns(self.dataset.column_names)
+        self.dataset = data.load(rc.dataset)
+        self.task.check_data(self.dataset)  # columns and gold values, before the model runs
         self.tracker.log_dataset(self.dataset, name=self.hydra.get("choices", {}).get("dataset") or rc.dataset.path,
                                  source=str(rc.dataset.data_files or rc.dataset.path))
         t1 = time.perf_counter()

@@ -65,6 +65,20 @@ class Task:
             )
         self.columns = {role: dataset_cfg.columns.get(role, role) for role in self.roles}
         self.options = self.parse_options(getattr(dataset_cfg, "task_options", None) or {})
+        self.check_max_length()
+
+    def check_max_length(self) -> None:
+        """Refuse a runtime.max_length the model cannot take, before any data is read: above its position table
+        the forward dies mid-run (or, with padding=max_length, on the first batch) with a tensor-size error.
+        Refused, not clamped: max_length is part of what a run measures (config digest, sweep workload), so a
+        silently smaller value would label the run with a truncation it did not use."""
+        from ..pipeline import max_positions
+
+        limit = max_positions(self.model_config, self.tokenizer)
+        if limit is not None and self.runtime.max_length > limit[0]:
+            model = getattr(self.model_config, "_name_or_path", "") or getattr(self.tokenizer, "name_or_path", "")
+            raise ConfigError(f"runtime.max_length={self.runtime.max_length}: the model {model!r} takes at most "
+                              f"{limit[0]} tokens ({limit[1]}); valid: 8..{limit[0]}")
 
     @classmethod
     def parse_options(cls, options: Dict[str, Any]) -> Any:
@@ -108,6 +122,35 @@ class Task:
             )
 
     # -- data ----------------------------------------------------------------------------------------------
+    def check_data(self, dataset) -> None:
+        """Columns, then gold values: a bad cell is refused here, before the model runs, not by the metric."""
+        self.check_columns(dataset.column_names)
+        self.check_values(dataset)
+
+    def check_values(self, dataset) -> None:
+        """Raise DatasetError (via :meth:`bad_row`) for gold values the metric cannot use; none by default."""
+
+    def source(self) -> str:
+        """The data a row number counts in: the file(s) as configured, else the hub dataset and split."""
+        cfg = self.dataset_cfg
+        files = getattr(cfg, "data_files", None)
+        split = getattr(cfg, "split", None)
+        if isinstance(files, dict):
+            files = files.get(split) or list(files.values())
+        if isinstance(files, str):
+            return f"file {files}"
+        if files:
+            return "files " + ", ".join(map(str, files))
+        name = getattr(cfg, "name", None)
+        return f"dataset {getattr(cfg, 'path', '?')!r}" + (f" ({name})" if name else "") + f" split {split!r}"
+
+    def where(self, role: str, index: int) -> str:
+        """``<file>, column <c>, row <n>``: rows counted from 1, header excluded."""
+        return f"{self.source()}, column {self.columns[role]!r}, row {index + 1}"
+
+    def bad_row(self, role: str, index: int, problem: str) -> DatasetError:
+        return DatasetError(f"{problem} in {self.where(role, index)}")
+
     def check_columns(self, column_names: Sequence[str]) -> None:
         missing = [f"{role}->'{col}'" for role, col in self.columns.items()
                    if self.roles[role] and col not in column_names]

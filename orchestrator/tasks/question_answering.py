@@ -2,7 +2,7 @@
 
 Preprocessing is the reference evaluation's (transformers' ``run_qa.py``, ``prepare_validation_features``):
 questions are left-stripped, ``question + context`` is tokenized with ``truncation="only_second"``,
-``max_length=runtime.max_length`` (capped at the tokenizer's ``model_max_length``) and ``stride=doc_stride`` so a
+``max_length=runtime.max_length`` (refused above the model's limit, :meth:`Task.check_max_length`) and ``stride=doc_stride`` so a
 long context yields several overlapping windows; offsets outside the context are dropped. Padding is the runner's
 (``runtime.padding``): ``max_length`` is what run_qa did (``pad_to_max_length`` defaults to True there).
 
@@ -23,7 +23,6 @@ over the gold answers) from ``torchmetrics.functional.text.squad``, which ships 
 from __future__ import annotations
 
 import collections
-import logging
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Dict, List, Optional, Tuple
@@ -34,8 +33,6 @@ import torch
 from ..errors import ConfigError, DatasetError, ModelLoadError
 from ..errors import first_line as describe_first_line
 from .base import Features, Task
-
-log = logging.getLogger(__name__)
 
 class Scoring(StrEnum):
     run_qa = "run_qa"
@@ -96,10 +93,7 @@ class QuestionAnswering(Task):
     def __init__(self, dataset_cfg, runtime_cfg, tokenizer, model_config):
         super().__init__(dataset_cfg, runtime_cfg, tokenizer, model_config)
         o = self.options
-        self.max_seq_length = min(self.runtime.max_length, int(getattr(tokenizer, "model_max_length", 10**9)))
-        if self.max_seq_length < self.runtime.max_length:
-            log.warning("runtime.max_length=%d is longer than the tokenizer allows; using %d",
-                        self.runtime.max_length, self.max_seq_length)
+        self.max_seq_length = self.runtime.max_length  # Task refused one above the model's limit
         if o.doc_stride is None:
             o.doc_stride = min(self.max_seq_length // 2, 128)
         if not 0 <= o.doc_stride < self.max_seq_length:
@@ -118,9 +112,12 @@ class QuestionAnswering(Task):
             return [str(i) for i in self.column(dataset, "id")]
         return [str(i) for i in range(len(dataset))]
 
+    def check_values(self, dataset) -> None:
+        self.gold_answers(dataset)
+
     def gold_answers(self, dataset) -> List[List[str]]:
         out = []
-        for value in self.column(dataset, "answers"):
+        for i, value in enumerate(self.column(dataset, "answers")):
             if isinstance(value, dict) and "text" in value:
                 out.append([str(t) for t in value["text"]])
             elif isinstance(value, (list, tuple)) and all(isinstance(t, str) for t in value):
@@ -128,8 +125,10 @@ class QuestionAnswering(Task):
             elif isinstance(value, str):
                 out.append([value])
             else:
-                raise DatasetError(f"dataset column {self.columns['answers']!r} must hold SQuAD answers "
-                                   f"({{'text': [...], 'answer_start': [...]}}) or lists of strings; found {value!r}")
+                raise self.bad_row("answers", i, f"dataset answers {value!r} are not SQuAD answers "
+                                                 "({'text': [...], 'answer_start': [...]}) or a list of strings")
+            if not out[-1]:  # SQuAD v2's unanswerable questions: v1.1's metric has nothing to compare with
+                raise self.bad_row("answers", i, "question without a gold answer (SQuAD v1.1 needs at least one)")
         return out
 
     def featurize(self, dataset) -> Features:

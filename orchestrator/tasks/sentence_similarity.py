@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+import numpy as np
+import pandas as pd
 import torch
 from scipy.stats import pearsonr, spearmanr
 
@@ -27,13 +29,38 @@ class SentenceSimilarity(Task):
         # a similarity is a score, not a choice: "the same" is within the per-run parity tolerance
         return reference is not None and candidate is not None and abs(reference - candidate) <= SIMILARITY_TOLERANCE
 
+    def check_values(self, dataset) -> None:
+        self.gold_scores(dataset)
+
+    def gold_scores(self, dataset) -> List[float]:
+        """The score column as floats; refuses what would make the correlation fail or come out NaN."""
+        raw = pd.Series(self.column(dataset, "score"), dtype=object)
+        scores = pd.to_numeric(raw, errors="coerce").astype(float)
+        bad = ~np.isfinite(scores.to_numpy())
+        if bad.any():
+            i = int(bad.argmax())
+            value = raw.iloc[i]
+            what = "is blank or NaN" if pd.isna(value) or not str(value).strip() else f"{value!r} is not a number"
+            raise self.bad_row("score", i, f"dataset score {what} (every row needs a finite gold score)")
+        if len(scores) < 2:
+            cut = " after dataset.max_samples" if getattr(self.dataset_cfg, "max_samples", None) else ""
+            raise DatasetError(f"task {self.name} needs at least 2 rows for a correlation; {self.source()} has "
+                               f"{len(scores)}{cut}")
+        if scores.nunique() == 1:
+            raise DatasetError(f"the metric is undefined: all gold scores are equal ({scores.iloc[0]:g}) in "
+                               f"{self.source()}, column {self.columns['score']!r}; Spearman and Pearson need "
+                               "scores that vary")
+        return scores.tolist()
+
     def featurize(self, dataset) -> Features:
         s1, s2 = self.column(dataset, "sentence1"), self.column(dataset, "sentence2")
+        for role, texts in (("sentence1", s1), ("sentence2", s2)):
+            i = next((i for i, t in enumerate(texts) if not isinstance(t, str)), None)
+            if i is not None:
+                raise self.bad_row(role, i, f"dataset sentence {texts[i]!r} is not text (every row needs two "
+                                            "sentences)")
         # rows 2i and 2i+1 are the two sentences of example i
         texts = [t for pair in zip(s1, s2) for t in pair]
-        if any(not isinstance(t, str) for t in texts):
-            raise DatasetError(f"dataset columns {self.columns['sentence1']}/{self.columns['sentence2']} "
-                               "must hold text in every row (found an empty or non-text cell)")
         enc = self.tokenize(texts)
         return Features(rows=self.rows_from(enc, len(texts)), example_index=[i // 2 for i in range(len(texts))])
 
@@ -49,7 +76,7 @@ class SentenceSimilarity(Task):
         return (emb[0::2] * emb[1::2]).sum(-1)
 
     def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
-        gold = [float(s) for s in self.column(dataset, "score")]
+        gold = self.gold_scores(dataset)
         sims = self.similarities(outputs).tolist()
         metrics = {
             "spearman": 100.0 * float(spearmanr(sims, gold).statistic),

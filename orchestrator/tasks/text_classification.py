@@ -3,10 +3,10 @@ from __future__ import annotations
 
 from typing import Dict, List, Tuple
 
+import pandas as pd
 import torch
 from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
 
-from ..errors import DatasetError
 from .base import Features, Task
 
 
@@ -24,23 +24,33 @@ class TextClassification(Task):
         enc = self.tokenize(texts, pairs) if pairs is not None else self.tokenize(texts)
         return Features(rows=self.rows_from(enc, len(texts)), example_index=list(range(len(texts))))
 
+    def check_values(self, dataset) -> None:
+        self.gold_labels(dataset)
+
     def gold_labels(self, dataset) -> List[int]:
-        raw = self.column(dataset, "label")
+        """Label ids: names through the model's label2id (any case), or ids in range; anything else is refused
+        with the row, including blanks and fractional ids (a csv column with a blank cell reads as floats)."""
         num = int(self.model_config.num_labels)
         label2id = {str(k).lower(): int(v) for k, v in (self.model_config.label2id or {}).items()}
+        valid = f"valid: {', '.join(sorted(label2id))} or ids 0..{num - 1}"
         out = []
-        for value in raw:
-            if isinstance(value, str) and not value.strip().lstrip("-").isdigit():
-                if value.lower() not in label2id:
-                    raise DatasetError(f"dataset label {value!r} is not in the model's label map; "
-                                       f"valid: {', '.join(sorted(label2id))}")
-                out.append(label2id[value.lower()])
+        for i, value in enumerate(self.column(dataset, "label")):
+            text = "" if pd.isna(value) else str(value).strip()
+            number = pd.to_numeric(text, errors="coerce") if text else None
+            if not text:
+                raise self.bad_row("label", i, f"dataset label is blank ({valid})")
+            if pd.isna(number):  # a name
+                if text.lower() not in label2id:
+                    raise self.bad_row("label", i, f"dataset label {value!r} is not in the model's label map "
+                                                   f"({valid})")
+                out.append(label2id[text.lower()])
+            elif number % 1:  # also inf, whose remainder is NaN
+                raise self.bad_row("label", i, f"dataset label {value!r} is not a whole number ({valid})")
+            elif not 0 <= number < num:
+                raise self.bad_row("label", i, f"dataset label {value!r} is outside the model's {num} labels "
+                                               f"(valid ids 0..{num - 1}: {self.model_config.id2label})")
             else:
-                idx = int(value)
-                if not 0 <= idx < num:
-                    raise DatasetError(f"dataset label {idx} is outside the model's {num} labels "
-                                       f"(valid ids 0..{num - 1}: {self.model_config.id2label})")
-                out.append(idx)
+                out.append(int(number))
         return out
 
     def head(self, outputs, batch) -> torch.Tensor:

@@ -86,10 +86,14 @@ class TokenClassification(Task):
         inner = getattr(feature, "feature", None)
         names = getattr(inner, "names", None)
         out = []
-        for row in self.column(dataset, "tags"):
+        for i, row in enumerate(self.column(dataset, "tags")):
+            if not isinstance(row, (list, tuple)):
+                raise self.bad_row("tags", i, f"dataset tags {row!r} are not a list of tags (one per word)")
             if names is not None:
                 out.append([names[int(t)] for t in row])
             elif all(isinstance(t, str) for t in row):
+                if not all(t.strip() for t in row):
+                    raise self.bad_row("tags", i, f"dataset tags {row!r} include a blank tag (every word needs one)")
                 out.append(list(row))
             else:  # bare ids: named by the model config (or task_options.labels)
                 ids = self.model_label_names()
@@ -98,9 +102,9 @@ class TokenClassification(Task):
                                        "has only default label names; set dataset.task_options.labels=[...]")
                 try:
                     out.append([ids[int(t)] for t in row])
-                except (IndexError, ValueError) as e:
-                    raise DatasetError(f"dataset column {column!r}: tag {row!r} is not an id in 0..{len(ids) - 1} "
-                                       f"({', '.join(ids)})") from e
+                except (IndexError, ValueError, TypeError) as e:
+                    raise self.bad_row("tags", i, f"dataset tags {row!r} are not all ids in 0..{len(ids) - 1} "
+                                                  f"({', '.join(ids)})") from e
         return out
 
     def model_label_names(self) -> Optional[List[str]]:
@@ -119,8 +123,10 @@ class TokenClassification(Task):
                 raise DatasetError(f"dataset.task_options.labels has {len(named)} names; the model has {num} labels")
             unknown = [t for t in found if t not in named]
             if unknown:
+                first = next(i for i, row in enumerate(gold) if set(row) - set(named))
                 raise DatasetError(f"dataset tags {', '.join(unknown)} are not in the model's labels "
-                                   f"({', '.join(named)}); use a model trained on this tag set")
+                                   f"({', '.join(named)}), first in {self.where('tags', first)}; use a model "
+                                   "trained on this tag set")
             return named
         feature = dataset.features.get(self.columns["tags"])
         names = getattr(getattr(feature, "feature", None), "names", None)
@@ -133,13 +139,14 @@ class TokenClassification(Task):
     # -- data ----------------------------------------------------------------------------------------------
     def featurize(self, dataset) -> Features:
         words = self.column(dataset, "tokens")
-        if any(not isinstance(w, (list, tuple)) for w in words):
-            raise DatasetError(f"dataset column {self.columns['tokens']!r} must hold a list of words per row")
+        i = next((i for i, w in enumerate(words) if not isinstance(w, (list, tuple))), None)
+        if i is not None:
+            raise self.bad_row("tokens", i, f"dataset tokens {words[i]!r} are not a list of words")
         gold = self.gold_tags(dataset)
         for i, (w, t) in enumerate(zip(words, gold)):
             if len(w) != len(t):
-                raise DatasetError(f"dataset row {i}: {len(w)} words but {len(t)} tags in columns "
-                                   f"{self.columns['tokens']!r}/{self.columns['tags']!r}")
+                raise self.bad_row("tags", i, f"{len(w)} words (column {self.columns['tokens']!r}) but {len(t)} "
+                                              "tags")
         self.labels = self.resolve_labels(dataset, gold)
         enc = self.tokenize([list(map(str, w)) for w in words], is_split_into_words=True)
         first_tokens = []  # per row: (token position, word index) of each word's first sub-token

@@ -1,0 +1,145 @@
+"""Bad data and limits through the CLI (issue 18): runtime.max_length above the model's limit, gold values the metric
+cannot use, and presets whose development data (../shared) is absent. Each ends in exactly one `error:` line on
+stderr naming the file/key, the column and the first bad row, exit status 2, and no metric presented as a result."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import make_tiny_model, run_cli, write_tsv
+
+pytestmark = pytest.mark.slow
+
+
+def only_error_line(proc) -> str:
+    """stderr must be the one error line, not a traceback or a warning in front of it (MLflow's own notice that it
+    creates a new sqlite store aside: tracking's business, not the data's)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and " INFO mlflow.store.db.utils: " not in ln]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert len(lines) == 1, proc.stderr[-2000:]
+    return lines[0]
+
+
+def failed_run_metrics(uri: str) -> dict:
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    return runs[0].data.metrics
+
+
+def results_metrics(cwd) -> dict:
+    """What the run's results.json (written with or without tracking) presents as measured."""
+    import json
+
+    (path,) = cwd.glob("outputs/runs/*/*/results.json")
+    saved = json.loads(path.read_text())
+    assert saved["status"] == "FAILED"
+    return saved["metrics"]
+
+
+@pytest.fixture()
+def cli(tmp_path):
+    """The CLI in tmp_path, tracked in a fresh sqlite store; tracking=off among args skips MLflow's start-up."""
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+
+    def _run(*args: str, env: dict | None = None):
+        return run_cli("runtime=quick", f"tracking.uri={uri}", *args, cwd=tmp_path, env=env, timeout=300), uri
+
+    return _run
+
+
+# -- runtime.max_length --------------------------------------------------------------------------------------
+def test_max_length_above_the_position_table_is_refused_before_the_data_loads(cli, tiny_encoder, sts_file):
+    proc, uri = cli(f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}",
+                    "runtime.max_length=100000", "runtime.padding=max_length")
+    assert only_error_line(proc) == (f"error: runtime.max_length=100000: the model '{tiny_encoder}' takes at most 128 "
+                                     "tokens (max_position_embeddings=128); valid: 8..128")
+    metrics = failed_run_metrics(uri)
+    assert "model_load_s" in metrics and "dataset_load_s" not in metrics and "spearman" not in metrics
+
+
+def test_the_lower_of_position_table_and_tokenizer_limit_binds():
+    from orchestrator.pipeline import max_positions
+
+    roberta = SimpleNamespace(max_position_embeddings=514)
+    assert max_positions(roberta, SimpleNamespace(model_max_length=512)) == (
+        512, "the tokenizer's model_max_length=512")
+    # transformers' placeholder when a tokenizer declares no limit
+    assert max_positions(roberta, SimpleNamespace(model_max_length=int(1e30))) == (514, "max_position_embeddings=514")
+    assert max_positions(SimpleNamespace(), SimpleNamespace()) is None
+
+
+# -- gold values ---------------------------------------------------------------------------------------------
+STS_HEADER = ("sentence1", "sentence2", "score")
+STS_ROWS = [("the cat sat", "a dog ran", "1.5"), ("the man plays guitar", "a woman plays piano", "3.0"),
+            ("red car", "blue car", "2.5")]
+WHERE = "in file {path}, column 'score', row 2"
+
+
+@pytest.mark.parametrize("name, rows, message", [
+    ("blank", [STS_ROWS[0], ("a b", "c d", ""), STS_ROWS[2]],
+     "dataset score is blank or NaN (every row needs a finite gold score) " + WHERE),
+    ("nan", [STS_ROWS[0], ("a b", "c d", "NaN"), STS_ROWS[2]],
+     "dataset score is blank or NaN (every row needs a finite gold score) " + WHERE),
+    ("text", [STS_ROWS[0], ("a b", "c d", "high"), STS_ROWS[2]],
+     "dataset score 'high' is not a number (every row needs a finite gold score) " + WHERE),
+    ("one_row", STS_ROWS[:1], "task sentence_similarity needs at least 2 rows for a correlation; file {path} has 1"),
+    ("constant", [(a, b, "2.0") for a, b, _ in STS_ROWS],
+     "the metric is undefined: all gold scores are equal (2) in file {path}, column 'score'; Spearman and Pearson "
+     "need scores that vary"),
+])
+def test_sts_scores_the_metric_cannot_use(cli, tmp_path, tiny_encoder, name, rows, message):
+    path = write_tsv(tmp_path / f"{name}.tsv", STS_HEADER, rows)
+    proc, _ = cli(f"model.name_or_path={tiny_encoder}", f"dataset.data_files={path}", "tracking=off")
+    assert only_error_line(proc) == "error: " + message.format(path=path)
+    metrics = results_metrics(tmp_path)
+    assert "spearman" not in metrics and "pearson" not in metrics and "accuracy_pass_s" not in metrics
+
+
+@pytest.mark.parametrize("label, message", [
+    ("", "dataset label is blank (valid: negative, positive or ids 0..1)"),
+    ("high", "dataset label 'high' is not in the model's label map (valid: negative, positive or ids 0..1)"),
+    ("0.5", "dataset label '0.5' is not a whole number (valid: negative, positive or ids 0..1)"),
+])
+def test_classification_labels_the_model_cannot_score(cli, tmp_path, tiny_classifier, label, message):
+    path = write_tsv(tmp_path / "labels.tsv", ("text", "label"), [("the cat", "positive"), ("the dog", label)])
+    proc, _ = cli(f"model.name_or_path={tiny_classifier}", "dataset=sst2", f"dataset.data_files={path}",
+                  "tracking=off")
+    assert only_error_line(proc) == f"error: {message} in file {path}, column 'label', row 2"
+    assert "accuracy" not in results_metrics(tmp_path)
+
+
+def test_conll_line_without_a_tag(cli, tmp_path):
+    model = make_tiny_model(tmp_path / "ner", "token", num_labels=3)
+    path = tmp_path / "blank_tag.conll"
+    path.write_text("the\tO\ncat\tB-thing\n\ndog\t\n")
+    proc, _ = cli(f"model.name_or_path={model}", "dataset=wnut17", f"dataset.data_files={path}", "tracking=off")
+    assert only_error_line(proc) == (f"error: dataset.path='conll': {path} line 4 has a blank tag ('dog\\t'); "
+                                     "expected token<TAB>tag")
+
+
+# -- development data (../shared) ----------------------------------------------------------------------------
+DEV_DATA = "it is development data (../shared or $ORCH_SHARED_DIR, not shipped with the package): point the preset "
+
+
+def test_preset_without_the_shared_folder_says_it_is_development_data(cli, tmp_path, tiny_encoder):
+    empty = tmp_path / "no-shared"
+    empty.mkdir()
+    env = {"ORCH_SHARED_DIR": str(empty)}
+    proc, _ = cli("experiment=sst2_minilm", "tracking=off", env=env)
+    model = empty / "models" / "minilm-sst2"
+    assert only_error_line(proc) == (f"error: model.name_or_path='{model}': directory not found ({model}); "
+                                     f"{DEV_DATA}at your own with model.name_or_path=<a local model directory or a "
+                                     "Hub id>")
+    proc, _ = cli("dataset=stsb", f"model.name_or_path={tiny_encoder}", "tracking=off", env=env)
+    data = empty / "data" / "stsb_test.csv"
+    assert only_error_line(proc) == (f"error: dataset.data_files: file not found: {data} (resolved to {data}); "
+                                     f"{DEV_DATA}at your own with dataset.data_files=<your file>")
+
+
+def test_a_missing_path_of_ones_own_is_plain_not_found(cli, tmp_path, tiny_encoder):
+    mine = tmp_path / "my-model"
+    proc, _ = cli(f"model.name_or_path={mine}", "tracking=off")
+    assert only_error_line(proc) == f"error: model.name_or_path='{mine}': directory not found ({mine})"
