@@ -109,20 +109,3 @@ class quiet_loggers:
         for lg, level in zip(self.loggers, self.levels):
             lg.setLevel(level)
         return False
-
-
-class quiet_transformers:
-    """transformers at error level while a model is traced (tracing calls its loss setup, which warns about
-    ``loss_type=None`` on every export)."""
-
-    def __enter__(self):
-        from transformers.utils import logging as hf_logging
-
-        self.level = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()
-
-    def __exit__(self, *exc):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.set_verbosity(self.level)
-        return False

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from orchestrator.pipeline import quiet_transformers
 from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
 
 
@@ -37,15 +38,8 @@ class JitPlugin(Plugin):
             raise self.unavailable(f"torch {torch.__version__} has no torch.jit.trace")
 
     def apply(self, model, ctx: PluginContext):
-        batch = ctx.example_batch
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # tracing calls loss_function, which warns about loss_type=None
-        try:
-            return self._trace(model, ctx, batch)
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        with quiet_transformers():
+            return self._trace(model, ctx, ctx.example_batch)
 
     def _trace(self, model, ctx: PluginContext, batch):
         with warnings.catch_warnings():

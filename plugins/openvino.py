@@ -30,10 +30,11 @@ from typing import Optional
 import torch
 
 from orchestrator import cpu
+from orchestrator.pipeline import quiet_transformers
 from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
 
 from .engine import EngineModel, Stopwatch, TupleOutputs, calibration_inputs, export_example, file_mb, output_names, \
-    quiet_loggers, quiet_transformers
+    quiet_loggers
 
 
 class Hint(StrEnum):

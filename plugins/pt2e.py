@@ -30,10 +30,11 @@ from typing import Optional
 import torch
 
 from orchestrator import cpu
+from orchestrator.pipeline import quiet_transformers
 from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
 
 from .compile import _variants
-from .engine import calibration_inputs, export_example, quiet_loggers, quiet_transformers
+from .engine import calibration_inputs, export_example, quiet_loggers
 
 
 class Mode(StrEnum):

@@ -408,7 +408,9 @@ def test_quantize_refused_under_bf16_end_to_end(compose, tiny_classifier, cls_fi
 
 
 def test_unsupported_model_fails_or_falls_back(compose, tiny_gpt2, sts_file, tracking_uri):
-    base = tiny_sts_overrides(tiny_gpt2, sts_file, tracking_uri) + ["optimization=[bettertransformer]"]
+    # runtime.max_length within the tiny GPT-2's 64 positions (above them the run is refused before it starts)
+    base = tiny_sts_overrides(tiny_gpt2, sts_file, tracking_uri) + ["optimization=[bettertransformer]",
+                                                                     "runtime.max_length=64"]
     with pytest.raises(PluginUnavailable, match="'bettertransformer' is unavailable: GPT2Model has no encoder"):
         run(compose(*base))
     results = run(compose(*base, "runtime.on_plugin_error=fallback"))
