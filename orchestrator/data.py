@@ -28,29 +28,40 @@ def builtin_path(name: str) -> Path:
     return Path(str(resources.files("orchestrator") / "data" / name))
 
 
-def _resolve(files: Any) -> Any:
+def _resolve(files: Any, key: str) -> Any:
     if files is None:
         return None
     if isinstance(files, str):
         path = builtin_path(files[len(BUILTIN_PREFIX):]) if files.startswith(BUILTIN_PREFIX) else Path(files)
         if not path.exists():
-            hint = devdata.hint(path, "dataset.data_files", "your file")
-            raise DatasetError(f"dataset.data_files: file not found: {files} (resolved to {path.resolve()})"
+            hint = devdata.hint(path, key, "your file")
+            raise DatasetError(f"{key}: file not found: {files} (resolved to {path.resolve()})"
                                + (f"; {hint}" if hint else ""))
         return str(path)
     if isinstance(files, (list, tuple)):
-        return [_resolve(f) for f in files]
+        return [_resolve(f, key) for f in files]
     if isinstance(files, dict):
-        return {k: _resolve(v) for k, v in files.items()}
-    raise DatasetError(f"dataset.data_files={files!r}: expected a path, a list of paths or a split->path mapping")
+        return {k: _resolve(v, key) for k, v in files.items()}
+    raise DatasetError(f"{key}={files!r}: expected a path, a list of paths or a split->path mapping")
 
 
-def load(cfg, seed: int = 0):
+def load_calibration(cfg):
+    """``dataset.calibration_split`` of ``calibration_data_files`` (else of ``data_files``), its first
+    ``calibration_samples`` rows; a missing file is named by the key that set it."""
+    import dataclasses
+
+    own_files = bool(cfg.calibration_data_files)
+    calibration = dataclasses.replace(cfg, split=cfg.calibration_split, max_samples=cfg.calibration_samples,
+                                      data_files=cfg.calibration_data_files if own_files else cfg.data_files)
+    return load(calibration, files_key="dataset.calibration_data_files" if own_files else "dataset.data_files")
+
+
+def load(cfg, seed: int = 0, files_key: str = "dataset.data_files"):
     """Load the configured split, apply ``max_samples``; one-line DatasetError on any user-fixable problem."""
     import datasets
 
     kwargs = dict(cfg.load_kwargs or {})
-    data_files = _resolve(cfg.data_files)
+    data_files = _resolve(cfg.data_files, files_key)
     if (cfg.path in PACKAGED_BUILDERS or cfg.path in LOCAL_FORMATS) and data_files is None:
         raise DatasetError(f"dataset.path={cfg.path!r} reads local files: set dataset.data_files")
     try:

@@ -352,12 +352,8 @@ class Measurement:
         """Batches from dataset.calibration_split (e.g. the train split), loaded only for plugins that calibrate."""
         if not self.rc.dataset.calibration_split or not any(p.wants_calibration() for p in plugins):
             return []
-        import dataclasses
-
-        d = self.rc.dataset
-        cfg = dataclasses.replace(d, split=d.calibration_split, data_files=d.calibration_data_files or d.data_files,
-                                  max_samples=self.rc.dataset.calibration_samples)
-        return [b.inputs for b in self.batches_of(self.task.featurize(data.load(cfg)).rows, False)]
+        rows = self.task.featurize(data.load_calibration(self.rc.dataset)).rows
+        return [b.inputs for b in self.batches_of(rows, False)]
 
     def parity(self) -> None:
         """Max |delta| and agreement vs the eager fp32 reference on the first parity_samples rows (a sample;

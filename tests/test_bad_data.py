@@ -143,3 +143,14 @@ def test_a_missing_path_of_ones_own_is_plain_not_found(cli, tmp_path, tiny_encod
     mine = tmp_path / "my-model"
     proc, _ = cli(f"model.name_or_path={mine}", "tracking=off")
     assert only_error_line(proc) == f"error: model.name_or_path='{mine}': directory not found ({mine})"
+
+
+def test_a_missing_calibration_file_is_named_by_its_own_key(cli, tmp_path, tiny_classifier, cls_file):
+    empty = tmp_path / "no-shared"
+    empty.mkdir()
+    proc, _ = cli(f"model.name_or_path={tiny_classifier}", "dataset=sst2", f"dataset.data_files={cls_file}",
+                  "optimization=[onnxruntime]", "optimization.onnxruntime.int8=static", "tracking=off",
+                  env={"ORCH_SHARED_DIR": str(empty)})
+    train = empty / "data" / "sst2_train.tsv"
+    assert only_error_line(proc) == (f"error: dataset.calibration_data_files: file not found: {train} (resolved to "
+                                     f"{train}); {DEV_DATA}at your own with dataset.calibration_data_files=<your file>")
