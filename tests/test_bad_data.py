@@ -154,3 +154,19 @@ def test_a_missing_calibration_file_is_named_by_its_own_key(cli, tmp_path, tiny_
     train = empty / "data" / "sst2_train.tsv"
     assert only_error_line(proc) == (f"error: dataset.calibration_data_files: file not found: {train} (resolved to "
                                      f"{train}); {DEV_DATA}at your own with dataset.calibration_data_files=<your file>")
+
+
+def test_a_model_whose_similarities_are_all_equal_gives_no_nan_result(cli, tmp_path, sts_file):
+    import torch
+    from transformers import BertModel
+
+    flat = make_tiny_model(tmp_path / "flat", "base")
+    model = BertModel.from_pretrained(flat)
+    with torch.no_grad():  # the last LayerNorm's output is its bias alone: every token embeds the same
+        model.encoder.layer[-1].output.LayerNorm.weight.zero_()
+        model.encoder.layer[-1].output.LayerNorm.bias.fill_(1.0)
+    model.save_pretrained(flat)
+    proc, _ = cli(f"model.name_or_path={flat}", f"dataset.data_files={sts_file}", "tracking=off")
+    assert only_error_line(proc).startswith("error: the model gave every pair the same similarity (1.0000): "
+                                            "Spearman and Pearson are undefined")
+    assert "spearman" not in results_metrics(tmp_path)

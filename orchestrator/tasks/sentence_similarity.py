@@ -8,7 +8,7 @@ import pandas as pd
 import torch
 from scipy.stats import pearsonr, spearmanr
 
-from ..errors import DatasetError
+from ..errors import DatasetError, ModelLoadError
 from .base import Features, Task, max_abs_diff
 
 # two sentences agree when their similarity moves less than this (the scale is cosine, -1..1)
@@ -78,6 +78,10 @@ class SentenceSimilarity(Task):
     def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
         gold = self.gold_scores(dataset)
         sims = self.similarities(outputs).tolist()
+        if np.ptp(sims) == 0:  # the gold side was checked before the run; a constant model makes the same NaN
+            raise ModelLoadError(f"the model gave every pair the same similarity ({sims[0]:.4f}): Spearman and "
+                                 "Pearson are undefined (its embeddings do not depend on the input: check the "
+                                 "weights at model.name_or_path)")
         metrics = {
             "spearman": 100.0 * float(spearmanr(sims, gold).statistic),
             "pearson": 100.0 * float(pearsonr(sims, gold).statistic),
