@@ -98,7 +98,15 @@ def _task(cfg: DictConfig) -> Any:
 
     global _last_interrupt
     try:
-        return run(cfg)
+        results = run(cfg)
+        if results.get("tracking_error") and HydraConfig.get().mode.name != "MULTIRUN":
+            # tracking was asked for: a run that could not be recorded must not look like one that was
+            run_dir = results.get("run_dir")
+            sys.stderr.write(f"error: MLflow tracking failed ({results['tracking_error']}); the run "
+                             f"{results.get('status')} untracked, its results are in {run_dir}/results.json "
+                             f"(orchestrator-import {run_dir} puts them into MLflow)\n")
+            sys.exit(1)
+        return results
     except (Exception, KeyboardInterrupt) as ex:
         if HydraConfig.get().mode.name != "MULTIRUN":
             if isinstance(ex, KeyboardInterrupt) or os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -129,6 +137,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
     hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
     app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
+    from . import sweep
+
     try:
         app()
     except ValueError as e:  # Hydra checks its own flags outside run_and_report (e.g. -m together with --info)
@@ -136,7 +146,15 @@ def main() -> None:
             raise
         sys.stderr.write(f"error: {e}\n")
         sys.exit(2)
-    from . import sweep
+    except KeyboardInterrupt:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        _stopped("Ctrl-C", 130)
+    except SystemExit as e:
+        if sweep.current is None:  # a sweep stopped by SIGTERM skips on_multirun_end; anything else passes
+            raise
+        code = e.code if isinstance(e.code, int) else 1
+        _stopped("SIGTERM" if code == 128 + 15 else f"exit status {code}", code)
 
     if sweep.last_failed_jobs:
         sys.stderr.write(f"error: {sweep.last_failed_jobs} sweep job(s) did not finish; see the summary above\n")
@@ -146,3 +164,28 @@ def main() -> None:
         sys.stderr.write(f"error: sweep job(s) {jobs} fell back to a smaller stack (column 'fell back'); give "
                          "runtime.on_plugin_error=fallback on the command line to accept fallbacks\n")
         sys.exit(1)
+    if sweep.last_store_error or sweep.last_untracked_jobs:
+        jobs = ", ".join(map(str, sweep.last_untracked_jobs)) or "none"
+        sys.stderr.write(f"error: MLflow tracking failed ({sweep.last_store_error or 'see the log'}); jobs missing "
+                         f"from MLflow in whole or in part: {jobs}; their results.json are in {sweep.last_sweep_dir} "
+                         f"(orchestrator-import {sweep.last_sweep_dir} puts the sweep into MLflow)\n")
+        sys.exit(1)
+
+
+def _stopped(reason: str, code: int) -> None:
+    """Stopped from outside: the partial summary of a sweep's jobs that ran, then one line and ``code``."""
+    from . import sweep
+
+    try:
+        summary = sweep.stop_current(f"the sweep was stopped ({reason})")
+    except KeyboardInterrupt:  # a further Ctrl-C while summarizing: stop now
+        summary = None
+    except Exception as e:
+        log.error("partial sweep summary failed: %s", describe(e))
+        summary = None
+    if summary is not None:
+        sys.stderr.write(f"error: sweep stopped ({reason}) after {len(summary['rows'])} job(s), summarized above; "
+                         "the same command with resume=true runs the rest\n")
+    else:
+        sys.stderr.write(f"error: interrupted ({reason}); a run under way ends KILLED with what it measured\n")
+    sys.exit(code)

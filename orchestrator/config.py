@@ -123,6 +123,16 @@ class TrackingConfig:
     # MLflow system metrics (CPU %, memory, ...) sampled during the run, every system_metrics_interval_s
     system_metrics: bool = False
     system_metrics_interval_s: float = 2.0
+    # bounds on every call to a tracking server (MLflow's MLFLOW_HTTP_REQUEST_TIMEOUT, _MAX_RETRIES,
+    # _BACKOFF_FACTOR, _BACKOFF_JITTER, set from these): MLflow's own defaults (120 s, 7 retries, factor 2) hold a
+    # run ~4 min on each call while a server is down; with these a run that loses its server goes on untracked
+    # within about a minute
+    http_timeout_s: int = 10
+    http_max_retries: int = 2
+    http_backoff_factor: int = 1
+    http_backoff_jitter: float = 0.5
+    # a sqlite store needs this much free disk, else the run goes untracked (a full disk leaves runs RUNNING)
+    min_free_mb: float = 50.0
 
 
 @dataclass
@@ -236,6 +246,14 @@ def check_tracking(rc: RunConfig) -> None:
     """Where results go, checked before a run directory or an MLflow run exists."""
     _require(bool(str(rc.tracking.experiment or "").strip()), "tracking.experiment", rc.tracking.experiment,
              "must be a non-empty MLflow experiment name (tracking=off runs untracked)")
+    t = rc.tracking
+    _require(t.http_timeout_s >= 1, "tracking.http_timeout_s", t.http_timeout_s, "must be >= 1 (seconds per request)")
+    # MLflow refuses more retries / a larger factor than these (_MLFLOW_HTTP_REQUEST_MAX_*_LIMIT)
+    _require(0 <= t.http_max_retries <= 10, "tracking.http_max_retries", t.http_max_retries, "must be 0-10")
+    _require(0 <= t.http_backoff_factor <= 120, "tracking.http_backoff_factor", t.http_backoff_factor,
+             "must be 0-120")
+    _require(t.http_backoff_jitter >= 0, "tracking.http_backoff_jitter", t.http_backoff_jitter, "must be >= 0")
+    _require(t.min_free_mb >= 0, "tracking.min_free_mb", t.min_free_mb, "must be >= 0 (MB)")
 
 
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:

@@ -160,7 +160,8 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
                       precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
                       run_id=tracker.run_id, tracking_uri=rc.tracking.uri if rc.tracking.enabled else None,
                       keys=keys, overrides=tags["overrides"], cpu_model=tags.get("cpu.model"),
-                      metrics={})
+                      # every tag, for orchestrator-import when the store missed the run
+                      metrics={}, tags=dict(tags))
     measured = Measurement(rc, hydra, tracker, results, run_dir)
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
     try:

@@ -6,15 +6,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.table import Table
 
 from . import verdict
-from .errors import first_line
+from .errors import describe, first_line
+
+log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "throughput_ci_low",
            "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
@@ -88,21 +92,34 @@ def rows_from_dir(sweep_dir: Path) -> List[Dict[str, Any]]:
                          fallback=",".join(data.get("fallbacks") or {}) or None,
                          workload=keys.get("workload"), baseline_key=keys.get("baseline_key"),
                          run_dir=str(job_dir), overrides=data.get("overrides", ""),
-                         cpu_model=data.get("cpu_model"), random_head=data.get("random_head") or None))
+                         cpu_model=data.get("cpu_model"), random_head=data.get("random_head") or None,
+                         tracking_error=data.get("tracking_error")))
     return rows
 
 
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+
+
 def merge_rows(tracked: List[Dict[str, Any]], local: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    """MLflow rows win; local jobs whose run never reached MLflow are added from their results.json."""
-    known = {r["run_id"] for r in tracked}
-    by_job = {str(r["job"]): r for r in tracked}
-    rows = list(tracked)
-    for r in local:
-        if r["run_id"] in known and r["run_id"] is not None:
+    """One row per job. MLflow's row is the base; what only the job's results.json has fills it in (a run that lost
+    its store midway), and a results.json that ended (FINISHED, FAILED, KILLED) beats an MLflow run still marked
+    RUNNING: that run's process lost the store before it could close the run. Jobs that never reached MLflow come
+    from their results.json alone."""
+    by_run = {r["run_id"]: r for r in local if r.get("run_id")}
+    by_job = {str(r["job"]): r for r in local}
+    used = set()
+    rows = []
+    for t in tracked:
+        own = by_run.get(t["run_id"]) or by_job.get(str(t["job"]))
+        if own is None:
+            rows.append(t)
             continue
-        if str(r["job"]) in by_job:
-            continue
-        rows.append(r)
+        used.add(id(own))
+        if t["status"] not in TERMINAL and own["status"] in TERMINAL:
+            rows.append({**t, **{k: v for k, v in own.items() if v is not None}, "run_id": t["run_id"]})
+        else:
+            rows.append({**t, **{k: v for k, v in own.items() if t.get(k) is None and v is not None}})
+    rows += [r for r in local if id(r) not in used]
     return sorted(rows, key=lambda r: (len(str(r["job"])), str(r["job"])))
 
 
@@ -283,12 +300,22 @@ def cpu_header(rows: List[Dict[str, Any]]) -> str:
 
 
 def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path], min_accuracy_ratio: float = 0.99,
-                    min_agreement: float = 0.95) -> Dict[str, Any]:
-    """Rows for the sweep, files in the sweep dir, and (with a parent run) everything logged to it."""
-    tracked = rows_from_mlflow(client, parent_id) if client is not None and parent_id else []
+                    min_agreement: float = 0.95, stopped: Optional[str] = None) -> Dict[str, Any]:
+    """Rows for the sweep, files in the sweep dir, and (with a parent run) everything logged to it. A store that
+    cannot be read or written costs the MLflow part only: the rows then come from the jobs' results.json.
+    ``stopped``: why the sweep ended early (its parent run ends KILLED with that reason)."""
+    tracked, store_error = [], None
+    if client is not None and parent_id:
+        try:
+            tracked = rows_from_mlflow(client, parent_id)
+        except Exception as e:
+            store_error = describe(e)
+            log.error("sweep summary: the tracking store could not be read (%s); the summary comes from the jobs' "
+                      "results.json", store_error)
     local = rows_from_dir(sweep_dir) if sweep_dir is not None and sweep_dir.is_dir() else []
     rows = merge_rows(tracked, local)
-    out = summary_of(rows, parent_id, assess(rows, client, min_accuracy_ratio, min_agreement))
+    store = client if store_error is None else None
+    out = summary_of(rows, parent_id, assess(rows, store, min_accuracy_ratio, min_agreement))
     failed, fell_back, header, recommendation = out["failed"], out["fell_back"], out["cpu"], out["recommendation"]
     if sweep_dir is not None and sweep_dir.is_dir():
         csv = sweep_dir / "summary.csv"
@@ -297,21 +324,36 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
         md.write_text(markdown(rows, f"{header}\n\n{recommendation}"))
         png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}"[:180])
         out["files"] = [p for p in (csv, md, png) if p is not None]
-    if client is not None and parent_id:
-        client.log_table(parent_id, data=frame(rows), artifact_file="summary_table.json")
-        for p in out["files"]:
-            client.log_artifact(parent_id, str(p))
-        import time
-
-        from mlflow.entities import Metric, RunTag
-
-        ts = int(time.time() * 1000)
-        client.log_batch(parent_id, metrics=[Metric("n_jobs", float(len(rows)), ts, 0),
-                                             Metric("failed_jobs", float(failed), ts, 0),
-                                             Metric("fallback_jobs", float(len(fell_back)), ts, 0)],
-                         tags=[RunTag("recommendation", (recommendation or "")[:5000]), RunTag("summary.cpu", header)])
-        client.set_terminated(parent_id, "FAILED" if failed else "FINISHED")
+    if store is not None and parent_id:
+        try:
+            log_to_parent(store, parent_id, out, stopped)
+        except Exception as e:
+            store_error = describe(e)
+            log.error("sweep summary: could not be logged to MLflow parent run %s (%s); orchestrator-import %s "
+                      "puts the sweep into MLflow later", parent_id, store_error, sweep_dir)
+    out["store_error"] = store_error
     return out
+
+
+def log_to_parent(client, parent_id: str, out: Dict[str, Any], stopped: Optional[str] = None) -> None:
+    """The summary table, files, counts and recommendation on the sweep's parent run, which then ends: KILLED when
+    the sweep was stopped, FAILED when a job did not finish, else FINISHED."""
+    import time
+
+    from mlflow.entities import Metric, RunTag
+
+    rows = out["rows"]
+    client.log_table(parent_id, data=frame(rows), artifact_file="summary_table.json")
+    for p in out["files"]:
+        client.log_artifact(parent_id, str(p))
+    ts = int(time.time() * 1000)
+    tags = [RunTag("recommendation", (out["recommendation"] or "")[:5000]), RunTag("summary.cpu", out["cpu"])]
+    if stopped:
+        tags.append(RunTag("error", stopped))
+    client.log_batch(parent_id, metrics=[Metric("n_jobs", float(len(rows)), ts, 0),
+                                         Metric("failed_jobs", float(out["failed"]), ts, 0),
+                                         Metric("fallback_jobs", float(len(out["fell_back"])), ts, 0)], tags=tags)
+    client.set_terminated(parent_id, "KILLED" if stopped else ("FAILED" if out["failed"] else "FINISHED"))
 
 
 def summary_of(rows: List[Dict[str, Any]], parent_id: Optional[str], recommendation: Optional[str]) -> Dict[str, Any]:
@@ -319,6 +361,8 @@ def summary_of(rows: List[Dict[str, Any]], parent_id: Optional[str], recommendat
     return {"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent_id,
             "files": [], "recommendation": recommendation, "cpu": cpu_header(rows),
             "fell_back": [r["job"] for r in rows if r.get("fallback")],
+            # jobs MLflow holds nothing or only part of (orchestrator-import puts them there)
+            "untracked": [r["job"] for r in rows if r.get("tracking_error") or not r.get("run_id")],
             "random_head": [r["job"] for r in rows if r.get("random_head")]}
 
 
@@ -346,27 +390,53 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
 
 
 def report_main(argv: Optional[List[str]] = None) -> int:
-    """``orchestrator-report <parent run id | sweep dir>``: print a sweep's summary table again."""
+    """``orchestrator-report <parent run id | sweep dir>``: print a sweep's summary table again; runs of the sweep
+    that a dead process left RUNNING are closed on the way (KILLED, or what their results.json says)."""
     parser = argparse.ArgumentParser(prog="orchestrator-report", description=report_main.__doc__)
     parser.add_argument("target", help="MLflow parent run id of a sweep, or a sweep directory (outputs/multirun/...)")
-    parser.add_argument("--tracking-uri", default="sqlite:///outputs/mlflow.db")
+    parser.add_argument("--tracking-uri", default=None, help="default: for a sweep directory the store its jobs "
+                        "used, else sqlite:///outputs/mlflow.db")
     parser.add_argument("--min-accuracy-ratio", type=float, default=0.99, help="accuracy gate (default 0.99)")
     parser.add_argument("--min-agreement", type=float, default=0.95, help="agreement gate (default 0.95)")
     args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    from .importer import job_dirs, reconcile_sweep
+    from .tracking import PARENT_RUN_FILE, connect, open_store
+
     path = Path(args.target)
-    client = None
+    client, parent, tracked = None, None, []
     if path.is_dir():
-        rows = merge_rows([], rows_from_dir(path))
-        parent = None
+        local = rows_from_dir(path)
+        id_file = path / PARENT_RUN_FILE
+        jobs = job_dirs(path)
+        if id_file.is_file() and jobs:
+            from .importer import _tracking_of
+
+            tracking = _tracking_of(jobs[0], args.tracking_uri, None)
+            try:
+                client, _ = open_store(tracking)
+                parent = id_file.read_text().strip()
+                reconcile_sweep(client, parent, "orchestrator-report")
+                tracked = rows_from_mlflow(client, parent)
+            except Exception as e:  # the jobs' results.json still make the table
+                log.error("the sweep's MLflow runs could not be read from %s (%s); the table comes from the jobs' "
+                          "results.json", tracking.uri, describe(e))
+                client, parent = None, None
+        rows = merge_rows(tracked, local)
     else:
         from mlflow.exceptions import MlflowException
-        from mlflow.tracking import MlflowClient
 
-        client = MlflowClient(args.tracking_uri)
+        uri = args.tracking_uri or "sqlite:///outputs/mlflow.db"
         try:
+            client = connect(SimpleNamespace(uri=uri))
+        except Exception as e:
+            print(f"error: {uri}: {describe(e)}", file=sys.stderr)
+            return 1
+        try:
+            reconcile_sweep(client, args.target, "orchestrator-report")
             rows = rows_from_mlflow(client, args.target)
         except MlflowException as e:
-            print(f"error: {args.target!r} is neither a sweep directory nor a run in {args.tracking_uri}: "
+            print(f"error: {args.target!r} is neither a sweep directory nor a run in {uri}: "
                   f"{first_line(e)}", file=sys.stderr)
             return 2
         rows = merge_rows(rows, [])

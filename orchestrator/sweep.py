@@ -10,14 +10,13 @@ import atexit
 import logging
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Dict, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from .errors import first_line
-from .tracking import (PARENT_RUN_ENV, PARENT_RUN_FILE, check_reachable, check_uri, default_artifact_location,
-                       ensure_experiment, sqlite_path)
+from .errors import describe
+from .tracking import PARENT_RUN_ENV, PARENT_RUN_FILE, open_store
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +43,12 @@ def parallel_warning(launcher: Any) -> Optional[str]:
 # the command line; the CLI turns them into its exit status
 last_failed_jobs = 0
 last_unasked_fallbacks: list = []
+# ... and the jobs MLflow lacks (wholly or in part) although tracking was asked for, and why the store failed
+last_untracked_jobs: list = []
+last_store_error: Optional[str] = None
+last_sweep_dir: Optional[Path] = None
+# the sweep under way in this process (its callback), for a stop that skips on_multirun_end
+current: Optional["MlflowSweepCallback"] = None
 
 
 def fallback_asked(overrides) -> bool:
@@ -56,8 +61,11 @@ class MlflowSweepCallback(Callback):
         self.client = None
         self.parent_id: Optional[str] = None
         self.sweep_dir: Optional[Path] = None
+        self.config: Optional[DictConfig] = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global current
+        current, self.config = self, config
         tracking = config.get("tracking")
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         warning = parallel_warning(config.hydra.get("launcher"))
@@ -67,22 +75,18 @@ class MlflowSweepCallback(Callback):
         if not tracking or not tracking.enabled:
             return
         try:
-            from mlflow.tracking import MlflowClient
+            # created once here, before any job: concurrent first use of a sqlite store races; the HTTP bounds it
+            # sets reach the job processes through the environment
+            self.client, exp_id = open_store(tracking)
+            if config.get("resume"):
+                from .importer import reconcile_experiment
 
-            check_uri(tracking.uri)
-            db = sqlite_path(tracking.uri)
-            if db is not None:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            check_reachable(tracking.uri)
-            # created once here, before any job: concurrent first use of a sqlite store races
-            self.client = MlflowClient(tracking_uri=tracking.uri)
-            exp_id = ensure_experiment(self.client, tracking.experiment,
-                                       tracking.artifact_location or default_artifact_location(tracking.uri))
+                reconcile_experiment(self.client, exp_id, "resume")
             overrides = list(config.hydra.overrides.task)
-            from .environment import environment_tags
+            from .environment import environment_tags, process_tags
 
             run = self.client.create_run(exp_id, run_name=f"sweep-{self.sweep_dir.parent.name}-{self.sweep_dir.name}",
-                                         tags={**environment_tags(), "sweep": "true",
+                                         tags={**environment_tags(), **process_tags(), "sweep": "true",
                                                "sweep.overrides": " ".join(overrides),
                                                "sweep.dir": str(self.sweep_dir.resolve())})
             self.parent_id = run.info.run_id
@@ -97,8 +101,8 @@ class MlflowSweepCallback(Callback):
                             self.sweep_dir / PARENT_RUN_FILE, e, PARENT_RUN_ENV)
             log.info("MLflow sweep run %s (%s)", self.parent_id, tracking.uri)
         except Exception as e:  # a tracking failure must not stop the sweep; jobs still write results.json
-            log.error("MLflow sweep run could not be created (%s: %s); jobs are tracked without a parent",
-                      type(e).__name__, first_line(e))
+            log.error("MLflow sweep run could not be created (%s); jobs are tracked without a parent",
+                      describe(e))
             self.parent_id = None
 
     def _close_if_open(self) -> None:
@@ -113,6 +117,14 @@ class MlflowSweepCallback(Callback):
             log.error("could not close the sweep's MLflow run %s: %s", self.parent_id, e)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        self.finish(config)
+
+    def finish(self, config: DictConfig, stopped: Optional[str] = None) -> Dict[str, Any]:
+        """The summary of the jobs that ran: at the sweep's end, or (``stopped``: why) when it was stopped early,
+        which Hydra does not call on_multirun_end for."""
+        global current, last_failed_jobs, last_unasked_fallbacks
+        global last_untracked_jobs, last_store_error, last_sweep_dir
+        current = None
         os.environ.pop(PARENT_RUN_ENV, None)
         from .summary import print_summary, summarize_sweep
 
@@ -120,14 +132,30 @@ class MlflowSweepCallback(Callback):
         try:
             summary = summarize_sweep(self.client, self.parent_id, self.sweep_dir,
                                       min_accuracy_ratio=float(gate.get("min_accuracy_ratio", 0.99)),
-                                      min_agreement=float(gate.get("min_agreement", 0.95)))
+                                      min_agreement=float(gate.get("min_agreement", 0.95)), stopped=stopped)
         except Exception as e:
             log.error("sweep summary failed: %s: %s", type(e).__name__, e)
             if self.client is not None and self.parent_id:
                 self.client.set_terminated(self.parent_id, "FAILED")
             raise
         print_summary(summary)
-        global last_failed_jobs, last_unasked_fallbacks
         last_failed_jobs = summary["failed"]
         asked = fallback_asked(list(config.hydra.overrides.task))
         last_unasked_fallbacks = [] if asked else list(summary["fell_back"])
+        tracking = config.get("tracking")
+        wanted = bool(tracking and tracking.enabled)
+        last_untracked_jobs = list(summary["untracked"]) if wanted else []
+        last_sweep_dir = self.sweep_dir
+        reasons = [summary.get("store_error")] + [r.get("tracking_error") for r in summary["rows"]]
+        if not self.parent_id:
+            reasons.append("the sweep's parent run could not be created")
+        last_store_error = next((r for r in reasons if r), None) if wanted else None
+        return summary
+
+
+def stop_current(reason: str) -> Optional[Dict[str, Any]]:
+    """A sweep stopped before its end (two Ctrl-C, SIGTERM): the summary of the jobs that ran; None outside one."""
+    callback = current
+    if callback is None or callback.config is None:
+        return None
+    return callback.finish(callback.config, stopped=reason)

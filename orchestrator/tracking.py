@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 from urllib.parse import urlparse
 
-from .errors import ConfigError, RunInterrupted, describe, first_line
+from .errors import ConfigError, OrchestratorError, RunInterrupted, describe, first_line
 from .interrupts import critical
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,81 @@ def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
         socket.create_connection((parsed.hostname, port), timeout=timeout_s).close()
     except OSError as e:
         raise ConnectionError(f"tracking server {uri} is unreachable ({e.strerror or e})") from e
+
+
+class StoreUnusable(OrchestratorError):
+    """The tracking store cannot take a run (checked before MLflow is asked: its own errors come after minutes of
+    retries and pages of tracebacks)."""
+
+
+# MLflow's HTTP client settings (mlflow.environment_variables), read on every request: set from the tracking
+# config before any client exists, and inherited by the job processes a sweep starts
+HTTP_SETTINGS = {"http_timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT", "http_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+                 "http_backoff_jitter": "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"}
+
+
+def apply_http_settings(cfg) -> None:
+    """Bound every call to a tracking server: MLflow's defaults (120 s a request, 7 retries, backoff factor 2)
+    hold a run for minutes on each call while a server is down."""
+    for key, var in HTTP_SETTINGS.items():
+        value = getattr(cfg, key, None)
+        if value is not None:
+            os.environ[var] = str(value)
+
+
+SQLITE_MAGIC = b"SQLite format 3\x00"
+
+
+def check_store(uri: str, min_free_mb: float = 0.0) -> None:
+    """A sqlite store must be a file in a writable folder with room to grow; say which of these fails, in one line."""
+    import shutil
+    import tempfile
+
+    db = sqlite_path(uri)
+    if db is None:
+        return
+    where = f"tracking.uri={uri}"
+    if db.is_dir():
+        raise StoreUnusable(f"{where}: {db} is a directory; the sqlite store must be a file "
+                            f"(e.g. sqlite:///{db / 'mlflow.db'})")
+    folder = next((p for p in [db.parent, *db.parent.parents] if p.exists()), None)
+    if folder is not None and not folder.is_dir():
+        raise StoreUnusable(f"{where}: {folder} is a file, not a folder; the store's folder cannot be created there")
+    try:
+        db.parent.mkdir(parents=True, exist_ok=True)
+        if db.exists():
+            with open(db, "r+b") as f:
+                head = f.read(len(SQLITE_MAGIC))
+            if head and head != SQLITE_MAGIC:
+                raise StoreUnusable(f"{where}: {db} exists but is not an sqlite database")
+        # sqlite writes its journal beside the store: the folder must be writable too
+        tempfile.TemporaryFile(dir=db.parent).close()
+    except OSError as e:
+        raise StoreUnusable(f"{where}: {e.filename or db.parent} is not writable ({e.strerror or e})") from e
+    free_mb = shutil.disk_usage(db.parent).free / 2**20
+    if free_mb < min_free_mb:
+        raise StoreUnusable(f"{where}: only {free_mb:.0f} MB free on the disk of {db.parent}; the store needs "
+                            f"tracking.min_free_mb={min_free_mb:g} (a full disk leaves runs RUNNING)")
+
+
+def connect(cfg):
+    """An MlflowClient for the tracking config, after the checks that fail in seconds instead of in MLflow's
+    retries: the store (sqlite), the server's port (http), MLflow's HTTP bounds."""
+    from mlflow.tracking import MlflowClient
+
+    check_uri(cfg.uri)
+    apply_http_settings(cfg)
+    check_store(cfg.uri, float(getattr(cfg, "min_free_mb", 0.0) or 0.0))
+    check_reachable(cfg.uri)
+    return MlflowClient(tracking_uri=cfg.uri)
+
+
+def open_store(cfg):
+    """:func:`connect`, and the id of the config's experiment (created on first use)."""
+    client = connect(cfg)
+    return client, ensure_experiment(client, cfg.experiment,
+                                     cfg.artifact_location or default_artifact_location(cfg.uri))
 
 
 def ensure_experiment(client, name: str, artifact_location: Optional[str]) -> str:
@@ -158,15 +233,8 @@ class Tracker:
 
     def _connect(self) -> str:
         """Client and experiment id (the experiment is created on first use)."""
-        from mlflow.tracking import MlflowClient
-
-        db = sqlite_path(self.cfg.uri)
-        if db is not None:
-            db.parent.mkdir(parents=True, exist_ok=True)
-        check_reachable(self.cfg.uri)
-        self.client = MlflowClient(tracking_uri=self.cfg.uri)
-        return ensure_experiment(self.client, self.cfg.experiment,
-                                 self.cfg.artifact_location or default_artifact_location(self.cfg.uri))
+        self.client, exp_id = open_store(self.cfg)
+        return exp_id
 
     def find_finished(self, digest: str) -> Optional[Any]:
         """The newest FINISHED run of this experiment with the same config digest (for resume), if any."""
@@ -174,6 +242,12 @@ class Tracker:
             return None
         try:
             exp_id = self._connect()
+            from .importer import close_stale
+
+            # an earlier try of this config whose process died must not stay RUNNING beside the new one
+            close_stale(self.client, self.client.search_runs(
+                [exp_id], f"tags.config_digest = '{digest}' and attributes.status = 'RUNNING'", max_results=100),
+                "resume")
             runs = self.client.search_runs([exp_id], f"tags.config_digest = '{digest}' and "
                                                      "attributes.status = 'FINISHED'",
                                            max_results=1, order_by=["attributes.start_time DESC"])

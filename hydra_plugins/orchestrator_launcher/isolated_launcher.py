@@ -107,7 +107,7 @@ class IsolatedLauncher(Launcher):
             proc = subprocess.Popen([self.python, "-m", "hydra_plugins.orchestrator_launcher._job", str(job_in),
                                      str(job_out)], env=env, start_new_session=True)
             stop = self._wait(proc, idx)
-            ret = self._read_return(job_out, proc.returncode, idx, overrides, sweep_config)
+            ret = self._read_return(job_out, proc.returncode, idx, overrides, sweep_config, proc.pid)
         if stop is not None:
             raise stop
         return ret
@@ -147,24 +147,30 @@ class IsolatedLauncher(Launcher):
 
     @staticmethod
     def _read_return(path: Path, returncode: Optional[int], idx: int, overrides: List[str],
-                     config: DictConfig) -> JobReturn:
+                     config: DictConfig, pid: Optional[int] = None) -> JobReturn:
         import cloudpickle
 
+        job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
+        status = "FAILED"
         if path.is_file():
             try:
                 return cloudpickle.loads(path.read_bytes())
             except Exception as e:  # an unpicklable return value: report, keep the sweep going
                 reason = f"its result could not be read back ({type(e).__name__}: {e})"
         else:
-            how = (f"signal {signal.Signals(-returncode).name}" if returncode is not None and returncode < 0
-                   else f"exit code {returncode}")
-            reason = f"its process ended ({how}) before the job returned"
-        log.error("job %d failed: %s", idx, reason)
+            killed = returncode is not None and returncode < 0
+            how = f"signal {signal.Signals(-returncode).name}" if killed else f"exit code {returncode}"
+            reason = f"its process {pid} ended ({how}) before the job returned"
+            status = "KILLED" if killed else "FAILED"
+            # the job could not close its own run (kill -9, the OOM killer): this process outlives it and does
+            from orchestrator.importer import record_killed
+
+            record_killed(job_dir, config, pid, f"killed by {how} (process {pid})" if killed else reason, status)
+        log.error("job %d %s: %s", idx, "was killed" if status == "KILLED" else "failed", reason)
         # COMPLETED with a FAILED result, as orchestrator's task function reports failed jobs: the sweep goes on
         # and its summary lists the job (from its results.json, or as MISSING)
         return JobReturn(overrides=overrides, cfg=config, hydra_cfg=config, status=JobStatus.COMPLETED,
-                         _return_value={"status": "FAILED", "error": reason},
-                         working_dir=str(Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)))
+                         _return_value={"status": status, "error": reason}, working_dir=str(job_dir))
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
