@@ -51,13 +51,37 @@ def _hydra_info() -> Dict[str, Any]:
     }
 
 
-def _run_name(rc: RunConfig, choices: Dict[str, Any], stack: Optional[str] = None) -> str:
+def _run_name(rc: RunConfig, hydra: Dict[str, Any], stack: Optional[str] = None) -> str:
+    """What tells the run apart first (the values its sweep varies, stack, precision), then model and data:
+    MLflow's runs list shows ~14-18 characters of a name."""
     if rc.tracking.run_name:
         return rc.tracking.run_name
+    choices = hydra.get("choices", {})
     model = choices.get("model") or Path(rc.model.name_or_path).name
     dataset = choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
-    stack = stack or "+".join(rc.optimization) or "eager"
-    return f"{model}-{dataset}-{rc.precision.name}-{stack}"
+    parts = [f"{k}={v}" for k, v in swept_values(hydra).items()]
+    parts += [stack or "+".join(rc.optimization) or "eager", rc.precision.name, model, dataset]
+    return "-".join(parts)
+
+
+def swept_values(hydra: Dict[str, Any]) -> Dict[str, str]:
+    """This job's values of the keys its sweep varies, by short name (the key's last part unless two share it),
+    leaving out what the run name says anyway (stack, precision, model, data)."""
+    if hydra.get("mode") != "RunMode.MULTIRUN":
+        return {}
+    from .sweep import job_swept_keys
+
+    given = dict(o.split("=", 1) for o in hydra.get("overrides", []) if "=" in o)
+    given = {k.lstrip("+~"): v for k, v in given.items()}
+    keys = [k.lstrip("+~") for k in job_swept_keys()]
+    keys = [k for k in keys if k not in ("optimization", "precision", "model", "dataset") and k in given]
+    last = [SHORT_KEYS.get(k, k.rsplit(".", 1)[-1]) for k in keys]
+    return {(short if last.count(short) == 1 else k): given[k] for k, short in zip(keys, last)}
+
+
+# MLflow's runs list shows ~18 characters of a name: the keys swept most often get short names there
+SHORT_KEYS = {"runtime.batch_size": "bs", "runtime.max_length": "len", "runtime.pad_to_multiple_of": "pad",
+              "dataset.max_samples": "n"}
 
 
 def _set_threads(rc: RunConfig) -> Dict[str, float]:
@@ -130,7 +154,7 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     hydra = _hydra_info()
     run_dir = hydra.get("output_dir") or Path("outputs/runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_name = _run_name(rc, hydra.get("choices", {}))
+    run_name = _run_name(rc, hydra)
     stack = "+".join(rc.optimization) or "eager"
     keys = comparison_keys(container)
 
@@ -150,24 +174,35 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         tags["job_num"] = str(hydra["job_num"])
     digest = config_digest(container)
     tags["config_digest"] = digest
+    swept = swept_values(hydra)
+    if swept:
+        tags["swept"] = " ".join(f"{k}={v}" for k, v in swept.items())
     tracker = Tracker(rc.tracking, run_name)
-    if rc.resume:
-        previous = tracker.find_finished(digest)
-        if previous is not None:
-            return _skip(previous, run_name, rc, container, run_dir)
-    tracker.start(flatten(container), tags)
     results = Results(run_name=run_name, status="RUNNING", stack=stack, stack_requested=stack,
                       precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
-                      run_id=tracker.run_id, tracking_uri=rc.tracking.uri if rc.tracking.enabled else None,
+                      run_id=None, tracking_uri=rc.tracking.uri if rc.tracking.enabled else None,
                       keys=keys, overrides=tags["overrides"], cpu_model=tags.get("cpu.model"),
                       # every tag, for orchestrator-import when the store missed the run
                       metrics={}, tags=dict(tags))
     measured = Measurement(rc, hydra, tracker, results, run_dir)
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
+    skipped = None
     try:
-        if startup is not None:
-            measured.record({"process_startup_s": startup})
+        # what the config alone shows to be wrong is refused before any MLflow run exists (results.json still
+        # says why, for the sweep's summary); what goes wrong later ends the run FAILED. Outside the timeout:
+        # runtime.timeout_s bounds the measurement, and a run it stops must be in MLflow as KILLED
+        measured.preflight()
+        previous = tracker.find_finished(digest) if rc.resume else None
+        if previous is not None:
+            skipped = _skip(previous, run_name, rc, container, run_dir)
+            return skipped
         with interruptible(rc.runtime.timeout_s):
+            tracker.start(flatten(container), tags)
+            results["run_id"] = tracker.run_id
+            log.info("run %s: results in %s%s", run_name, run_dir,
+                     f", MLflow run {tracker.run_id} ({rc.tracking.uri})" if tracker.run_id else " (untracked)")
+            if startup is not None:
+                measured.record({"process_startup_s": startup})
             measured.run()
         results["status"] = "FINISHED"
     except BaseException as e:
@@ -177,7 +212,8 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         tracker.set_tags({"error": results["error"]})
         raise
     finally:
-        _finish(results, tracker, run_dir, measured, rc)
+        if skipped is None:
+            _finish(results, tracker, run_dir, measured, rc)
     return results
 
 
@@ -225,16 +261,23 @@ class Measurement:
                                     r.pad_to_multiple_of)
 
     # -- phases -------------------------------------------------------------------------------------------------
-    def run(self) -> None:
+    def preflight(self) -> None:
+        """Everything the config alone can show to be wrong: ranges, choices, the stack's order and every
+        plugin's check() (an unavailable plugin costs no model load and no MLflow run)."""
         rc = self.rc
-        validate(rc)  # inside the try: an invalid run is still recorded, as FAILED with the reason
+        validate(rc)
         self.task_cls = task_registry.get(rc.dataset.task)
         self.metric_names.extend(self.task_cls.metric_names)
-        self.record(_set_threads(rc))
-        _warn_precision_hardware(rc)
+        self.thread_metrics = _set_threads(rc)
+        self.plugins, self.early_fallbacks = self.check_stack()
+        _warn_hardware(rc, self.plugins, self.check_ctx)
+
+    def run(self) -> None:
+        rc = self.rc
+        self.record(self.thread_metrics)
         torch.manual_seed(rc.runtime.seed)
         random.seed(rc.runtime.seed)
-        plugins, early_fallbacks = self.check_stack()
+        plugins, early_fallbacks = self.plugins, self.early_fallbacks
         with measure.PeakRSS() as rss, contextlib.ExitStack() as process_hooks:
             stack = list(rc.optimization)
             # every plugin class loaded in this process may guard process-wide state around the run
@@ -257,9 +300,11 @@ class Measurement:
         ctx = PluginContext(task=rc.dataset.task, dtype=pipeline.DTYPES[rc.precision.dtype],
                             autocast_dtype=pipeline.autocast_dtype(rc.precision), example_batch={},
                             threads=torch.get_num_threads(), calibration_split=rc.dataset.calibration_split)
+        self.check_ctx = ctx
         return pipeline.check_stack(plugins, ctx, rc.runtime.on_plugin_error)
 
     def load(self) -> None:
+        log.info("loading model %s", self.rc.model.name_or_path)
         t0 = time.perf_counter()
         self.model, self.tokenizer, self.hf_config = pipeline.load_model(self.rc.model, self.task_cls)
         self.record({"model_load_s": time.perf_counter() - t0})
@@ -275,6 +320,7 @@ class Measurement:
 
     def featurize(self) -> None:
         rc = self.rc
+        log.info("loading data %s", rc.dataset.data_files or rc.dataset.path)
         t0 = time.perf_counter()
         # the task refuses a runtime.max_length above the model's limit before any data is read
         self.task = self.task_cls(rc.dataset, rc.runtime, self.tokenizer, self.hf_config)
@@ -283,6 +329,8 @@ class Measurement:
         self.tracker.log_dataset(self.dataset, name=self.hydra.get("choices", {}).get("dataset") or rc.dataset.path,
                                  source=str(rc.dataset.data_files or rc.dataset.path))
         t1 = time.perf_counter()
+        log.info("tokenizing %d examples (max_length %d, padding %s)", len(self.dataset), rc.runtime.max_length,
+                 rc.runtime.padding)
         self.features, cached = feature_cache.featurize(self.task, self.dataset)
         t2 = time.perf_counter()
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
@@ -303,6 +351,8 @@ class Measurement:
 
     def apply_stack(self, plugins, early_fallbacks: Dict[str, str], tag_fns) -> None:
         rc = self.rc
+        log.info("applying precision=%s and stack %s", rc.precision.name,
+                 "+".join(p.name for p in plugins) or "eager (none)")
         t0 = time.perf_counter()
         self.model = pipeline.apply_precision(self.model, rc.precision)
         self.autocast = pipeline.autocast_dtype(rc.precision)
@@ -324,7 +374,7 @@ class Measurement:
             stack_tags["stack"] = applied
             stack_tags["stack.fallback"] = ",".join(record.fallbacks)
             self.results["stack"] = applied
-            name = _run_name(rc, self.hydra.get("choices", {}), applied)
+            name = _run_name(rc, self.hydra, applied)
             if name != self.results["run_name"]:
                 self.results["run_name"] = name
                 self.tracker.rename(name)
@@ -367,6 +417,7 @@ class Measurement:
 
     def accuracy_pass(self) -> None:
         m = self.results["metrics"]
+        log.info("accuracy pass: %d features in %d batches", len(self.features), len(self.batches))
         t0 = time.perf_counter()
         outputs, lat = measure.run_all(self.step, self.batches, len(self.features), desc="accuracy pass",
                                        progress=self.rc.runtime.progress)
@@ -389,6 +440,7 @@ class Measurement:
 
     def timing_pass(self) -> measure.TimingResult:
         r = self.rc.runtime
+        log.info("timing pass: %d round(s) of at least %g s", r.repeats, r.min_duration_s)
         timing = measure.timing_rounds(self.step, self.batches, r.repeats, r.warmup, r.min_iterations,
                                        r.min_duration_s, r.max_iterations, r.seed, progress=r.progress)
         self.record(timing.metrics())
@@ -404,12 +456,20 @@ class Measurement:
         self.tag({"peak.compute": self.compute, "peak.formula": peak_note})
 
 
-def _warn_precision_hardware(rc: RunConfig) -> None:
-    """bf16 without native bf16 runs, but emulated and slower than fp32: say so instead of letting it look slow."""
+def _warn_hardware(rc: RunConfig, plugins, ctx: PluginContext) -> None:
+    """One line when the run asks for arithmetic this CPU does not have natively: it runs, emulated or on a slower
+    path, and would otherwise just look slow."""
     bf16 = rc.precision.dtype == "bfloat16" or (rc.precision.autocast and rc.precision.autocast_dtype == "bfloat16")
     if bf16 and not cpu.has("bf16"):
-        log.warning("precision=%s on a CPU without native bf16 (%s): bf16 is emulated there and usually slower "
-                    "than fp32", rc.precision.name, cpu.describe())
+        faster = "precision=fp32, or an int8 recipe (this CPU has VNNI)," if cpu.has("vnni") else "precision=fp32"
+        log.warning("precision=%s asks for bf16, but this CPU (%s) has neither AVX512-BF16 nor AMX: bf16 is emulated "
+                    "and usually slower than fp32 here; %s is faster", rc.precision.name, cpu.describe(), faster)
+    int8 = [p.name for p in plugins if p.compute_precision(ctx) == "int8"]
+    if int8 and not cpu.has("vnni"):
+        log.warning("optimization=%s computes in int8, but this CPU (%s) has no VNNI (AVX512-VNNI, AVX-VNNI or AMX): "
+                    "int8 dot products take the older multi-instruction path and gain less than on a VNNI CPU; "
+                    "compare with the fp32 engines (recipe=onnxruntime_fp32, openvino_fp32; sweep=engines) here",
+                    "+".join(int8), cpu.describe())
 
 
 def _flop_coefficients(model, batches, pad_id: int):

@@ -22,12 +22,13 @@ log = logging.getLogger(__name__)
 
 COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "throughput_ci_low",
            "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
-           "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p99_ms", "parity_max_abs_diff",
-           "parity_agreement", "eval_throughput", "peak_fraction_pct", "status", "stack_requested", "fallback",
-           "swept", "random_head", "cpu_model", "baseline_job", "run_id"]
-# what the console shows of them (the files have all)
-SHOWN = ["job", "stack", "precision", "swept", "metric", "value", "accuracy_delta", "throughput", "speedup",
-         "speedup_ci", "noise", "agreement_vs_baseline", "gate", "latency_p50_ms", "fallback", "status"]
+           "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+           "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct", "status",
+           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id"]
+# what the console shows of them (the files have all); the swept keys' columns follow precision
+SHOWN = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "speedup",
+         "speedup_ci", "noise", "agreement_vs_baseline", "gate", "latency_p50_ms", "latency_p90_ms", "fallback",
+         "status"]
 
 
 def _primary(task: Optional[str]) -> Optional[str]:
@@ -52,8 +53,8 @@ def _row(job: str, status: str, task: Optional[str], stack: str, precision: str,
     row = {c: None for c in COLUMNS}
     row.update({"job": job, "stack": stack or "eager", "precision": precision, "metric": metric,
                 "value": metrics.get(metric) if metric else None, "status": status, "run_id": run_id, "task": task})
-    for key in ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p99_ms",
-                "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct"):
+    for key in ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
+                "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct"):
         row[key] = metrics.get(key)
     row.update(extra)
     row["stack_requested"] = row.get("stack_requested") or row["stack"]
@@ -124,16 +125,32 @@ def merge_rows(tracked: List[Dict[str, Any]], local: List[Dict[str, Any]]) -> Li
 
 
 def add_swept(rows: List[Dict[str, Any]]) -> List[str]:
-    """The keys whose command-line values differ between the jobs (besides stack and precision, shown anyway)."""
+    """The keys whose command-line values differ between the jobs (besides stack and precision, shown anyway):
+    each row's values in ``swept`` (key -> value), in the order the overrides give them."""
     parsed = []
     for r in rows:
         pairs = dict(tok.split("=", 1) for tok in str(r.get("overrides") or "").split() if "=" in tok)
         parsed.append({k.lstrip("+~"): v for k, v in pairs.items()})
-    keys = sorted({k for p in parsed for k in p} - {"optimization", "precision"})
+    keys = list(dict.fromkeys(k for p in parsed for k in p if k not in ("optimization", "precision")))
     swept = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
     for r, p in zip(rows, parsed):
         r["swept"] = {k: p.get(k) for k in swept} or None
     return swept
+
+
+def swept_columns(rows: List[Dict[str, Any]]) -> List[str]:
+    return list(dict.fromkeys(k for r in rows for k in (r.get("swept") or {})))
+
+
+def columns(rows: List[Dict[str, Any]], base: List[str]) -> List[str]:
+    """``base`` with one column per swept key after precision."""
+    at = base.index("precision") + 1
+    return base[:at] + swept_columns(rows) + base[at:]
+
+
+def value(r: Dict[str, Any], c: str) -> Any:
+    swept = r.get("swept") or {}
+    return swept.get(c) if c in swept else r.get(c)
 
 
 def decisions_loader(client) -> Any:
@@ -189,21 +206,23 @@ def _cell(r: Dict[str, Any], c: str) -> str:
         return f"{r[c]:+.2f}"
     if c == "gate" and r.get("gate") == "fail":
         return f"fail: {r.get('gate_reason')}"
-    return _fmt(r.get(c))
+    return _fmt(value(r, c))
 
 
-HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms", "latency_p99_ms": "p99 ms",
+HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms", "latency_p90_ms": "p90 ms",
+           "latency_p99_ms": "p99 ms",
            "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree (sample)", "eval_throughput": "eval rows/s",
            "peak_fraction_pct": "% peak", "accuracy_delta": "Δ metric", "speedup_ci": "95% CI",
-           "agreement_vs_baseline": "agree (all)", "fallback": "fell back", "swept": "swept"}
+           "agreement_vs_baseline": "agree (all)", "fallback": "fell back"}
 
 
 def table(rows: List[Dict[str, Any]], title: Optional[str] = None) -> Table:
     t = Table(title=title, title_justify="left")
-    shown = [c for c in SHOWN if c != "swept" or any(r.get("swept") for r in rows)]
+    shown = columns(rows, SHOWN)
+    swept = swept_columns(rows)
     for c in shown:
         t.add_column(HEADERS.get(c, c), justify="left" if c in ("stack", "precision", "metric", "status", "gate",
-                                                                 "noise", "swept", "fallback") else "right",
+                                                                 "noise", "fallback") or c in swept else "right",
                      no_wrap=c != "gate")
     for r in rows:
         t.add_row(*[_cell(r, c) for c in shown])
@@ -212,8 +231,9 @@ def table(rows: List[Dict[str, Any]], title: Optional[str] = None) -> Table:
 
 def markdown(rows: List[Dict[str, Any]], header: str = "") -> str:
     lines = [header, ""] if header else []
-    lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    cols = columns(rows, COLUMNS)
+    lines += ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(_fmt(value(r, c)) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -227,16 +247,14 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    # wider for many jobs, so that every bar keeps a readable label
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(13.0, 7.0 + 0.6 * len(done)), 5.5))
     recommended = next((r for r in done if r.get("recommended")), None)
     for i, r in enumerate(done):
         is_base = r.get("gate") == "baseline"
         marker = "*" if is_base else ("X" if r.get("gate") == "fail" else "o")
         ax1.scatter(r["throughput"], r["value"], marker=marker, s=170 if is_base else 60,
                     color="black" if is_base else ("tab:red" if r.get("gate") == "fail" else "tab:blue"), zorder=3)
-        # numbers on the points and names in the legend: labels never overlap however close the points are
-        ax1.annotate(str(r["job"]), (r["throughput"], r["value"]), fontsize=8, xytext=(5, 5),
-                     textcoords="offset points")
         ax1.scatter([], [], marker="none", label=f"{r['job']}: {verdict.label(r)}"
                     + (" (baseline)" if is_base else "") + (" (gate fail)" if r.get("gate") == "fail" else ""))
     front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["throughput"])
@@ -253,22 +271,12 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     # a 0.003-point wobble must not fill the axis and look like an accuracy loss: show at least 2 points
     if span < 2.0:
         ax1.set_ylim(mid - 1.0, mid + 1.0)
+    _number_points(ax1, done)
     ax1.set_xlabel("throughput (rows/s)")
     ax1.set_ylabel(done[0]["metric"] or "metric")
     ax1.set_title("speed vs accuracy")
     ax1.legend(fontsize=7, loc="best", handlelength=1, framealpha=0.8, markerscale=0.5)
-    speed = [r for r in done if r.get("speedup")]
-    xs = list(range(len(speed)))
-    heights = [r["speedup"] for r in speed]
-    err = [[max(r["speedup"] - (r.get("speedup_ci_low") or r["speedup"]), 0) for r in speed],
-           [max((r.get("speedup_ci_high") or r["speedup"]) - r["speedup"], 0) for r in speed]]
-    ax2.bar(xs, heights, yerr=err, capsize=3,
-            color=["black" if r.get("gate") == "baseline" else
-                   ("tab:red" if r.get("gate") == "fail" else "tab:blue") for r in speed])
-    ax2.set_xticks(xs, [f"{r['job']}\n{verdict.label(r)}" for r in speed], fontsize=7, rotation=30, ha="right")
-    ax2.axhline(1.0, color="grey", linestyle=":", linewidth=1)
-    ax2.set_ylabel("speedup vs eager fp32 (95% interval)")
-    ax2.set_title("throughput ratio")
+    _throughput_bars(ax2, done)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -277,12 +285,81 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     return path
 
 
+# where a point's number goes, in points from it: the next free slot when other numbers are close
+_SLOTS = [(5, 5), (5, -12), (-13, 5), (-13, -12), (5, 16), (-13, 16), (16, -4), (-24, -4)]
+
+
+def _number_points(ax, done: List[Dict[str, Any]]) -> None:
+    """Job numbers beside the points (names are in the legend). Points closer than ~4 % of the axes take
+    different slots around themselves, so numbers of coinciding points do not print over each other."""
+    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
+    placed: List[tuple] = []
+    for r in sorted(done, key=lambda r: r["throughput"]):
+        fx, fy = (r["throughput"] - x0) / ((x1 - x0) or 1), (r["value"] - y0) / ((y1 - y0) or 1)
+        near = sum(abs(fx - px) < 0.04 and abs(fy - py) < 0.04 for px, py in placed)
+        placed.append((fx, fy))
+        ax.annotate(str(r["job"]), (r["throughput"], r["value"]), fontsize=8, xytext=_SLOTS[near % len(_SLOTS)],
+                    textcoords="offset points")
+
+
+def _natural(v: Any) -> tuple:
+    """Sort swept values as numbers when they are (batch sizes 1, 8, 16, not '1', '16', '8')."""
+    try:
+        return (0, float(v), "")
+    except (TypeError, ValueError):
+        return (1, 0.0, str(v))
+
+
+def _bar_label(r: Dict[str, Any]) -> str:
+    swept = {k.rsplit(".", 1)[-1]: v for k, v in (r.get("swept") or {}).items()}
+    lines = [f"{k}={v}" for k, v in swept.items()] + [f"{r['stack']}/{r['precision']}", f"job {r['job']}"]
+    return "\n".join(lines)
+
+
+def bar_layout(done: List[Dict[str, Any]]) -> List[tuple]:
+    """(x, label, row) per bar: grouped by the swept values (numbers in numeric order), a gap between groups of
+    the first swept key, eager before the stacks within a group."""
+    keys = swept_columns(done)
+    order = sorted(done, key=lambda r: ([_natural((r.get("swept") or {}).get(k)) for k in keys],
+                                        r["stack"] != "eager", str(r["stack"]), str(r["precision"])))
+    bars, x, previous = [], 0.0, object()
+    for r in order:
+        group = (r.get("swept") or {}).get(keys[0]) if keys else None
+        if bars and group != previous:
+            x += 0.6
+        bars.append((x, _bar_label(r), r))
+        previous, x = group, x + 1.0
+    return bars
+
+
+def _throughput_bars(ax, done: List[Dict[str, Any]]) -> None:
+    """One bar per job (rows/s, 95 % interval), labelled with its swept values; the speedup over its eager fp32
+    baseline written on the bar. Throughput, not speedup, is the height: in a sweep of batch sizes every job is its
+    own baseline and every speedup would read 1.0."""
+    bars = bar_layout(done)
+    xs = [x for x, _, _ in bars]
+    order = [r for _, _, r in bars]
+    err = [[max(r["throughput"] - (r.get("throughput_ci_low") or r["throughput"]), 0) for r in order],
+           [max((r.get("throughput_ci_high") or r["throughput"]) - r["throughput"], 0) for r in order]]
+    ax.bar(xs, [r["throughput"] for r in order], yerr=err, capsize=3, width=0.8,
+           color=["black" if r.get("gate") == "baseline" else
+                  ("tab:red" if r.get("gate") == "fail" else "tab:blue") for r in order])
+    for xi, r in zip(xs, order):
+        if r.get("speedup") is not None and r.get("gate") != "baseline":
+            ax.annotate(f"{r['speedup']:.2f}x", (xi, r["throughput"]), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(xs, [label for _, label, _ in bars], fontsize=7)
+    ax.ticklabel_format(axis="y", style="plain", useOffset=False)
+    ax.set_ylabel("throughput (rows/s, 95% interval)")
+    ax.set_title("throughput per job (black: eager fp32 baseline; on the bars: speedup vs it)", fontsize=9)
+
+
 def frame(rows: List[Dict[str, Any]]):
-    """The rows as a flat table (the swept values as one text column) for CSV and MLflow."""
+    """The rows as a flat table (one column per swept key) for CSV and MLflow."""
     import pandas as pd
 
-    flat = [{c: (_fmt(r.get(c)) if isinstance(r.get(c), dict) else r.get(c)) for c in COLUMNS} for r in rows]
-    return pd.DataFrame(flat, columns=COLUMNS)
+    cols = columns(rows, COLUMNS)
+    return pd.DataFrame([{c: value(r, c) for c in cols} for r in rows], columns=cols)
 
 
 def cpu_header(rows: List[Dict[str, Any]]) -> str:
@@ -386,7 +463,9 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
     if summary.get("recommendation"):
         console.print(summary["recommendation"], highlight=False, soft_wrap=True)
     if summary.get("files"):
-        console.print(f"summary files: {Path(summary['files'][0]).parent}", highlight=False, soft_wrap=True)
+        files = [Path(f) for f in summary["files"]]
+        console.print(f"summary files: {files[0].parent.resolve()}/ ({', '.join(f.name for f in files)})",
+                      highlight=False, soft_wrap=True)
 
 
 def report_main(argv: Optional[List[str]] = None) -> int:
@@ -439,7 +518,9 @@ def report_main(argv: Optional[List[str]] = None) -> int:
             print(f"error: {args.target!r} is neither a sweep directory nor a run in {uri}: "
                   f"{first_line(e)}", file=sys.stderr)
             return 2
-        rows = merge_rows(rows, [])
+        # jobs that never reached MLflow are in the sweep directory the parent names, when it is still there
+        sweep_dir = Path(client.get_run(args.target).data.tags.get("sweep.dir") or "/nonexistent")
+        rows = merge_rows(rows, rows_from_dir(sweep_dir) if sweep_dir.is_dir() else [])
         parent = args.target
     print_summary(summary_of(rows, parent, assess(rows, client, args.min_accuracy_ratio, args.min_agreement)))
     return 0

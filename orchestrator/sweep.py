@@ -39,6 +39,45 @@ def parallel_warning(launcher: Any) -> Optional[str]:
     return None
 
 
+SWEPT_KEYS_ENV = "ORCH_SWEPT_KEYS"  # the keys this sweep varies, for the jobs' run names
+SWEPT_KEYS_FILE = "swept_keys"  # the same, in the sweep dir, for jobs started without the sweep's environment
+
+
+def swept_keys(config: DictConfig) -> list:
+    """Keys with more than one value in this sweep: sweep syntax on the command line and the sweeper's params
+    (a sweep= preset), in the order given."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    given = [str(o) for o in config.hydra.overrides.task]
+    params = config.hydra.get("sweeper", {}).get("params") or {}
+    given += [f"{k}={v}" for k, v in params.items()]
+    keys = []
+    try:
+        parsed = OverridesParser.create().parse_overrides(given)
+    except Exception:  # Hydra reports a bad override itself; names stay as they were
+        return keys
+    for o in parsed:
+        key = o.key_or_group
+        if o.is_sweep_override() and len(list(o.sweep_string_iterator())) > 1 and key not in keys:
+            keys.append(key)
+    return keys
+
+
+def job_swept_keys() -> list:
+    """In a sweep's job: the keys its sweep varies (from the environment, else the file in the sweep dir)."""
+    text = os.environ.get(SWEPT_KEYS_ENV)
+    if text is None:
+        try:
+            from hydra.core.hydra_config import HydraConfig
+
+            hc = HydraConfig.get()
+            path = Path(hc.runtime.cwd or ".", hc.sweep.dir, SWEPT_KEYS_FILE)
+            text = path.read_text() if path.is_file() else ""
+        except Exception:  # outside Hydra, or no sweep: no swept keys
+            text = ""
+    return [k for k in text.split() if k]
+
+
 # jobs of the last sweep in this process that did not finish / that fell back without the user asking for it on
 # the command line; the CLI turns them into its exit status
 last_failed_jobs = 0
@@ -72,6 +111,13 @@ class MlflowSweepCallback(Callback):
         if warning:
             log.warning(warning)
         (self.sweep_dir / PARENT_RUN_FILE).unlink(missing_ok=True)  # never a stale id from an earlier sweep here
+        keys = swept_keys(config)
+        os.environ[SWEPT_KEYS_ENV] = " ".join(keys)
+        try:
+            self.sweep_dir.mkdir(parents=True, exist_ok=True)
+            (self.sweep_dir / SWEPT_KEYS_FILE).write_text(" ".join(keys) + "\n")
+        except OSError as e:
+            log.warning("could not write %s (%s)", self.sweep_dir / SWEPT_KEYS_FILE, e)
         if not tracking or not tracking.enabled:
             return
         try:
@@ -85,7 +131,9 @@ class MlflowSweepCallback(Callback):
             overrides = list(config.hydra.overrides.task)
             from .environment import environment_tags, process_tags
 
-            run = self.client.create_run(exp_id, run_name=f"sweep-{self.sweep_dir.parent.name}-{self.sweep_dir.name}",
+            # the time first: MLflow's runs list shows ~18 characters of a name
+            name = f"sweep-{self.sweep_dir.name[:8]} {self.sweep_dir.parent.name}"
+            run = self.client.create_run(exp_id, run_name=name,
                                          tags={**environment_tags(), **process_tags(), "sweep": "true",
                                                "sweep.overrides": " ".join(overrides),
                                                "sweep.dir": str(self.sweep_dir.resolve())})
@@ -126,6 +174,7 @@ class MlflowSweepCallback(Callback):
         global last_untracked_jobs, last_store_error, last_sweep_dir
         current = None
         os.environ.pop(PARENT_RUN_ENV, None)
+        os.environ.pop(SWEPT_KEYS_ENV, None)
         from .summary import print_summary, summarize_sweep
 
         gate = config.get("summary") or {}

@@ -216,10 +216,7 @@ class IpexPlugin(Plugin):
     # ---- checks (no IPEX import) --------------------------------------------------------------------------------
     @classmethod
     def validate_options(cls, o) -> None:
-        if o.calibration_batches < 1:
-            from orchestrator.errors import ConfigError
-
-            raise ConfigError(f"optimization.ipex.calibration_batches={o.calibration_batches}: must be >= 1")
+        cls.require_at_least("calibration_batches", o.calibration_batches, 1)
 
     def wants_calibration(self) -> bool:
         return self.options.int8 == "static"

@@ -1,5 +1,5 @@
 """Bad input through the CLI, as a user meets it: one `error:` line naming the key/value and what is valid,
-exit status 2, and (once a run has started) a FAILED MLflow run."""
+exit status 2; no MLflow run for what the config alone shows to be wrong, a FAILED one once the run has started."""
 from __future__ import annotations
 
 import shutil
@@ -29,6 +29,12 @@ def cli(tmp_path, tiny_encoder, sts_file):
         return proc, uri
 
     return _run
+
+
+def no_runs(uri: str) -> bool:
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name("orchestrator")
+    return exp is None or not client.search_runs([exp.experiment_id])
 
 
 def only_run_status(uri: str):
@@ -106,7 +112,14 @@ def test_unknown_plugin_and_bad_order(cli):
     assert proc.returncode == 2
     assert last_line(proc).startswith("error: optimization=[jit,bettertransformer]: 'bettertransformer' must come "
                                       "before 'jit'; valid order: ")
-    assert only_run_status(uri)[0] == "FAILED"
+    assert no_runs(uri)  # what the config alone shows is refused before any MLflow run exists
+
+
+def test_an_unavailable_environment_is_refused_before_loading(cli):
+    """IPEX in the main environment (torch 2.13): exit 2, one line, no MLflow run, no model loaded."""
+    proc, uri = cli("optimization=[ipex]")
+    assert proc.returncode == 2 and last_line(proc).startswith("error: optimization plugin 'ipex'")
+    assert "loading model" not in proc.stderr and no_runs(uri)
 
 
 def test_unwritable_tracking_store_keeps_the_run(cli, tmp_path):

@@ -57,20 +57,21 @@ def test_sigterm_ends_the_run_killed_and_says_so(tmp_path, tiny_encoder, sts_fil
 @pytest.mark.slow
 def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    args = ["-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
-            "dataset.max_samples=10,0,12"]
+    missing = tmp_path / "missing.tsv"  # fails once the run has started (a FAILED run to re-run)
+    args = ["-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file},{missing}", "runtime=quick",
+            "dataset.max_samples=10,12"]
     # the first sweep only fills the store (in process: faster); the resumed one runs with the default launcher
     first = run_cli(*args, "hydra/launcher=basic", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
-    assert first.returncode == 1  # max_samples=0 is invalid: one job FAILED
+    assert first.returncode == 1  # two jobs FAILED
     second = run_cli(*args, "resume=true", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert second.returncode == 1
     assert second.stdout.count("skipped (resume=true)") == 2
     client, runs = runs_of(uri)
     parents = sorted((r for r in runs if r.data.tags.get("sweep") == "true"), key=lambda r: r.info.start_time)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[1].info.run_id]
-    # only the failed job ran again; the summary still accounts for all three
-    assert len(children) == 1 and children[0].data.params["dataset.max_samples"] == "0"
-    assert parents[1].data.metrics["n_jobs"] == 3 and parents[1].data.metrics["failed_jobs"] == 1
+    # only the failed jobs ran again; the summary still accounts for all four
+    assert len(children) == 2 and {c.data.params["dataset.data_files"] for c in children} == {str(missing)}
+    assert parents[1].data.metrics["n_jobs"] == 4 and parents[1].data.metrics["failed_jobs"] == 2
 
 
 def test_an_interrupt_while_flops_are_counted_still_ends_the_run_killed(compose, tiny_encoder, sts_file,

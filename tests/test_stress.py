@@ -26,25 +26,28 @@ def test_every_job_of_a_faulty_sweep_is_accounted_for(tmp_path, tiny_encoder, st
     runs = client.search_runs([exp.experiment_id], max_results=1000)
     parent = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
-    assert len(parent) == 1 and len(runs) == 25
+    # the 8 [ipex] jobs are refused by their config alone (IPEX cannot run here): no MLflow run, but the
+    # summary still counts them from their results.json
+    assert len(parent) == 1 and len(runs) == 17
+    assert all("[ipex]" not in c.data.tags["overrides"] for c in children)
 
     jobs = sorted(int(c.data.tags["job_num"]) for c in children)
-    assert jobs == list(range(24))  # none missing, none duplicated
+    assert len(jobs) == len(set(jobs)) == 16  # none duplicated
     tally = collections.Counter(c.info.status for c in children)
     print("\nstress sweep tally:", dict(tally))
     # finished: the real model, eager or jit, no timeout, 2 seeds
     assert tally["FINISHED"] == 4
-    # timeout_s=0.001 kills every job that gets as far as running (the real model with [] or [jit]); a job refused
-    # within that millisecond (missing model, ipex unavailable) may end FAILED or KILLED: it is a race
-    assert tally["KILLED"] + tally["FAILED"] == 20 and tally["FAILED"] >= 8
+    # timeout_s=0.001 kills every job that gets as far as running; the missing model may be refused within
+    # that millisecond (FAILED) or not (KILLED): it is a race
+    assert tally["KILLED"] + tally["FAILED"] == 12 and tally["FAILED"] >= 4
     killed_runnable = [c for c in children if "tiny-encoder" in c.data.tags["overrides"]
-                       and "timeout_s=0.001" in c.data.tags["overrides"] and "[ipex]" not in c.data.tags["overrides"]]
+                       and "timeout_s=0.001" in c.data.tags["overrides"]]
     assert len(killed_runnable) == 4 and all(c.info.status == "KILLED" for c in killed_runnable)
     refused = [c for c in children if "timeout_s=null" in c.data.tags["overrides"] and c.info.status != "FINISHED"]
-    assert len(refused) == 8 and all(c.info.status == "FAILED" for c in refused)  # no timeout: always FAILED
+    assert len(refused) == 4 and all(c.info.status == "FAILED" for c in refused)  # no timeout: always FAILED
     for c in children:
         if c.info.status == "FAILED":
-            assert c.data.tags["error"].startswith(("model.name_or_path=", "optimization plugin 'ipex'"))
+            assert c.data.tags["error"].startswith("model.name_or_path=")
     assert parent[0].info.status == "FAILED"
     assert parent[0].data.metrics["n_jobs"] == 24 and parent[0].data.metrics["failed_jobs"] == 20
     assert proc.returncode == 1 and "error: 20 sweep job(s) did not finish" in proc.stderr

@@ -111,13 +111,23 @@ def test_presets_that_need_a_capability_refuse_in_one_line(compose, monkeypatch)
 
 @pytest.mark.parametrize("policy", ["fail", "fallback"])
 def test_a_bad_plugin_option_fails_before_the_model_loads(compose, tiny_classifier, cls_file, tracking_uri, policy):
-    """A range rule (validate_options): the run is recorded FAILED with the reason, nothing loaded, never a fallback."""
+    """A range rule (validate_options): refused before any MLflow run exists, never a fallback; results.json says
+    why (a sweep's summary lists the job)."""
     with pytest.raises(ConfigError, match=r"^optimization.jit.warmup_calls=-1: must be >= 0$"):
         run(compose(*cls_overrides(tiny_classifier, cls_file, tracking_uri), "optimization=[jit]",
                     "optimization.jit.warmup_calls=-1", f"runtime.on_plugin_error={policy}"))
-    _, runs = runs_of(tracking_uri)
-    assert runs[0].info.status == "FAILED" and "model_load_s" not in runs[0].data.metrics
-    assert runs[0].data.tags["error"] == "optimization.jit.warmup_calls=-1: must be >= 0"
+    assert not runs_of(tracking_uri)[1]
+    results = json.loads(next(Path("outputs/runs").rglob("results.json")).read_text())
+    assert results["status"] == "FAILED" and results["run_id"] is None and "model_load_s" not in results["metrics"]
+    assert results["error"] == "optimization.jit.warmup_calls=-1: must be >= 0"
+
+
+def test_ipex_options_are_checked_in_the_main_environment_too():
+    """Range rules need no IPEX import: a bad option is named even where IPEX cannot run."""
+    from orchestrator_plugins.ipex import IpexPlugin
+
+    with pytest.raises(ConfigError, match=r"^optimization.ipex.calibration_batches=0: must be >= 1$"):
+        IpexPlugin.validate_options(IpexPlugin.Options(calibration_batches=0))
 
 
 def test_a_bad_plugin_choice_is_refused_while_composing(tmp_path, tiny_classifier, cls_file):
@@ -135,15 +145,14 @@ def test_an_unavailable_plugin_fails_before_the_model_loads(compose, tiny_classi
     with pytest.raises(Exception, match="backend=ao_dynamic quantizes fp32 models only"):
         run(compose(*cls_overrides(tiny_classifier, cls_file, tracking_uri), "optimization=[quantize]",
                     "precision=bf16"))
-    _, runs = runs_of(tracking_uri)
-    assert runs[0].info.status == "FAILED" and "model_load_s" not in runs[0].data.metrics
+    assert not runs_of(tracking_uri)[1]  # a plugin's check() is part of the config's validation
 
 
 def test_a_fallback_is_labelled_with_the_stack_that_ran(compose, tiny_classifier, cls_file, tracking_uri):
     results = run(compose(*cls_overrides(tiny_classifier, cls_file, tracking_uri), "optimization=[quantize,jit]",
                           "precision=bf16", "runtime.on_plugin_error=fallback", "runtime.repeats=4"))
     assert results["stack"] == "jit" and results["stack_requested"] == "quantize+jit"
-    assert results["run_name"].endswith("-bf16-jit")
+    assert results["run_name"].startswith("jit-bf16-")
     client, runs = runs_of(tracking_uri)
     r = runs[0]
     assert r.info.run_name == results["run_name"]
