@@ -7,8 +7,9 @@ their run id or their run directory (tag ``run_dir``), and only missing params, 
 logged.
 
 Reconciliation: a run whose ``process.pid`` is gone from this host (``host`` tag) while MLflow still says RUNNING
-was killed (``kill -9``, the OOM killer, a lost store). ``resume=true``, ``orchestrator-report`` and this import
-close such runs, with the status its results.json recorded, else KILLED, and say so.
+was killed with nothing left to close it (``kill -9`` of the sweep process too, a lost store; a job process that
+dies alone is recorded by its launcher, ``_remote.record_lost_job``). ``resume=true``, ``orchestrator-report`` and
+this import close such runs, with the status its results.json recorded, else KILLED, and say so.
 """
 from __future__ import annotations
 
@@ -103,54 +104,6 @@ def reconcile_sweep(client, parent_id: str, who: str, parent_too: bool = True) -
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}' and "
                               "attributes.status = 'RUNNING'", max_results=10000)
     return close_stale(client, [*runs, parent] if parent_too else runs, who)
-
-
-def record_killed(job_dir: Path, config, pid: int, reason: str, status: str = "KILLED") -> None:
-    """A job process that ended before its run did (hydra/launcher=isolated): its MLflow run and its results.json
-    end ``status`` (KILLED for a signal) with the reason and what the run had logged. Never raises."""
-    res = job_dir / RESULTS
-    try:
-        data = json.loads(res.read_text()) if res.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    if data.get("status") in TERMINAL:
-        return
-    run = None
-    tracking = config.get("tracking")
-    if tracking is not None and tracking.enabled:
-        try:
-            from .tracking import open_store
-
-            client, exp_id = open_store(tracking)
-            runs = client.search_runs([exp_id], f"tags.run_dir = '{job_dir.resolve()}' and "
-                                      "attributes.status = 'RUNNING'", max_results=10)
-            run = next((r for r in runs if r.data.tags.get("process.pid") == str(pid)), None)
-            if run is not None:
-                client.set_tag(run.info.run_id, "error", reason)
-                client.set_terminated(run.info.run_id, status)
-        except Exception as e:
-            log.error("job's MLflow run could not be marked %s (%s); orchestrator-report or resume=true "
-                      "closes it later", status, describe(e))
-    tags = run.data.tags if run is not None else {}
-    stack = "+".join(config.get("optimization") or {}) or "eager"
-    data.update({
-        "run_name": data.get("run_name") or (run.info.run_name if run is not None else job_dir.name),
-        "status": status, "error": reason, "run_id": run.info.run_id if run is not None else data.get("run_id"),
-        "stack": tags.get("stack", data.get("stack", stack)),
-        "stack_requested": tags.get("stack.requested", data.get("stack_requested", stack)),
-        "precision": tags.get("precision", data.get("precision") or config.precision.name),
-        "task": tags.get("task", data.get("task") or config.dataset.task),
-        "overrides": tags.get("overrides", " ".join(config.hydra.overrides.task)),
-        "cpu_model": tags.get("cpu.model", data.get("cpu_model")), "run_dir": str(job_dir),
-        "keys": data.get("keys") or {k: tags[k] for k in ("workload", "baseline_key") if k in tags},
-        "tracking_uri": tracking.uri if tracking is not None and tracking.enabled else None,
-        "metrics": {**(dict(run.data.metrics) if run is not None else {}), **data.get("metrics", {})},
-    })
-    try:
-        job_dir.mkdir(parents=True, exist_ok=True)
-        res.write_text(json.dumps(data, indent=2, default=str))
-    except OSError as e:
-        log.error("could not write %s (%s)", res, e)
 
 
 # -- import --------------------------------------------------------------------------------------------------------

@@ -162,7 +162,8 @@ def serve(port: int, root: Path) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
-         str(root / "server-artifacts"), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT)
+         str(root / "server-artifacts"), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
+        start_new_session=True)  # its own group: a kill reaches the workers that serve the port too
 
     def up():
         if proc.poll() is not None:
@@ -174,6 +175,14 @@ def serve(port: int, root: Path) -> subprocess.Popen:
 
     wait_for(up, "the mlflow server", 120)
     return proc
+
+
+def kill_server(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_sweep(tmp_path, tiny_encoder,
@@ -189,13 +198,11 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
                       "runtime.max_iterations=null",
                       "runtime.min_duration_s=0,8,0"], tmp_path)
         wait_for(lambda: measuring(store, "1"), "job 1 to measure")
-        server.kill()  # -9, mid-job
-        server.wait()
+        kill_server(server)  # -9, mid-job
         out, err = proc.communicate(timeout=600)
     finally:
-        if server.poll() is None:
-            server.kill()
-    assert proc.returncode == 1, err[-3000:]
+        kill_server(server)
+    assert proc.returncode == 1, out[-6000:] + err[-3000:]
     assert "Traceback" not in out + err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")][0].startswith("error: MLflow tracking failed (")
     assert f"orchestrator-import {sweep_dir} puts the sweep into MLflow" in err
@@ -222,7 +229,7 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         assert second.returncode == 0 and "created" not in second.stdout and " +" not in second.stdout
         assert len(all_runs(url)[1]) == len(runs)
     finally:
-        server.kill()
+        kill_server(server)
 
 
 # -- a job killed with -9; runs left RUNNING by dead processes -----------------------------------------------------

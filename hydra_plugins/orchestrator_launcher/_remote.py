@@ -112,7 +112,7 @@ def record_lost_job(config: DictConfig, idx: int, overrides: Sequence[str], stat
     precision = str(OmegaConf.select(config, "precision.name", default="?"))
     task = OmegaConf.select(config, "dataset.task", default=None)
     where = job_dir(config)
-    run_id = _end_mlflow_run(config, idx, overrides, status, reason, stack, precision, task, where)
+    run_id, measured = _end_mlflow_run(config, idx, overrides, status, reason, stack, precision, task, where)
     res = where / "results.json"
     try:
         data = json.loads(res.read_text()) if res.is_file() else {}
@@ -122,7 +122,9 @@ def record_lost_job(config: DictConfig, idx: int, overrides: Sequence[str], stat
         data.update({"status": status, "error": reason, "stack": data.get("stack", stack),
                      "stack_requested": data.get("stack_requested", stack), "precision": precision, "task": task,
                      "overrides": " ".join(overrides), "run_id": data.get("run_id") or run_id,
-                     "run_dir": str(where)})
+                     "run_dir": str(where),
+                     # what the run had logged before it was lost: a killed job keeps its measurements
+                     "metrics": {**measured, **data.get("metrics", {})}})
         try:
             (where / ".hydra").mkdir(parents=True, exist_ok=True)  # the summary reads job dirs that have one
             overrides_file = where / ".hydra" / "overrides.yaml"
@@ -136,19 +138,17 @@ def record_lost_job(config: DictConfig, idx: int, overrides: Sequence[str], stat
 
 
 def _end_mlflow_run(config: DictConfig, idx: int, overrides: Sequence[str], status: str, reason: str, stack: str,
-                    precision: str, task: Optional[str], where: Path) -> Optional[str]:
-    """End the job's RUNNING child run (or create one, ended, if the job never started it); returns its id."""
+                    precision: str, task: Optional[str], where: Path) -> "tuple[Optional[str], Dict[str, float]]":
+    """End the job's RUNNING child run (or create one, ended, if the job never started it); returns its id and
+    the metrics it had logged."""
     tracking = config.get("tracking")
     parent = parent_id_for(config)
     if not tracking or not tracking.get("enabled") or not parent:
-        return None
+        return None, {}
     try:
-        from mlflow.tracking import MlflowClient
+        from orchestrator.tracking import connect
 
-        from orchestrator.tracking import check_reachable
-
-        check_reachable(str(tracking.uri))
-        client = MlflowClient(tracking_uri=str(tracking.uri))
+        client = connect(tracking)  # bounded: a store that is down costs seconds here, not minutes
         exp_id = client.get_run(parent).info.experiment_id
         runs = client.search_runs([exp_id], f"tags.mlflow.parentRunId = '{parent}' and tags.job_num = '{idx}'")
         for r in runs:
@@ -156,19 +156,19 @@ def _end_mlflow_run(config: DictConfig, idx: int, overrides: Sequence[str], stat
                 client.set_tag(r.info.run_id, "error", reason[:5000])
                 client.set_terminated(r.info.run_id, status)
         if runs:
-            return runs[0].info.run_id
+            return runs[0].info.run_id, dict(runs[0].data.metrics)
         run = client.create_run(exp_id, run_name=f"job{idx}-{stack}-{precision}",
                                 tags={"mlflow.parentRunId": parent, "job_num": str(idx), "stack": stack,
                                       "stack.requested": stack, "precision": precision, "task": str(task),
                                       "overrides": " ".join(overrides), "error": reason[:5000],
                                       "run_dir": str(where.resolve())})
         client.set_terminated(run.info.run_id, status)
-        return run.info.run_id
+        return run.info.run_id, {}
     except Exception as e:  # tracking must not stop the sweep; results.json still says what happened
         from orchestrator.errors import first_line
 
         log.error("job %d: could not record it in MLflow (%s: %s)", idx, type(e).__name__, first_line(e))
-        return None
+        return None, {}
 
 
 def lost_status(state: str) -> str:

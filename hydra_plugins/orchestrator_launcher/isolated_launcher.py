@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, setup_globals
+from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
 from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, open_dict
@@ -150,27 +150,22 @@ class IsolatedLauncher(Launcher):
                      config: DictConfig, pid: Optional[int] = None) -> JobReturn:
         import cloudpickle
 
-        job_dir = Path(str(config.hydra.sweep.dir)) / str(config.hydra.sweep.subdir)
-        status = "FAILED"
+        from ._remote import record_lost_job
+
         if path.is_file():
             try:
                 return cloudpickle.loads(path.read_bytes())
             except Exception as e:  # an unpicklable return value: report, keep the sweep going
-                reason = f"its result could not be read back ({type(e).__name__}: {e})"
-        else:
-            killed = returncode is not None and returncode < 0
-            how = f"signal {signal.Signals(-returncode).name}" if killed else f"exit code {returncode}"
-            reason = f"its process {pid} ended ({how}) before the job returned"
-            status = "KILLED" if killed else "FAILED"
-            # the job could not close its own run (kill -9, the OOM killer): this process outlives it and does
-            from orchestrator.importer import record_killed
-
-            record_killed(job_dir, config, pid, f"killed by {how} (process {pid})" if killed else reason, status)
-        log.error("job %d %s: %s", idx, "was killed" if status == "KILLED" else "failed", reason)
-        # COMPLETED with a FAILED result, as orchestrator's task function reports failed jobs: the sweep goes on
-        # and its summary lists the job (from its results.json, or as MISSING)
-        return JobReturn(overrides=overrides, cfg=config, hydra_cfg=config, status=JobStatus.COMPLETED,
-                         _return_value={"status": status, "error": reason}, working_dir=str(job_dir))
+                return record_lost_job(config, idx, overrides, "FAILED",
+                                       f"its result could not be read back ({type(e).__name__}: {e})")
+        # the job could not close its own run (kill -9, the OOM killer): this process outlives it and does. The
+        # job ends COMPLETED with a failed result, as orchestrator's task function reports failed jobs: the sweep
+        # goes on and its summary lists the job
+        if returncode is not None and returncode < 0:
+            return record_lost_job(config, idx, overrides, "KILLED",
+                                   f"killed by signal {signal.Signals(-returncode).name} (process {pid})")
+        return record_lost_job(config, idx, overrides, "FAILED",
+                               f"its process {pid} ended (exit code {returncode}) before the job returned")
 
 
 def _signal(proc: subprocess.Popen, sig: int) -> None:
