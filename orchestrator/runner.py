@@ -76,12 +76,14 @@ def swept_values(hydra: Dict[str, Any]) -> Dict[str, str]:
     keys = [k.lstrip("+~") for k in job_swept_keys()]
     keys = [k for k in keys if k not in ("optimization", "precision", "model", "dataset") and k in given]
     last = [SHORT_KEYS.get(k, k.rsplit(".", 1)[-1]) for k in keys]
-    return {(short if last.count(short) == 1 else k): given[k] for k, short in zip(keys, last)}
+    # a path's last part tells swept models or files apart; the whole path is in the tag overrides
+    value = {k: Path(given[k].rstrip("/")).name if "/" in given[k] else given[k] for k in keys}
+    return {(short if last.count(short) == 1 else k): value[k] for k, short in zip(keys, last)}
 
 
 # MLflow's runs list shows ~18 characters of a name: the keys swept most often get short names there
 SHORT_KEYS = {"runtime.batch_size": "bs", "runtime.max_length": "len", "runtime.pad_to_multiple_of": "pad",
-              "dataset.max_samples": "n"}
+              "dataset.max_samples": "n", "model.name_or_path": "model", "dataset.data_files": "data"}
 
 
 def _set_threads(rc: RunConfig) -> Dict[str, float]:
@@ -196,13 +198,13 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         if previous is not None:
             skipped = _skip(previous, run_name, rc, container, run_dir)
             return skipped
+        tracker.start(flatten(container), tags)
+        results["run_id"] = tracker.run_id
+        log.info("run %s: results in %s%s", run_name, run_dir,
+                 f", MLflow run {tracker.run_id} ({rc.tracking.uri})" if tracker.run_id else " (untracked)")
+        if startup is not None:
+            measured.record({"process_startup_s": startup})
         with interruptible(rc.runtime.timeout_s):
-            tracker.start(flatten(container), tags)
-            results["run_id"] = tracker.run_id
-            log.info("run %s: results in %s%s", run_name, run_dir,
-                     f", MLflow run {tracker.run_id} ({rc.tracking.uri})" if tracker.run_id else " (untracked)")
-            if startup is not None:
-                measured.record({"process_startup_s": startup})
             measured.run()
         results["status"] = "FINISHED"
     except BaseException as e:
