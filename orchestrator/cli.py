@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import signal
 import sys
 import time
 import warnings
@@ -151,10 +152,11 @@ def main() -> None:
             raise
         _stopped("Ctrl-C", 130)
     except SystemExit as e:
-        if sweep.current is None:  # a sweep stopped by SIGTERM skips on_multirun_end; anything else passes
+        # the isolated launcher stops a sweep on SIGTERM with 128 + 15, which skips on_multirun_end; other exits
+        # (an error already reported in its one line) pass
+        if sweep.current is None or e.code != 128 + signal.SIGTERM:
             raise
-        code = e.code if isinstance(e.code, int) else 1
-        _stopped("SIGTERM" if code == 128 + 15 else f"exit status {code}", code)
+        _stopped("SIGTERM", e.code)
 
     if sweep.last_failed_jobs:
         sys.stderr.write(f"error: {sweep.last_failed_jobs} sweep job(s) did not finish; see the summary above\n")

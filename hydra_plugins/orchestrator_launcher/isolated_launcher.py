@@ -115,6 +115,7 @@ class IsolatedLauncher(Launcher):
     def _wait(self, proc: subprocess.Popen, idx: int) -> Optional[BaseException]:
         """Wait for the job, passing Ctrl-C and SIGTERM on; returns what should stop the sweep afterwards."""
         stop: Optional[BaseException] = None
+        interrupted = False
 
         def on_term(signum, frame):
             nonlocal stop
@@ -133,7 +134,11 @@ class IsolatedLauncher(Launcher):
                     proc.kill()
                 except KeyboardInterrupt:
                     now = time.monotonic()
-                    _signal(proc, signal.SIGINT)
+                    # not the second of a double Ctrl-C: it would land in the job's own shutdown (its atexit
+                    # handlers) and print a traceback there while the job is already ending KILLED
+                    if not (interrupted and now - self._last_interrupt < DOUBLE_INTERRUPT_S):
+                        _signal(proc, signal.SIGINT)
+                    interrupted = True
                     if now - self._last_interrupt < DOUBLE_INTERRUPT_S:
                         log.error("second Ctrl-C: stopping the sweep after job %d", idx)
                         stop = KeyboardInterrupt()
