@@ -314,3 +314,18 @@ def test_two_ctrl_c_stop_the_sweep_with_one_line_and_a_partial_summary(tmp_path,
     parent = next(r for r in runs if r.data.tags.get("sweep") == "true")
     assert parent.info.status == "KILLED" and parent.data.tags["error"] == "the sweep was stopped (Ctrl-C)"
     assert sorted(r.info.status for r in runs if r is not parent) == ["FINISHED", "KILLED"]
+
+
+def test_ctrl_c_of_a_single_run_is_one_line_exit_130_and_the_run_ends_killed(tmp_path, tiny_encoder, sts_file):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri).search_experiments()
+    proc = start([*tiny_sts_overrides(tiny_encoder, sts_file, uri), *ENDLESS], tmp_path)
+    run = wait_for(lambda: measuring(uri), "the run to measure")
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err[-3000:]
+    assert "Traceback" not in out + err, err[-4000:]
+    assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
+        "error: interrupted (Ctrl-C); a run under way ends KILLED with what it measured"]
+    client, _ = all_runs(uri)
+    assert client.get_run(run.info.run_id).info.status == "KILLED"
