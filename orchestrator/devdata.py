@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Optional
+from typing import Any, Dict, List, Optional
 
 SHARED_ENV = "ORCH_SHARED_DIR"
 # the presets' fallback when the variable is unset; relative paths resolve against the working directory
@@ -26,3 +26,33 @@ def hint(path: str | Path, key: str, own: str) -> Optional[str]:
         return None
     return (f"it is development data ({SHARED_DEFAULT} or ${SHARED_ENV}, not shipped with the package): point the "
             f"preset at your own with {key}=<{own}>")
+
+
+# what to point each key at instead
+OWN = {"model.name_or_path": "a local model directory or a Hub id", "dataset.data_files": "your file",
+       "dataset.calibration_data_files": "your file"}
+
+
+def _paths(value: Any) -> List[str]:
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [p for v in value for p in _paths(v)]
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths(v)]
+    return []
+
+
+def check_present(values: Dict[str, Any]) -> None:
+    """Before anything loads: every development-data path the run would read (key -> configured value) exists,
+    else one line naming all that are missing and the keys that point a preset at one's own data."""
+    from .errors import ConfigError
+
+    missing = [(key, path) for key, value in values.items() for path in _paths(value)
+               if is_development_data(path) and not Path(path).expanduser().exists()]
+    if missing:
+        keys = list(dict.fromkeys(key for key, _ in missing))
+        raise ConfigError(
+            "development data not found (" + ", ".join(f"{k}={p}" for k, p in missing)
+            + f"): {SHARED_DEFAULT} or ${SHARED_ENV} holds this project's development data, not shipped with the "
+            "package; point the preset at your own with " + " ".join(f"{k}=<{OWN.get(k, 'your path')}>" for k in keys))

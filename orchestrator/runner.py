@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import cpu, data, feature_cache, flops, measure, pipeline, stats
+from . import cpu, data, devdata, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, check_tracking, to_run_config, validate
 from .environment import available_cpus, environment_tags, pkg_version, process_startup_s, process_tags
 from .errors import RunInterrupted
@@ -272,6 +272,12 @@ class Measurement:
         self.metric_names.extend(self.task_cls.metric_names)
         self.thread_metrics = _set_threads(rc)
         self.plugins, self.early_fallbacks = self.check_stack()
+        # a preset's ../shared paths on a machine without them: one line for all of them, nothing loaded
+        calibrates = rc.dataset.calibration_split and any(p.wants_calibration() for p in self.plugins)
+        devdata.check_present({"model.name_or_path": rc.model.name_or_path,
+                               "dataset.data_files": rc.dataset.data_files,
+                               **({"dataset.calibration_data_files": rc.dataset.calibration_data_files}
+                                  if calibrates else {})})
         _warn_hardware(rc, self.plugins, self.check_ctx)
 
     def run(self) -> None:

@@ -136,6 +136,9 @@ def connect(cfg):
     apply_http_settings(cfg)
     check_store(cfg.uri, float(getattr(cfg, "min_free_mb", 0.0) or 0.0))
     check_reachable(cfg.uri)
+    # a new sqlite store announces its schema setup in two INFO lines on stderr, ahead of the run's own output
+    # (and of its one error line, when there is one)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
     return MlflowClient(tracking_uri=cfg.uri)
 
 
