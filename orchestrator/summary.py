@@ -393,7 +393,7 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     rows = merge_rows(tracked, local)
     store = client if store_error is None else None
     out = summary_of(rows, parent_id, assess(rows, store, min_accuracy_ratio, min_agreement))
-    failed, fell_back, header, recommendation = out["failed"], out["fell_back"], out["cpu"], out["recommendation"]
+    header, recommendation = out["cpu"], out["recommendation"]
     if sweep_dir is not None and sweep_dir.is_dir():
         csv = sweep_dir / "summary.csv"
         frame(rows).to_csv(csv, index=False)

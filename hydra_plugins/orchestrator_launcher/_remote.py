@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from hydra.core.utils import JobReturn, JobStatus
+from hydra.core.utils import JobReturn, JobStatus, configure_log, setup_globals
+from hydra.plugins.launcher import Launcher
 from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV
@@ -176,15 +177,37 @@ def lost_status(state: str) -> str:
     return "KILLED" if state.upper().startswith(("CANCELLED", "TIMEOUT", "PREEMPTED", "DEADLINE")) else "FAILED"
 
 
-def sweep_configs(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> List[DictConfig]:
-    """Each job's composed config, numbered as Hydra's own launchers number them."""
-    from omegaconf import open_dict
+class SweepLauncher(Launcher):
+    """What the project's own launchers (isolated, ray) share: Hydra's ``setup``, the start of ``launch`` and
+    composing a job's config. Abstract (no ``launch``), so Hydra's plugin scan does not list it."""
+    config: Optional[DictConfig] = None
+    task_function: Any = None
+    hydra_context: Any = None
 
-    out = []
-    for i, overrides in enumerate(job_overrides):
-        cfg = launcher.hydra_context.config_loader.load_sweep_config(launcher.config, list(overrides))
+    def setup(self, *, hydra_context: Any, task_function: Any, config: DictConfig) -> None:
+        self.config, self.task_function, self.hydra_context = config, task_function, hydra_context
+
+    def start_sweep(self) -> Path:
+        """Hydra's globals and logging in the launching process; the sweep directory, created."""
+        setup_globals()
+        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
+        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
+        sweep_dir = Path(str(self.config.hydra.sweep.dir))
+        sweep_dir.mkdir(parents=True, exist_ok=True)
+        return sweep_dir
+
+    def job_config(self, idx: int, overrides: Sequence[str]) -> DictConfig:
+        """One job's composed config, numbered as Hydra's own launchers number them."""
+        from omegaconf import open_dict
+
+        cfg = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
         with open_dict(cfg):
-            cfg.hydra.job.id = initial_job_idx + i
-            cfg.hydra.job.num = initial_job_idx + i
-        out.append(cfg)
-    return out
+            cfg.hydra.job.id = idx
+            cfg.hydra.job.num = idx
+        return cfg
+
+
+def sweep_configs(launcher: SweepLauncher, job_overrides: Sequence[Sequence[str]],
+                  initial_job_idx: int) -> List[DictConfig]:
+    """Every job's composed config, up front."""
+    return [launcher.job_config(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]

@@ -29,13 +29,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, open_dict
+from hydra.core.utils import JobReturn, configure_log, filter_overrides
+from omegaconf import DictConfig
 
 from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV
+
+from ._remote import SweepLauncher, job_payload
 
 log = logging.getLogger(__name__)
 
@@ -61,48 +60,29 @@ class SweepStopped(Exception):
     pass
 
 
-class IsolatedLauncher(Launcher):
+class IsolatedLauncher(SweepLauncher):
     def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> None:
         self.python = python or sys.executable
         self.env = {str(k): str(v) for k, v in (env or {}).items()}
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
         self._last_interrupt = 0.0
 
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config = config
-        self.task_function = task_function
-        self.hydra_context = hydra_context
-
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        setup_globals()
-        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = self.start_sweep()
         log.info(f"Launching {len(job_overrides)} jobs, each in a fresh process (hydra/launcher=isolated)")
         runs: List[JobReturn] = []
         for idx, overrides in enumerate(job_overrides):
             idx = initial_job_idx + idx
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(sweep_config):
-                sweep_config.hydra.job.id = idx
-                sweep_config.hydra.job.num = idx
+            sweep_config = self.job_config(idx, overrides)
             runs.append(self._run_one(idx, list(overrides), sweep_config, sweep_dir))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return runs
 
     # -- one job ------------------------------------------------------------------------------------------------
     def _run_one(self, idx: int, overrides: List[str], sweep_config: DictConfig, sweep_dir: Path) -> JobReturn:
-        import cloudpickle
-
-        payload = {"hydra_context": self.hydra_context, "task_function": self.task_function,
-                   "config": sweep_config, "singleton_state": Singleton.get_state()}
         with tempfile.TemporaryDirectory(prefix=f".isolated-{idx}-", dir=sweep_dir) as tmp:
             job_in, job_out = Path(tmp, "job.pkl"), Path(tmp, "return.pkl")
-            job_in.write_bytes(cloudpickle.dumps(payload))
+            job_in.write_bytes(job_payload(self.hydra_context, self.task_function, sweep_config))
             env = {**os.environ, **self.env, ISOLATED_ENV: "1", SPAWNED_AT_ENV: repr(time.time())}
             proc = subprocess.Popen([self.python, "-m", "hydra_plugins.orchestrator_launcher._job", str(job_in),
                                      str(job_out)], env=env, start_new_session=True)

@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from hydra.core.config_store import ConfigStore
-from hydra.core.utils import JobReturn, configure_log, filter_overrides, setup_globals
-from hydra.plugins.launcher import Launcher
-from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, OmegaConf
+from hydra.core.utils import JobReturn, filter_overrides
+from omegaconf import OmegaConf
+
+from ._remote import SweepLauncher
 
 log = logging.getLogger(__name__)
 INSTALL = "pip install -e '.[ray]'"
@@ -65,7 +65,7 @@ def _ray_job(payload: bytes, work_dir: str, env: Dict[str, str]) -> Any:
     return _remote.run_isolated(payload, Path(work_dir), env)
 
 
-class RayLauncher(Launcher):
+class RayLauncher(SweepLauncher):
     def __init__(self, address: Optional[str] = None, num_cpus: float = 1, memory_gb: Optional[float] = None,
                  resources: Optional[Dict[str, float]] = None, env: Optional[Dict[str, str]] = None,
                  init: Optional[Dict[str, Any]] = None) -> None:
@@ -75,25 +75,13 @@ class RayLauncher(Launcher):
         self.resources = {str(k): float(v) for k, v in _plain(resources).items()}
         self.env = {str(k): str(v) for k, v in _plain(env).items()}
         self.init = _plain(init)
-        self.config: Optional[DictConfig] = None
-        self.task_function: Optional[TaskFunction] = None
-        self.hydra_context: Optional[HydraContext] = None
-
-    def setup(self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig) -> None:
-        self.config = config
-        self.task_function = task_function
-        self.hydra_context = hydra_context
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from orchestrator.errors import ConfigError, first_line
 
         from . import _remote
 
-        setup_globals()
-        assert self.config is not None and self.hydra_context is not None and self.task_function is not None
-        configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
-        sweep_dir = Path(str(self.config.hydra.sweep.dir))
-        sweep_dir.mkdir(parents=True, exist_ok=True)
+        sweep_dir = self.start_sweep()
         configs = _remote.sweep_configs(self, job_overrides, initial_job_idx)
         ray = self._connect()
         try:
