@@ -5,7 +5,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import devdata
 from .errors import DatasetError, first_line
 
 # data shipped inside a package: builtin:<file> is orchestrator/data/<file>; builtin:<package>/<path> is a file
@@ -34,9 +33,7 @@ def _resolve(files: Any, key: str) -> Any:
     if isinstance(files, str):
         path = builtin_path(files[len(BUILTIN_PREFIX):]) if files.startswith(BUILTIN_PREFIX) else Path(files)
         if not path.exists():
-            hint = devdata.hint(path, key, "your file")
-            raise DatasetError(f"{key}: file not found: {files} (resolved to {path.resolve()})"
-                               + (f"; {hint}" if hint else ""))
+            raise DatasetError(f"{key}: file not found: {files} (resolved to {path.resolve()})")
         return str(path)
     if isinstance(files, (list, tuple)):
         return [_resolve(f, key) for f in files]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List
 
 SHARED_ENV = "ORCH_SHARED_DIR"
 # the presets' fallback when the variable is unset; relative paths resolve against the working directory
@@ -18,14 +18,6 @@ def shared_dir() -> Path:
 
 def is_development_data(path: str | Path) -> bool:
     return Path(path).expanduser().resolve().is_relative_to(shared_dir())
-
-
-def hint(path: str | Path, key: str, own: str) -> Optional[str]:
-    """What to tell a user whose ``key`` points at a missing development-data path (None: not one of those)."""
-    if not is_development_data(path):
-        return None
-    return (f"it is development data ({SHARED_DEFAULT} or ${SHARED_ENV}, not shipped with the package): point the "
-            f"preset at your own with {key}=<{own}>")
 
 
 # what to point each key at instead

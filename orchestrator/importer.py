@@ -144,6 +144,8 @@ def import_run(client, exp_id: str, run_dir: Path, parent_id: Optional[str] = No
     data = json.loads(res.read_text())
     if data.get("resumed_from"):
         return data["resumed_from"], f"reused run {data['resumed_from']} (resume=true): nothing to add"
+    if data.get("refused"):  # as when it ran: a config refused before any run gets no MLflow run
+        return None, f"refused by its config before any run ({data.get('error')}): nothing to import"
     ended = res.stat().st_mtime
     run = _find(client, exp_id, data, run_dir)
     done = []
@@ -203,7 +205,9 @@ def _parent(client, exp_id: str, sweep_dir: Path, overrides: str) -> Tuple[str, 
     if runs:
         return runs[0].info.run_id, False
     started = min((p.stat().st_mtime for p in sweep_dir.iterdir()), default=time.time())
-    run = client.create_run(exp_id, run_name=f"sweep-{sweep_dir.parent.name}-{sweep_dir.name}",
+    from .sweep import sweep_run_name
+
+    run = client.create_run(exp_id, run_name=sweep_run_name(sweep_dir),
                             start_time=_ms(started), tags={"sweep": "true", "sweep.dir": str(sweep_dir.resolve()),
                                                            "sweep.overrides": overrides, "imported": "true"})
     id_file.write_text(run.info.run_id + "\n")

@@ -12,7 +12,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 from omegaconf import OmegaConf
 
-from . import devdata
 from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted, describe, first_line
 from .plugin import Plugin, PluginContext
 from .registry import plugins as plugin_registry
@@ -65,9 +64,7 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
     if _looks_local(path):
         p = Path(path).expanduser()
         if not p.is_dir():
-            hint = devdata.hint(p, "model.name_or_path", "a local model directory or a Hub id")
-            raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: directory not found ({p.resolve()})"
-                                 + (f"; {hint}" if hint else ""))
+            raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: directory not found ({p.resolve()})")
         if not (p / "config.json").exists():
             raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: no config.json in {p}")
         path = str(p)

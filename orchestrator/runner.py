@@ -51,6 +51,11 @@ def _hydra_info() -> Dict[str, Any]:
     }
 
 
+# MLflow's runs list shows ~18 characters of a name: the keys swept most often get short names there
+SHORT_KEYS = {"runtime.batch_size": "bs", "runtime.max_length": "len", "runtime.pad_to_multiple_of": "pad",
+              "dataset.max_samples": "n", "model.name_or_path": "model", "dataset.data_files": "data"}
+
+
 def _run_name(rc: RunConfig, hydra: Dict[str, Any], stack: Optional[str] = None) -> str:
     """What tells the run apart first (the values its sweep varies, stack, precision), then model and data:
     MLflow's runs list shows ~14-18 characters of a name."""
@@ -59,7 +64,7 @@ def _run_name(rc: RunConfig, hydra: Dict[str, Any], stack: Optional[str] = None)
     choices = hydra.get("choices", {})
     model = choices.get("model") or Path(rc.model.name_or_path).name
     dataset = choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
-    parts = [f"{k}={v}" for k, v in swept_values(hydra).items()]
+    parts = [f"{k}={v}" for k, v in hydra.get("swept", {}).items()]
     parts += [stack or "+".join(rc.optimization) or "eager", rc.precision.name, model, dataset]
     return "-".join(parts)
 
@@ -69,21 +74,15 @@ def swept_values(hydra: Dict[str, Any]) -> Dict[str, str]:
     leaving out what the run name says anyway (stack, precision, model, data)."""
     if hydra.get("mode") != "RunMode.MULTIRUN":
         return {}
-    from .sweep import job_swept_keys
+    from .sweep import job_swept_keys, override_values
 
-    given = dict(o.split("=", 1) for o in hydra.get("overrides", []) if "=" in o)
-    given = {k.lstrip("+~"): v for k, v in given.items()}
+    given = override_values(hydra.get("overrides", []))
     keys = [k.lstrip("+~") for k in job_swept_keys()]
     keys = [k for k in keys if k not in ("optimization", "precision", "model", "dataset") and k in given]
     last = [SHORT_KEYS.get(k, k.rsplit(".", 1)[-1]) for k in keys]
     # a path's last part tells swept models or files apart; the whole path is in the tag overrides
     value = {k: Path(given[k].rstrip("/")).name if "/" in given[k] else given[k] for k in keys}
     return {(short if last.count(short) == 1 else k): value[k] for k, short in zip(keys, last)}
-
-
-# MLflow's runs list shows ~18 characters of a name: the keys swept most often get short names there
-SHORT_KEYS = {"runtime.batch_size": "bs", "runtime.max_length": "len", "runtime.pad_to_multiple_of": "pad",
-              "dataset.max_samples": "n", "model.name_or_path": "model", "dataset.data_files": "data"}
 
 
 def _set_threads(rc: RunConfig) -> Dict[str, float]:
@@ -154,6 +153,7 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
     _quiet_libraries()
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
     hydra = _hydra_info()
+    hydra["swept"] = swept_values(hydra)
     run_dir = hydra.get("output_dir") or Path("outputs/runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
     run_dir.mkdir(parents=True, exist_ok=True)
     run_name = _run_name(rc, hydra)
@@ -176,9 +176,8 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         tags["job_num"] = str(hydra["job_num"])
     digest = config_digest(container)
     tags["config_digest"] = digest
-    swept = swept_values(hydra)
-    if swept:
-        tags["swept"] = " ".join(f"{k}={v}" for k, v in swept.items())
+    if hydra["swept"]:
+        tags["swept"] = " ".join(f"{k}={v}" for k, v in hydra["swept"].items())
     tracker = Tracker(rc.tracking, run_name)
     results = Results(run_name=run_name, status="RUNNING", stack=stack, stack_requested=stack,
                       precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
@@ -188,12 +187,13 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
                       metrics={}, tags=dict(tags))
     measured = Measurement(rc, hydra, tracker, results, run_dir)
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
-    skipped = None
+    skipped, checked = None, False
     try:
         # what the config alone shows to be wrong is refused before any MLflow run exists (results.json still
         # says why, for the sweep's summary); what goes wrong later ends the run FAILED. Outside the timeout:
         # runtime.timeout_s bounds the measurement, and a run it stops must be in MLflow as KILLED
         measured.preflight()
+        checked = True
         previous = tracker.find_finished(digest) if rc.resume else None
         if previous is not None:
             skipped = _skip(previous, run_name, rc, container, run_dir)
@@ -211,6 +211,8 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit, RunInterrupted))
         results["status"] = "KILLED" if interrupted else "FAILED"
         results["error"] = describe_error(e)
+        if not checked and not interrupted:
+            results["refused"] = True  # by its config, before any MLflow run: none is owed (summary, import)
         tracker.set_tags({"error": results["error"]})
         raise
     finally:
@@ -271,14 +273,19 @@ class Measurement:
         self.task_cls = task_registry.get(rc.dataset.task)
         self.metric_names.extend(self.task_cls.metric_names)
         self.thread_metrics = _set_threads(rc)
-        self.plugins, self.early_fallbacks = self.check_stack()
+        ctx = PluginContext(task=rc.dataset.task, dtype=pipeline.DTYPES[rc.precision.dtype],
+                            autocast_dtype=pipeline.autocast_dtype(rc.precision), example_batch={},
+                            threads=torch.get_num_threads(), calibration_split=rc.dataset.calibration_split)
+        # an unavailable plugin costs no load (or, under on_plugin_error=fallback, is dropped now and recorded)
+        self.plugins, self.early_fallbacks = pipeline.check_stack(pipeline.build_plugins(rc.optimization), ctx,
+                                                                  rc.runtime.on_plugin_error)
         # a preset's ../shared paths on a machine without them: one line for all of them, nothing loaded
         calibrates = rc.dataset.calibration_split and any(p.wants_calibration() for p in self.plugins)
         devdata.check_present({"model.name_or_path": rc.model.name_or_path,
                                "dataset.data_files": rc.dataset.data_files,
                                **({"dataset.calibration_data_files": rc.dataset.calibration_data_files}
                                   if calibrates else {})})
-        _warn_hardware(rc, self.plugins, self.check_ctx)
+        _warn_hardware(rc, self.plugins, ctx)
 
     def run(self) -> None:
         rc = self.rc
@@ -299,17 +306,6 @@ class Measurement:
             timing = self.timing_pass()
             self.count_flops(timing)
         self.record({"peak_rss_mb": rss.peak_mb})
-
-    def check_stack(self) -> Tuple[List[Any], Dict[str, str]]:
-        """Every plugin's check() before the model loads: an unavailable plugin costs no load (or, under
-        on_plugin_error=fallback, is dropped now and recorded as a fallback)."""
-        rc = self.rc
-        plugins = pipeline.build_plugins(rc.optimization)
-        ctx = PluginContext(task=rc.dataset.task, dtype=pipeline.DTYPES[rc.precision.dtype],
-                            autocast_dtype=pipeline.autocast_dtype(rc.precision), example_batch={},
-                            threads=torch.get_num_threads(), calibration_split=rc.dataset.calibration_split)
-        self.check_ctx = ctx
-        return pipeline.check_stack(plugins, ctx, rc.runtime.on_plugin_error)
 
     def load(self) -> None:
         log.info("loading model %s", self.rc.model.name_or_path)

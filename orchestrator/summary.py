@@ -94,7 +94,7 @@ def rows_from_dir(sweep_dir: Path) -> List[Dict[str, Any]]:
                          workload=keys.get("workload"), baseline_key=keys.get("baseline_key"),
                          run_dir=str(job_dir), overrides=data.get("overrides", ""),
                          cpu_model=data.get("cpu_model"), random_head=data.get("random_head") or None,
-                         tracking_error=data.get("tracking_error")))
+                         tracking_error=data.get("tracking_error"), refused=data.get("refused")))
     return rows
 
 
@@ -127,10 +127,9 @@ def merge_rows(tracked: List[Dict[str, Any]], local: List[Dict[str, Any]]) -> Li
 def add_swept(rows: List[Dict[str, Any]]) -> List[str]:
     """The keys whose command-line values differ between the jobs (besides stack and precision, shown anyway):
     each row's values in ``swept`` (key -> value), in the order the overrides give them."""
-    parsed = []
-    for r in rows:
-        pairs = dict(tok.split("=", 1) for tok in str(r.get("overrides") or "").split() if "=" in tok)
-        parsed.append({k.lstrip("+~"): v for k, v in pairs.items()})
+    from .sweep import override_values
+
+    parsed = [override_values(str(r.get("overrides") or "").split()) for r in rows]
     keys = list(dict.fromkeys(k for p in parsed for k in p if k not in ("optimization", "precision")))
     swept = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
     for r, p in zip(rows, parsed):
@@ -438,8 +437,10 @@ def summary_of(rows: List[Dict[str, Any]], parent_id: Optional[str], recommendat
     return {"rows": rows, "failed": sum(r["status"] != "FINISHED" for r in rows), "parent_id": parent_id,
             "files": [], "recommendation": recommendation, "cpu": cpu_header(rows),
             "fell_back": [r["job"] for r in rows if r.get("fallback")],
-            # jobs MLflow holds nothing or only part of (orchestrator-import puts them there)
-            "untracked": [r["job"] for r in rows if r.get("tracking_error") or not r.get("run_id")],
+            # jobs MLflow holds nothing or only part of (orchestrator-import puts them there); a job its config
+            # refused before any run is meant to have none
+            "untracked": [r["job"] for r in rows
+                          if not r.get("refused") and (r.get("tracking_error") or not r.get("run_id"))],
             "random_head": [r["job"] for r in rows if r.get("random_head")]}
 
 

@@ -43,6 +43,17 @@ SWEPT_KEYS_ENV = "ORCH_SWEPT_KEYS"  # the keys this sweep varies, for the jobs' 
 SWEPT_KEYS_FILE = "swept_keys"  # the same, in the sweep dir, for jobs started without the sweep's environment
 
 
+def override_values(overrides) -> Dict[str, str]:
+    """``key=value`` overrides as key -> value, without Hydra's ``+``/``~`` prefixes."""
+    pairs = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+    return {k.lstrip("+~"): v for k, v in pairs.items()}
+
+
+def sweep_run_name(sweep_dir: Path) -> str:
+    """The parent run's name, the time first: MLflow's runs list shows ~18 characters of a name."""
+    return f"sweep-{sweep_dir.name[:8]} {sweep_dir.parent.name}"
+
+
 def swept_keys(config: DictConfig) -> list:
     """Keys with more than one value in this sweep: sweep syntax on the command line and the sweeper's params
     (a sweep= preset), in the order given."""
@@ -131,9 +142,7 @@ class MlflowSweepCallback(Callback):
             overrides = list(config.hydra.overrides.task)
             from .environment import environment_tags, process_tags
 
-            # the time first: MLflow's runs list shows ~18 characters of a name
-            name = f"sweep-{self.sweep_dir.name[:8]} {self.sweep_dir.parent.name}"
-            run = self.client.create_run(exp_id, run_name=name,
+            run = self.client.create_run(exp_id, run_name=sweep_run_name(self.sweep_dir),
                                          tags={**environment_tags(), **process_tags(), "sweep": "true",
                                                "sweep.overrides": " ".join(overrides),
                                                "sweep.dir": str(self.sweep_dir.resolve())})

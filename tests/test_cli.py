@@ -66,6 +66,12 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
         ["orchestrator-report", parent.info.run_id, "--tracking-uri", uri], capture_output=True, text=True)
     assert report.returncode == 0, report.stderr
     assert "4 jobs, 2 not finished" in report.stdout and "FAILED" in report.stdout
+    # importing the sweep adds nothing: the refused jobs are meant to have no MLflow run
+    imported = run_cli.__globals__["subprocess"].run(["orchestrator-import", str(sweep_dir), "--tracking-uri", uri],
+                                                     capture_output=True, text=True)
+    assert imported.returncode == 0, imported.stderr
+    assert imported.stdout.count("refused by its config before any run") == 2
+    assert len(runs_of(uri)[1]) == 3
 
 
 def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
