@@ -1,0 +1,37 @@
+"""Hydra's own launcher conformance suite (hydra.test_utils.launcher_common_tests.LauncherTestSuite, the one Hydra's
+plugins run) against the project's ``isolated`` launcher, on Hydra's trivial test app: a launcher that runs every job
+in a fresh process must still return what Hydra's basic launcher returns (overrides, configs, job names and numbers,
+output directories, resolvers, errors for bad keys)."""
+from __future__ import annotations
+
+import os
+
+from hydra.core.plugins import Plugins
+from hydra.plugins.launcher import Launcher
+from hydra.test_utils.launcher_common_tests import LauncherTestSuite
+from pytest import mark
+
+from hydra_plugins.orchestrator_launcher.isolated_launcher import IsolatedLauncher
+
+
+def test_the_isolated_launcher_is_discovered_as_a_hydra_plugin() -> None:
+    assert IsolatedLauncher.__name__ in [c.__name__ for c in Plugins.instance().discover(Launcher)]
+
+
+@mark.parametrize("launcher_name, overrides", [("isolated", [])])
+class TestIsolatedLauncher(LauncherTestSuite):
+    pass
+
+
+@mark.usefixtures("hydra_restore_singletons")
+def test_every_job_runs_in_a_process_of_its_own(hydra_sweep_runner, tmpdir) -> None:
+    """What the suite cannot see: the task ran elsewhere, once per job, and its return value came back."""
+    sweep = hydra_sweep_runner(calling_file=None, calling_module="hydra.test_utils.a_module",
+                               task_function=lambda cfg: (os.getpid(), cfg.a), config_path="configs",
+                               config_name="compose", overrides=["hydra/launcher=isolated", "+a=0,1,2"],
+                               temp_dir=tmpdir)
+    with sweep:
+        returns = [r.return_value for r in sweep.returns[0]]
+    assert [a for _, a in returns] == [0, 1, 2]
+    pids = {pid for pid, _ in returns}
+    assert len(pids) == 3 and os.getpid() not in pids
