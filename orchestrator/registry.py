@@ -1,4 +1,4 @@
-"""Name -> class registries for plugins and tasks, filled from entry points.
+"""Name -> class registries for plugins, tasks and scenarios, filled from entry points.
 
 Built-ins are registered through the same entry-point groups as third-party packages
 (``orchestrator.plugins``, ``orchestrator.tasks``), so there is one path to test. Classes load on first use.
@@ -91,3 +91,4 @@ class PluginRegistry(Registry):
 
 plugins = PluginRegistry("orchestrator.plugins", "optimization plugin")
 tasks = Registry("orchestrator.tasks", "task")
+scenarios = Registry("orchestrator.scenarios", "scenario")
