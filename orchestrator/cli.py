@@ -11,7 +11,6 @@ import os
 import re
 import signal
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any, Optional
@@ -22,6 +21,7 @@ from omegaconf import DictConfig
 from . import allowlist
 from .config import register_configs
 from .errors import OrchestratorError, describe, first_line
+from .interrupts import DoubleInterrupt, restore_sigint
 
 # the repository's conf/, shipped inside the package (orchestrator/conf links to it in a checkout)
 CONF_DIR = str(Path(__file__).parent / "conf")
@@ -81,9 +81,6 @@ def report_error(func: Any) -> Any:
         sys.exit(exit_code(ex))
 
 
-_last_interrupt = 0.0
-
-
 def exit_code(ex: BaseException) -> int:
     """2 for input the user can fix (config, data, model, plugin choice); 1 for anything else."""
     from hydra.errors import HydraException
@@ -92,15 +89,27 @@ def exit_code(ex: BaseException) -> int:
     return 2 if isinstance(ex, (OrchestratorError, HydraException, OmegaConfBaseException)) else 1
 
 
-def _task(cfg: DictConfig) -> Any:
-    from hydra.core.hydra_config import HydraConfig
+_interrupts = DoubleInterrupt()
 
+
+def _race_worker():
+    """This job's race worker when its launcher races the sweep's jobs (orchestrator/race.py), else None."""
+    try:
+        from .race import worker_from_env
+    except ImportError:  # a checkout without racing
+        return None
+    return worker_from_env()
+
+
+def _task(cfg: DictConfig) -> Any:
+    """The edge: who this job is (JobContext, built once here from Hydra), then the plain ``run(cfg, ctx)``."""
+    from .context import JobContext
     from .runner import run
 
-    global _last_interrupt
+    ctx = JobContext.from_hydra(race=_race_worker())
     try:
-        results = run(cfg)
-        if results.get("tracking_error") and HydraConfig.get().mode.name != "MULTIRUN":
+        results = run(cfg, ctx)
+        if results.get("tracking_error") and not ctx.in_sweep:
             # tracking was asked for: a run that could not be recorded must not look like one that was
             run_dir = results.get("run_dir")
             sys.stderr.write(f"error: MLflow tracking failed ({results['tracking_error']}); the run "
@@ -109,28 +118,25 @@ def _task(cfg: DictConfig) -> Any:
             sys.exit(1)
         return results
     except (Exception, KeyboardInterrupt) as ex:
-        if HydraConfig.get().mode.name != "MULTIRUN":
+        if not ctx.in_sweep:
             if isinstance(ex, KeyboardInterrupt) or os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise
             # report here: letting it reach Hydra adds its own "Error executing job with overrides" line
             sys.stderr.write(f"error: {one_line(ex)}\n")
             sys.exit(exit_code(ex))
-        if isinstance(ex, KeyboardInterrupt):
-            # one Ctrl-C ends the current job (KILLED) and the sweep goes on; two within 2 s stop the sweep
-            now = time.monotonic()
-            if now - _last_interrupt < 2.0:
-                raise
-            _last_interrupt = now
+        if isinstance(ex, KeyboardInterrupt) and _interrupts.press():
+            raise  # the second of a double Ctrl-C: stop the sweep
         # Hydra's sweeper re-raises a job's exception after the batch, which would skip the sweep summary:
         # report the failure (its MLflow run is already FAILED/KILLED) and let the sweep go on.
         reason = one_line(ex) if not isinstance(ex, KeyboardInterrupt) else "interrupted (Ctrl-C)"
-        log.error("job %s failed: %s", HydraConfig.get().job.num, reason)
+        log.error("job %s failed: %s", ctx.job_num, reason)
         return {"status": "FAILED", "error": reason}
 
 
 def main() -> None:
     import hydra._internal.utils as hydra_utils
 
+    restore_sigint()  # started with SIGINT ignored (nohup, a backgrounded script), kill -INT must still stop it
     register_configs()
     # hydra.callbacks / logging configs can name any callable: only the allowlisted ones run (orchestrator/allowlist.py)
     allowlist.install()
@@ -154,23 +160,26 @@ def main() -> None:
     except SystemExit as e:
         # the isolated launcher stops a sweep on SIGTERM with 128 + 15, which skips on_multirun_end; other exits
         # (an error already reported in its one line) pass
-        if sweep.current is None or e.code != 128 + signal.SIGTERM:
+        if not sweep.sweep_under_way() or e.code != 128 + signal.SIGTERM:
             raise
         _stopped("SIGTERM", e.code)
 
-    if sweep.last_failed_jobs:
-        sys.stderr.write(f"error: {sweep.last_failed_jobs} sweep job(s) did not finish; see the summary above\n")
+    outcome = sweep.take_outcome()
+    if outcome is None:  # a single run: its own exit status was decided in _task
+        return
+    if outcome.failed_jobs:
+        sys.stderr.write(f"error: {outcome.failed_jobs} sweep job(s) did not finish; see the summary above\n")
         sys.exit(1)
-    if sweep.last_unasked_fallbacks:
-        jobs = ", ".join(map(str, sweep.last_unasked_fallbacks))
+    if outcome.unasked_fallbacks:
+        jobs = ", ".join(map(str, outcome.unasked_fallbacks))
         sys.stderr.write(f"error: sweep job(s) {jobs} fell back to a smaller stack (column 'fell back'); give "
                          "runtime.on_plugin_error=fallback on the command line to accept fallbacks\n")
         sys.exit(1)
-    if sweep.last_store_error or sweep.last_untracked_jobs:
-        jobs = ", ".join(map(str, sweep.last_untracked_jobs)) or "none"
-        sys.stderr.write(f"error: MLflow tracking failed ({sweep.last_store_error or 'see the log'}); jobs missing "
-                         f"from MLflow in whole or in part: {jobs}; their results.json are in {sweep.last_sweep_dir} "
-                         f"(orchestrator-import {sweep.last_sweep_dir} puts the sweep into MLflow)\n")
+    if outcome.store_error or outcome.untracked_jobs:
+        jobs = ", ".join(map(str, outcome.untracked_jobs)) or "none"
+        sys.stderr.write(f"error: MLflow tracking failed ({outcome.store_error or 'see the log'}); jobs missing "
+                         f"from MLflow in whole or in part: {jobs}; their results.json are in {outcome.sweep_dir} "
+                         f"(orchestrator-import {outcome.sweep_dir} puts the sweep into MLflow)\n")
         sys.exit(1)
 
 

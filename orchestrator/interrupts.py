@@ -1,4 +1,12 @@
-"""Stop a run from a signal handler without breaking what it was in the middle of.
+"""The interrupt policy, in one place: what Ctrl-C, SIGTERM and runtime.timeout_s do to a run and a sweep.
+
+- Ctrl-C (SIGINT) raises KeyboardInterrupt in the process that gets it: the CLI installs Python's default handler
+  itself (:func:`restore_sigint`), so a command started with SIGINT ignored (``nohup``, a backgrounded script)
+  still stops on ``kill -INT``. In a sweep one Ctrl-C ends the current job (KILLED) and the sweep goes on; a second
+  within :data:`DOUBLE_INTERRUPT_S` stops the sweep (:class:`DoubleInterrupt`, used by the task function and the
+  isolated launcher alike).
+- SIGTERM and the runtime.timeout_s alarm raise RunInterrupted (:func:`interruptible`); a run ends KILLED with
+  what it measured.
 
 A SIGTERM or a runtime.timeout_s alarm raises RunInterrupted wherever Python happens to be. Inside an MLflow
 store call that can leave the store's session half-written, so the run could not even be marked KILLED.
@@ -13,8 +21,33 @@ from typing import Optional
 
 from .errors import RunInterrupted
 
+DOUBLE_INTERRUPT_S = 2.0
+
 _depth = 0
 _pending: Optional[RunInterrupted] = None
+
+
+def restore_sigint() -> None:
+    """Ctrl-C raises KeyboardInterrupt even when this process was started with SIGINT ignored."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+class DoubleInterrupt:
+    """Tells a second Ctrl-C within DOUBLE_INTERRUPT_S (stop the sweep) from a first one (end the current job)."""
+
+    def __init__(self, window_s: float = DOUBLE_INTERRUPT_S):
+        self.window_s = window_s
+        self._last = float("-inf")
+
+    def press(self) -> bool:
+        """Record a Ctrl-C now; True when it is the second of a double Ctrl-C."""
+        import time
+
+        now = time.monotonic()
+        second = now - self._last < self.window_s
+        self._last = now
+        return second
 
 
 def deliver(exc: RunInterrupted) -> None:

@@ -201,6 +201,30 @@ def timing_pass(step: Callable, batches: List[Batch], warmup: int, min_iteration
     return TimingResult(latencies, rows, wall, batch_ids, [0] * len(latencies), [batches[k].size for k in batch_ids])
 
 
+class TimedOutputs:
+    """What the timed step returned for a seeded sample of batches (the first time each ran), to check that the
+    timed computation is the evaluated one (MLPerf's TEST01). Keeps a reference to the output only: nothing is
+    copied or compared inside the timed region."""
+
+    def __init__(self, batches: List[Batch], sample: int, seed: int):
+        picked = random.Random(seed).sample(range(len(batches)), min(sample, len(batches)))
+        self._index = {id(batches[k].inputs): k for k in picked}
+        self.outputs: Dict[int, torch.Tensor] = {}
+
+    def wrap(self, step: Callable) -> Callable:
+        index, outputs = self._index, self.outputs
+
+        def timed(inputs):
+            out = step(inputs)
+            k = index.get(id(inputs))
+            if k is not None and k not in outputs:
+                # a copy: an engine may hand back a buffer it reuses on the next call
+                outputs[k] = out.detach().clone() if isinstance(out, torch.Tensor) else out
+            return out
+
+        return timed
+
+
 class PeakRSS(contextlib.AbstractContextManager):
     """Peak resident memory of this process while the block runs (sampled; ru_maxrss would span earlier jobs)."""
 

@@ -1,8 +1,10 @@
 """One run: validate -> load -> parity reference -> precision + stack -> accuracy pass -> timing pass -> track.
 
-``run(cfg)`` knows nothing about the CLI: tests and notebooks call it with a composed config. Whatever was measured
-before a failure is logged, the MLflow run ends FAILED (KILLED on interrupt) with an ``error`` tag, and the
-exception propagates for the caller to report.
+``run(cfg, ctx)`` knows nothing about the CLI or Hydra's globals: tests and notebooks call it with a composed config
+and, optionally, a :class:`~orchestrator.context.JobContext` saying who the run is (folder, sweep, parent run).
+Whatever was measured before a failure is logged, the MLflow run ends FAILED (KILLED on interrupt) with an ``error``
+tag, and the exception propagates for the caller to report. The run's record (results.json) is a
+:class:`~orchestrator.records.RunRecord`.
 """
 from __future__ import annotations
 
@@ -20,69 +22,34 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import cpu, data, devdata, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, check_tracking, to_run_config, validate
+from .context import JobContext
 from .environment import available_cpus, environment_tags, pkg_version, process_startup_s, process_tags
 from .errors import RunInterrupted
 from .errors import describe as describe_error
 from .interrupts import interruptible
 from .plugin import PluginContext
+from .records import DECISIONS_FILE, PREDICTIONS_SAMPLE_FILE, RESULTS_FILE, RunRecord, stack_label
 from .registry import tasks as task_registry
 from .report import print_results
 from .tracking import Tracker, flatten
 
 log = logging.getLogger(__name__)
 
-DECISIONS_FILE = "decisions.json"
+# timed_equals_evaluated: how many timed batches are checked, and the tolerance relative to the outputs' scale
+TEST01_BATCHES = 4
+TEST01_TOLERANCE = 1e-3
 
 
-def _hydra_info() -> Dict[str, Any]:
-    """Run dir, choices and overrides when running under Hydra; empty outside it (Python API, tests)."""
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        hc = HydraConfig.get()
-    except (ImportError, ValueError):
-        return {}
-    return {
-        "output_dir": Path(hc.runtime.output_dir),
-        "choices": dict(hc.runtime.choices),
-        "overrides": list(hc.overrides.task),
-        "job_num": hc.job.get("num"),
-        "mode": str(hc.mode),
-    }
-
-
-# MLflow's runs list shows ~18 characters of a name: the keys swept most often get short names there
-SHORT_KEYS = {"runtime.batch_size": "bs", "runtime.max_length": "len", "runtime.pad_to_multiple_of": "pad",
-              "dataset.max_samples": "n", "model.name_or_path": "model", "dataset.data_files": "data"}
-
-
-def _run_name(rc: RunConfig, hydra: Dict[str, Any], stack: Optional[str] = None) -> str:
+def _run_name(rc: RunConfig, ctx: JobContext, stack: Optional[str] = None) -> str:
     """What tells the run apart first (the values its sweep varies, stack, precision), then model and data:
     MLflow's runs list shows ~14-18 characters of a name."""
     if rc.tracking.run_name:
         return rc.tracking.run_name
-    choices = hydra.get("choices", {})
-    model = choices.get("model") or Path(rc.model.name_or_path).name
-    dataset = choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
-    parts = [f"{k}={v}" for k, v in hydra.get("swept", {}).items()]
-    parts += [stack or "+".join(rc.optimization) or "eager", rc.precision.name, model, dataset]
+    model = ctx.choices.get("model") or Path(rc.model.name_or_path).name
+    dataset = ctx.choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
+    parts = [f"{k}={v}" for k, v in ctx.swept_values().items()]
+    parts += [stack or stack_label(rc.optimization), rc.precision.name, model, dataset]
     return "-".join(parts)
-
-
-def swept_values(hydra: Dict[str, Any]) -> Dict[str, str]:
-    """This job's values of the keys its sweep varies, by short name (the key's last part unless two share it),
-    leaving out what the run name says anyway (stack, precision, model, data)."""
-    if hydra.get("mode") != "RunMode.MULTIRUN":
-        return {}
-    from .sweep import job_swept_keys, override_values
-
-    given = override_values(hydra.get("overrides", []))
-    keys = [k.lstrip("+~") for k in job_swept_keys()]
-    keys = [k for k in keys if k not in ("optimization", "precision", "model", "dataset") and k in given]
-    last = [SHORT_KEYS.get(k, k.rsplit(".", 1)[-1]) for k in keys]
-    # a path's last part tells swept models or files apart; the whole path is in the tag overrides
-    value = {k: Path(given[k].rstrip("/")).name if "/" in given[k] else given[k] for k in keys}
-    return {(short if last.count(short) == 1 else k): value[k] for k, short in zip(keys, last)}
 
 
 def _set_threads(rc: RunConfig) -> Dict[str, float]:
@@ -129,10 +96,6 @@ def comparison_keys(container: Dict[str, Any]) -> Dict[str, str]:
     return {"workload": _digest(workload), "baseline_key": _digest(like)}
 
 
-class Results(dict):
-    """Everything known about the run so far; written to results.json whatever happens."""
-
-
 def _quiet_libraries() -> None:
     """Per-file progress bars of transformers/datasets drown the run's own output."""
     # transformers imports torchao whenever it is installed; torchao then warns that its CUDA-only kernels
@@ -146,18 +109,17 @@ def _quiet_libraries() -> None:
     datasets.disable_progress_bars()
 
 
-def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
+def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[str, Any]:
     rc = to_run_config(cfg)
     check_tracking(rc)  # nothing to record a bad destination in: refuse before any directory or run exists
     started = time.time()
     _quiet_libraries()
+    ctx = (ctx or JobContext()).with_run_dir()
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
-    hydra = _hydra_info()
-    hydra["swept"] = swept_values(hydra)
-    run_dir = hydra.get("output_dir") or Path("outputs/runs") / datetime.now().strftime("%Y-%m-%d_%H-%M-%S-%f")
+    run_dir = Path(ctx.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    run_name = _run_name(rc, hydra)
-    stack = "+".join(rc.optimization) or "eager"
+    run_name = _run_name(rc, ctx)
+    stack = stack_label(rc.optimization)
     keys = comparison_keys(container)
 
     tags = environment_tags()
@@ -167,25 +129,24 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         "stack": stack,
         "stack.requested": stack,
         "precision": rc.precision.name,
-        "overrides": " ".join(hydra.get("overrides", [])),
+        "overrides": " ".join(ctx.overrides),
         **process_tags(),
         **keys,
-        "run_dir": str(Path(run_dir).resolve()),
+        "run_dir": str(run_dir.resolve()),
     })
-    if hydra.get("job_num") is not None and hydra.get("mode") == "RunMode.MULTIRUN":
-        tags["job_num"] = str(hydra["job_num"])
+    if ctx.in_sweep:
+        tags["job_num"] = str(ctx.job_num)
     digest = config_digest(container)
     tags["config_digest"] = digest
-    if hydra["swept"]:
-        tags["swept"] = " ".join(f"{k}={v}" for k, v in hydra["swept"].items())
-    tracker = Tracker(rc.tracking, run_name)
-    results = Results(run_name=run_name, status="RUNNING", stack=stack, stack_requested=stack,
-                      precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
-                      run_id=None, tracking_uri=rc.tracking.uri if rc.tracking.enabled else None,
-                      keys=keys, overrides=tags["overrides"], cpu_model=tags.get("cpu.model"),
-                      # every tag, for orchestrator-import when the store missed the run
-                      metrics={}, tags=dict(tags))
-    measured = Measurement(rc, hydra, tracker, results, run_dir)
+    swept = ctx.swept_values()
+    if swept:
+        tags["swept"] = " ".join(f"{k}={v}" for k, v in swept.items())
+    tracker = Tracker(rc.tracking, run_name, parent_id=ctx.parent_run_id)
+    results = RunRecord.new(run_name=run_name, stack=stack, precision=rc.precision.name, task=rc.dataset.task,
+                            config=container, run_dir=run_dir,
+                            tracking_uri=rc.tracking.uri if rc.tracking.enabled else None, keys=keys,
+                            overrides=tags["overrides"], tags=tags)
+    measured = Measurement(rc, ctx, tracker, results, run_dir)
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
     skipped, checked = None, False
     try:
@@ -196,7 +157,13 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         checked = True
         previous = tracker.find_finished(digest) if rc.resume else None
         if previous is not None:
-            skipped = _skip(previous, run_name, rc, container, run_dir)
+            skipped = RunRecord.reused(previous, run_name=run_name, stack=stack, precision=rc.precision.name,
+                                       task=rc.dataset.task, config=container, run_dir=run_dir,
+                                       tracking_uri=rc.tracking.uri, keys=keys)
+            skipped.write(run_dir)
+            log.info("resume: identical config already FINISHED in MLflow run %s; skipped", previous.info.run_id)
+            print(f"{run_name}: skipped (resume=true), identical config FINISHED in MLflow run "
+                  f"{previous.info.run_id}")
             return skipped
         tracker.start(flatten(container), tags)
         results["run_id"] = tracker.run_id
@@ -214,27 +181,12 @@ def run(cfg: DictConfig | RunConfig) -> Dict[str, Any]:
         if not checked and not interrupted:
             results["refused"] = True  # by its config, before any MLflow run: none is owed (summary, import)
         tracker.set_tags({"error": results["error"]})
+        if ctx.race is not None:
+            ctx.race.abort(results["error"])  # the race goes on without this job
         raise
     finally:
         if skipped is None:
             _finish(results, tracker, run_dir, measured, rc)
-    return results
-
-
-def _skip(previous, run_name: str, rc: RunConfig, container: Dict[str, Any], run_dir: Path) -> Dict[str, Any]:
-    """resume=true and this exact config already FINISHED: reuse that run's results instead of measuring again."""
-    tags = previous.data.tags
-    results = Results(run_name=previous.info.run_name or run_name, status="FINISHED",
-                      stack=tags.get("stack", "+".join(rc.optimization) or "eager"),
-                      stack_requested=tags.get("stack.requested", "+".join(rc.optimization) or "eager"),
-                      precision=rc.precision.name, task=rc.dataset.task, config=container, run_dir=str(run_dir),
-                      run_id=previous.info.run_id, resumed_from=previous.info.run_id,
-                      tracking_uri=rc.tracking.uri, keys=comparison_keys(container),
-                      overrides=tags.get("overrides", ""), cpu_model=tags.get("cpu.model"),
-                      metrics=dict(previous.data.metrics))
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    log.info("resume: identical config already FINISHED in MLflow run %s; skipped", previous.info.run_id)
-    print(f"{run_name}: skipped (resume=true), identical config FINISHED in MLflow run {previous.info.run_id}")
     return results
 
 
@@ -245,18 +197,18 @@ class Measurement:
     timing pass -> FLOPs. ``record`` is the one place a figure goes to results.json *and* MLflow.
     """
 
-    def __init__(self, rc: RunConfig, hydra: Dict[str, Any], tracker: Tracker, results: Results, run_dir: Path):
-        self.rc, self.hydra, self.tracker, self.results, self.run_dir = rc, hydra, tracker, results, run_dir
+    def __init__(self, rc: RunConfig, ctx: JobContext, tracker: Tracker, results: RunRecord, run_dir: Path):
+        self.rc, self.job, self.tracker, self.results, self.run_dir = rc, ctx, tracker, results, run_dir
         self.predictions: List[dict] = []
         self.metric_names: List[str] = []
         self.task_cls = None
 
     def record(self, values: Dict[str, float]) -> None:
-        self.results.setdefault("metrics", {}).update(values)
+        self.results.record(values)
         self.tracker.log_metrics(values)
 
     def tag(self, tags: Dict[str, str]) -> None:
-        self.results.setdefault("tags", {}).update(tags)
+        self.results.tag(tags)
         self.tracker.set_tags(tags)
 
     def batches_of(self, rows, sort: bool) -> List[measure.Batch]:
@@ -303,7 +255,8 @@ class Measurement:
             self.apply_stack(plugins, early_fallbacks, [f for f in tag_fns if f is not None])
             self.parity()
             self.accuracy_pass()
-            timing = self.timing_pass()
+            self.write_decisions()  # before timing: a race judges the accuracy gate from it while jobs are timed
+            timing = self.timing_pass(rss)
             self.count_flops(timing)
         self.record({"peak_rss_mb": rss.peak_mb})
 
@@ -330,7 +283,7 @@ class Measurement:
         self.task = self.task_cls(rc.dataset, rc.runtime, self.tokenizer, self.hf_config)
         self.dataset = data.load(rc.dataset)
         self.task.check_data(self.dataset)  # columns and gold values, before the model runs
-        self.tracker.log_dataset(self.dataset, name=self.hydra.get("choices", {}).get("dataset") or rc.dataset.path,
+        self.tracker.log_dataset(self.dataset, name=self.job.choices.get("dataset") or rc.dataset.path,
                                  source=str(rc.dataset.data_files or rc.dataset.path))
         t1 = time.perf_counter()
         log.info("tokenizing %d examples (max_length %d, padding %s)", len(self.dataset), rc.runtime.max_length,
@@ -378,7 +331,7 @@ class Measurement:
             stack_tags["stack"] = applied
             stack_tags["stack.fallback"] = ",".join(record.fallbacks)
             self.results["stack"] = applied
-            name = _run_name(rc, self.hydra, applied)
+            name = _run_name(rc, self.job, applied)
             if name != self.results["run_name"]:
                 self.results["run_name"] = name
                 self.tracker.rename(name)
@@ -425,6 +378,7 @@ class Measurement:
         t0 = time.perf_counter()
         outputs, lat = measure.run_all(self.step, self.batches, len(self.features), desc="accuracy pass",
                                        progress=self.rc.runtime.progress)
+        self.evaluated = outputs  # what the timed batches must reproduce (timed_equals_evaluated)
         forward_s = sum(lat)
         t1 = time.perf_counter()
         task_metrics, preds = self.task.evaluate(self.dataset, self.features, outputs)
@@ -442,15 +396,63 @@ class Measurement:
                      # everything but the model forward: tokenize, collate, batch loop, postprocess, metric
                      "eval_overhead_pct": 100.0 * max(eval_s - forward_s, 0.0) / eval_s if eval_s > 0 else 0.0})
 
-    def timing_pass(self) -> measure.TimingResult:
+    def write_decisions(self) -> None:
+        """Every example's decision, in dataset order: what a sweep compares with its eager fp32 job."""
+        if self.predictions and self.task_cls is not None and not (self.run_dir / DECISIONS_FILE).is_file():
+            decisions = self.task_cls.decisions(self.predictions)
+            (self.run_dir / DECISIONS_FILE).write_text(json.dumps(decisions, default=str))
+
+    def timing_pass(self, rss: Optional[measure.PeakRSS] = None) -> measure.TimingResult:
         r = self.rc.runtime
-        log.info("timing pass: %d round(s) of at least %g s", r.repeats, r.min_duration_s)
-        timing = measure.timing_rounds(self.step, self.batches, r.repeats, r.warmup, r.min_iterations,
-                                       r.min_duration_s, r.max_iterations, r.seed, progress=r.progress)
+        race = self.job.race
+        audit = measure.TimedOutputs(self.batches, TEST01_BATCHES, r.seed)
+        step = audit.wrap(self.step)
+        if race is not None:
+            # the launcher times the sweep's jobs in interleaved rounds: this job serves its rounds until told to stop
+            metric = self.task_cls.primary_metric
+            race.ready({"run_dir": str(self.run_dir.resolve()), "job": self.job.job_num, "metric": metric,
+                        "value": self.results["metrics"].get(metric), "status": "ok",
+                        "rss_mb": rss.peak_mb if rss is not None else None,
+                        "decisions_file": str((self.run_dir / DECISIONS_FILE).resolve())})
+            log.info("timing pass: raced against the sweep's other jobs, in interleaved rounds")
+            timing = race.timing(step, self.batches, r)
+            self.record(race.metrics())
+            self.results["race"] = dict(race.outcome)
+            self.tag({f"race.{k}": str(v) for k, v in race.outcome.items()})
+        else:
+            log.info("timing pass: %d round(s) of at least %g s", r.repeats, r.min_duration_s)
+            timing = measure.timing_rounds(step, self.batches, r.repeats, r.warmup, r.min_iterations,
+                                           r.min_duration_s, r.max_iterations, r.seed, progress=r.progress)
         self.record(timing.metrics())
-        for k, thr in enumerate(stats.round_throughputs(timing.rounds())):
+        self.timed_equals_evaluated(audit)
+        rounds = sorted(set(timing.round_ids))
+        for k, thr in zip(rounds, stats.round_throughputs(timing.rounds())):
             self.tracker.log_metrics({"round_throughput": thr}, step=k)  # MLflow history: one point per round
         return timing
+
+    def timed_equals_evaluated(self, audit: measure.TimedOutputs) -> None:
+        """MLPerf's TEST01 idea: the outputs of sampled timed batches equal the accuracy pass's for those rows
+        (within the parity rule: every decision the same, max |delta| within TEST01_TOLERANCE of the output scale).
+        An engine that caches or changes shapes between the passes cannot pass silently: a mismatch is recorded
+        (metric timed_equals_evaluated = 0, tag timed_equals_evaluated.reason) and fails the sweep's gate."""
+        if not audit.outputs:
+            return
+        ids = sorted(audit.outputs)
+        rows = [i for k in ids for i in self.batches[k].rows]
+        timed = [audit.outputs[k][j] for k in ids for j in range(len(self.batches[k].rows))]
+        evaluated = [self.evaluated[i] for i in rows]
+        diff, agree = self.task.parity(evaluated, timed)
+        scale = max(float(max(t.detach().float().abs().max() for t in evaluated)), 1.0)
+        ok = agree >= 1.0 and diff <= TEST01_TOLERANCE * scale
+        self.record({"timed_equals_evaluated": float(ok), "timed_vs_evaluated_max_abs_diff": diff,
+                     "timed_vs_evaluated_agreement": agree})
+        if not ok:
+            reason = (f"timed outputs differ from the evaluated ones on {len(rows)} sampled rows of "
+                      f"{len(ids)} timed batches (agreement {agree:.1%}, max |delta| {diff:.3g}): the timed "
+                      "computation is not the one whose accuracy was measured")
+            self.results["timed_equals_evaluated"] = reason
+            self.tag({"timed_equals_evaluated.reason": reason})
+            log.error("%s", reason)
 
     def count_flops(self, timing: measure.TimingResult) -> None:
         if self.flop_coef is None:
@@ -507,18 +509,16 @@ def _flop_metrics(coef, batches, timing: "measure.TimingResult", compute: str) -
     return out, note
 
 
-def _finish(results: Results, tracker: Tracker, run_dir: Path, measured: Measurement, rc: RunConfig) -> None:
+def _finish(results: RunRecord, tracker: Tracker, run_dir: Path, measured: Measurement, rc: RunConfig) -> None:
     results["tracking_error"] = tracker.error
-    (run_dir / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    results.write(run_dir)
     predictions = measured.predictions
     if predictions and rc.tracking.prediction_samples:
         sample = predictions[:rc.tracking.prediction_samples]
-        (run_dir / "predictions_sample.json").write_text(json.dumps(sample, indent=2, default=str))
-    if predictions and measured.task_cls is not None:
-        # every example's decision, in dataset order: what a sweep compares with its eager fp32 job
-        (run_dir / DECISIONS_FILE).write_text(json.dumps(measured.task_cls.decisions(predictions), default=str))
-    tracker.log_artifact(run_dir / "results.json")
-    tracker.log_artifact(run_dir / "predictions_sample.json")
+        (run_dir / PREDICTIONS_SAMPLE_FILE).write_text(json.dumps(sample, indent=2, default=str))
+    measured.write_decisions()
+    tracker.log_artifact(run_dir / RESULTS_FILE)
+    tracker.log_artifact(run_dir / PREDICTIONS_SAMPLE_FILE)
     tracker.log_artifact(run_dir / DECISIONS_FILE)
     tracker.log_artifact(run_dir / ".hydra", "hydra")
     tracker.end(results["status"])

@@ -17,88 +17,33 @@ from rich.table import Table
 
 from . import verdict
 from .errors import describe, first_line
+from .config import SummaryConfig, TrackingConfig
+from .records import (COLUMNS, DECISIONS_FILE, PARENT_RUN_FILE, TERMINAL, job_dirs, override_values, row_of_dir,
+                      row_of_run, task_class, tracking_of)
 
 log = logging.getLogger(__name__)
 
-COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "throughput_ci_low",
-           "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
-           "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
-           "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct", "status",
-           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id"]
-# what the console shows of them (the files have all); the swept keys' columns follow precision
+# what the console shows of the rows' columns (the files have all); the swept keys' columns follow precision
 SHOWN = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "speedup",
          "speedup_ci", "noise", "agreement_vs_baseline", "gate", "latency_p50_ms", "latency_p90_ms", "fallback",
          "status"]
-
-
-def _primary(task: Optional[str]) -> Optional[str]:
-    cls = _task_class(task)
-    return cls.primary_metric if cls is not None else None
-
-
-def _task_class(task: Optional[str]):
-    if not task:
-        return None
-    from .registry import tasks
-
-    try:
-        return tasks.get(task)
-    except Exception:
-        return None
-
-
-def _row(job: str, status: str, task: Optional[str], stack: str, precision: str, metrics: Dict[str, float],
-         run_id: Optional[str], **extra: Any) -> Dict[str, Any]:
-    metric = _primary(task)
-    row = {c: None for c in COLUMNS}
-    row.update({"job": job, "stack": stack or "eager", "precision": precision, "metric": metric,
-                "value": metrics.get(metric) if metric else None, "status": status, "run_id": run_id, "task": task})
-    for key in ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
-                "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct"):
-        row[key] = metrics.get(key)
-    row.update(extra)
-    row["stack_requested"] = row.get("stack_requested") or row["stack"]
-    return row
 
 
 def rows_from_mlflow(client, parent_id: str) -> List[Dict[str, Any]]:
     parent = client.get_run(parent_id)
     runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'",
                               max_results=10000)
-    rows = []
-    for r in runs:
-        t = r.data.tags
-        rows.append(_row(t.get("job_num", r.info.run_name), r.info.status, t.get("task"), t.get("stack", "eager"),
-                         t.get("precision", "?"), r.data.metrics, r.info.run_id,
-                         stack_requested=t.get("stack.requested"), fallback=t.get("stack.fallback"),
-                         workload=t.get("workload"), baseline_key=t.get("baseline_key"), run_dir=t.get("run_dir"),
-                         overrides=t.get("overrides", ""), cpu_model=t.get("cpu.model"),
-                         random_head=t.get("model.random_head") == "true" or None))
-    return rows
+    return [row_of_run(r) for r in runs]
 
 
 def rows_from_dir(sweep_dir: Path) -> List[Dict[str, Any]]:
-    """Jobs as their run directories record them; a job dir without results.json was killed before the end."""
-    rows = []
-    for job_dir in sorted((p for p in sweep_dir.iterdir() if (p / ".hydra").is_dir()), key=lambda p: p.name):
-        res = job_dir / "results.json"
-        if not res.exists():
-            rows.append(_row(job_dir.name, "MISSING", None, "?", "?", {}, None, run_dir=str(job_dir)))
-            continue
-        data = json.loads(res.read_text())
-        keys = data.get("keys", {})
-        rows.append(_row(job_dir.name, data.get("status", "?"), data.get("task"), data.get("stack", ""),
-                         data.get("precision", "?"), data.get("metrics", {}), data.get("run_id"),
-                         stack_requested=data.get("stack_requested"),
-                         fallback=",".join(data.get("fallbacks") or {}) or None,
-                         workload=keys.get("workload"), baseline_key=keys.get("baseline_key"),
-                         run_dir=str(job_dir), overrides=data.get("overrides", ""),
-                         cpu_model=data.get("cpu_model"), random_head=data.get("random_head") or None,
-                         tracking_error=data.get("tracking_error"), refused=data.get("refused")))
+    """Jobs as their run folders record them; a job folder without results.json was killed before the end, one
+    whose results.json is damaged is named (DAMAGED) and its figures are not used."""
+    rows = [row_of_dir(job_dir) for job_dir in job_dirs(sweep_dir)]
+    for r in rows:
+        if r.get("record_error"):
+            log.error("%s", r["record_error"])
     return rows
-
-
-TERMINAL = ("FINISHED", "FAILED", "KILLED")
 
 
 def merge_rows(tracked: List[Dict[str, Any]], local: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
@@ -127,8 +72,6 @@ def merge_rows(tracked: List[Dict[str, Any]], local: List[Dict[str, Any]]) -> Li
 def add_swept(rows: List[Dict[str, Any]]) -> List[str]:
     """The keys whose command-line values differ between the jobs (besides stack and precision, shown anyway):
     each row's values in ``swept`` (key -> value), in the order the overrides give them."""
-    from .sweep import override_values
-
     parsed = [override_values(str(r.get("overrides") or "").split()) for r in rows]
     keys = list(dict.fromkeys(k for p in parsed for k in p if k not in ("optimization", "precision")))
     swept = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
@@ -154,7 +97,6 @@ def value(r: Dict[str, Any], c: str) -> Any:
 
 def decisions_loader(client) -> Any:
     """Each run's decisions.json: from its run directory, else from its MLflow artifacts."""
-    from .runner import DECISIONS_FILE
 
     def load(r: Dict[str, Any]) -> Optional[list]:
         path = Path(r["run_dir"]) / DECISIONS_FILE if r.get("run_dir") else None
@@ -174,11 +116,13 @@ def decisions_loader(client) -> Any:
     return load
 
 
-def assess(rows: List[Dict[str, Any]], client=None, min_accuracy_ratio: float = 0.99,
-           min_agreement: float = 0.95) -> Optional[str]:
-    """Speedups with intervals, gate, agreement, Pareto front (in place); returns the recommendation line."""
+def assess(rows: List[Dict[str, Any]], client=None, gate: Optional[SummaryConfig] = None) -> Optional[str]:
+    """Speedups with intervals, gate, agreement, Pareto front (in place); returns the recommendation line.
+    ``gate``: the thresholds (summary.* of the config; their defaults live in SummaryConfig only)."""
+    gate = gate or SummaryConfig()
+    min_accuracy_ratio, min_agreement = gate.min_accuracy_ratio, gate.min_agreement
     add_swept(rows)
-    verdict.assess(rows, min_accuracy_ratio, min_agreement, _task_class, decisions_loader(client))
+    verdict.assess(rows, min_accuracy_ratio, min_agreement, task_class, decisions_loader(client))
     verdict.mark_pareto(rows)
     return verdict.recommend(rows)
 
@@ -375,8 +319,8 @@ def cpu_header(rows: List[Dict[str, Any]]) -> str:
     return "CPUs: " + "; ".join(f"{m} ({n} jobs)" for m, n in models.most_common())
 
 
-def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path], min_accuracy_ratio: float = 0.99,
-                    min_agreement: float = 0.95, stopped: Optional[str] = None) -> Dict[str, Any]:
+def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path], gate: Optional[SummaryConfig] = None,
+                    stopped: Optional[str] = None, write_files: bool = True) -> Dict[str, Any]:
     """Rows for the sweep, files in the sweep dir, and (with a parent run) everything logged to it. A store that
     cannot be read or written costs the MLflow part only: the rows then come from the jobs' results.json.
     ``stopped``: why the sweep ended early (its parent run ends KILLED with that reason)."""
@@ -391,9 +335,9 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     local = rows_from_dir(sweep_dir) if sweep_dir is not None and sweep_dir.is_dir() else []
     rows = merge_rows(tracked, local)
     store = client if store_error is None else None
-    out = summary_of(rows, parent_id, assess(rows, store, min_accuracy_ratio, min_agreement))
+    out = summary_of(rows, parent_id, assess(rows, store, gate))
     header, recommendation = out["cpu"], out["recommendation"]
-    if sweep_dir is not None and sweep_dir.is_dir():
+    if write_files and sweep_dir is not None and sweep_dir.is_dir():
         csv = sweep_dir / "summary.csv"
         frame(rows).to_csv(csv, index=False)
         md = sweep_dir / "summary.md"
@@ -472,27 +416,32 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
 def report_main(argv: Optional[List[str]] = None) -> int:
     """``orchestrator-report <parent run id | sweep dir>``: print a sweep's summary table again; runs of the sweep
     that a dead process left RUNNING are closed on the way (KILLED, or what their results.json says)."""
+    gate, tracking_default = SummaryConfig(), TrackingConfig()
     parser = argparse.ArgumentParser(prog="orchestrator-report", description=report_main.__doc__)
     parser.add_argument("target", help="MLflow parent run id of a sweep, or a sweep directory (outputs/multirun/...)")
     parser.add_argument("--tracking-uri", default=None, help="default: for a sweep directory the store its jobs "
-                        "used, else sqlite:///outputs/mlflow.db")
-    parser.add_argument("--min-accuracy-ratio", type=float, default=0.99, help="accuracy gate (default 0.99)")
-    parser.add_argument("--min-agreement", type=float, default=0.95, help="agreement gate (default 0.95)")
+                        f"used, else {tracking_default.uri}")
+    parser.add_argument("--min-accuracy-ratio", type=float, default=gate.min_accuracy_ratio,
+                        help=f"accuracy gate (default {gate.min_accuracy_ratio})")
+    parser.add_argument("--min-agreement", type=float, default=gate.min_agreement,
+                        help=f"agreement gate (default {gate.min_agreement})")
     args = parser.parse_args(argv)
+    gate = SummaryConfig(min_accuracy_ratio=args.min_accuracy_ratio, min_agreement=args.min_agreement)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    from .importer import job_dirs, reconcile_sweep
-    from .tracking import PARENT_RUN_FILE, connect, open_store
+    from .reconcile import reconcile_sweep
+    from .tracking import connect, open_store
 
     path = Path(args.target)
     client, parent, tracked = None, None, []
     if path.is_dir():
+        jobs = job_dirs(path)
+        if not jobs:
+            print(f"error: {args.target}: not a sweep directory (no job folders holding .hydra/)", file=sys.stderr)
+            return 2
         local = rows_from_dir(path)
         id_file = path / PARENT_RUN_FILE
-        jobs = job_dirs(path)
-        if id_file.is_file() and jobs:
-            from .importer import _tracking_of
-
-            tracking = _tracking_of(jobs[0], args.tracking_uri, None)
+        if id_file.is_file() and not id_file.is_symlink():
+            tracking = tracking_of(jobs[0], args.tracking_uri)
             try:
                 client, _ = open_store(tracking)
                 parent = id_file.read_text().strip()
@@ -506,7 +455,7 @@ def report_main(argv: Optional[List[str]] = None) -> int:
     else:
         from mlflow.exceptions import MlflowException
 
-        uri = args.tracking_uri or "sqlite:///outputs/mlflow.db"
+        uri = args.tracking_uri or tracking_default.uri
         try:
             client = connect(SimpleNamespace(uri=uri))
         except Exception as e:
@@ -523,5 +472,5 @@ def report_main(argv: Optional[List[str]] = None) -> int:
         sweep_dir = Path(client.get_run(args.target).data.tags.get("sweep.dir") or "/nonexistent")
         rows = merge_rows(rows, rows_from_dir(sweep_dir) if sweep_dir.is_dir() else [])
         parent = args.target
-    print_summary(summary_of(rows, parent, assess(rows, client, args.min_accuracy_ratio, args.min_agreement)))
+    print_summary(summary_of(rows, parent, assess(rows, client, gate)))
     return 0

@@ -1,22 +1,29 @@
 """Multirun sweeps in MLflow: one parent run per sweep, every job nested under it, a summary at the end.
 
-Registered as a Hydra callback in conf/config.yaml. The parent run id reaches the jobs through an environment
-variable, which local, joblib (loky) and submitit workers inherit from the process that launches them, and through
-the file ``<sweep dir>/mlflow_parent_run_id`` for jobs started without that environment (see docs/sweeps.md).
+Registered as a Hydra callback in conf/config.yaml. The callback tells the jobs their parent run and the keys the
+sweep varies (environment + files in the sweep folder; read by ``JobContext.from_hydra``, orchestrator/context.py).
+
+Its result is a :class:`SweepOutcome`, which the CLI turns into its exit status. Hydra gives a callback no way to
+return a value, so the outcome of the sweep that ended last in this process is kept in one place,
+:func:`take_outcome`; the sweep under way (for a stop that skips ``on_multirun_end``) in :func:`stop_current`.
 """
 from __future__ import annotations
 
 import atexit
 import logging
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .config import SummaryConfig
+from .context import PARENT_RUN_ENV, SWEPT_KEYS_ENV
 from .errors import describe
-from .tracking import PARENT_RUN_ENV, PARENT_RUN_FILE, open_store
+from .records import PARENT_RUN_FILE, SWEPT_KEYS_FILE, sweep_run_name
+from .tracking import open_store
 
 log = logging.getLogger(__name__)
 
@@ -39,21 +46,6 @@ def parallel_warning(launcher: Any) -> Optional[str]:
     return None
 
 
-SWEPT_KEYS_ENV = "ORCH_SWEPT_KEYS"  # the keys this sweep varies, for the jobs' run names
-SWEPT_KEYS_FILE = "swept_keys"  # the same, in the sweep dir, for jobs started without the sweep's environment
-
-
-def override_values(overrides) -> Dict[str, str]:
-    """``key=value`` overrides as key -> value, without Hydra's ``+``/``~`` prefixes."""
-    pairs = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
-    return {k.lstrip("+~"): v for k, v in pairs.items()}
-
-
-def sweep_run_name(sweep_dir: Path) -> str:
-    """The parent run's name, the time first: MLflow's runs list shows ~18 characters of a name."""
-    return f"sweep-{sweep_dir.name[:8]} {sweep_dir.parent.name}"
-
-
 def swept_keys(config: DictConfig) -> list:
     """Keys with more than one value in this sweep: sweep syntax on the command line and the sweeper's params
     (a sweep= preset), in the order given."""
@@ -74,31 +66,31 @@ def swept_keys(config: DictConfig) -> list:
     return keys
 
 
-def job_swept_keys() -> list:
-    """In a sweep's job: the keys its sweep varies (from the environment, else the file in the sweep dir)."""
-    text = os.environ.get(SWEPT_KEYS_ENV)
-    if text is None:
-        try:
-            from hydra.core.hydra_config import HydraConfig
-
-            hc = HydraConfig.get()
-            path = Path(hc.runtime.cwd or ".", hc.sweep.dir, SWEPT_KEYS_FILE)
-            text = path.read_text() if path.is_file() else ""
-        except Exception:  # outside Hydra, or no sweep: no swept keys
-            text = ""
-    return [k for k in text.split() if k]
+@dataclass
+class SweepOutcome:
+    """What the CLI needs of a sweep that ended: the jobs that did not finish, fell back unasked, or are missing
+    from MLflow, and why the store failed."""
+    sweep_dir: Optional[Path] = None
+    failed_jobs: int = 0
+    unasked_fallbacks: List[Any] = field(default_factory=list)
+    untracked_jobs: List[Any] = field(default_factory=list)
+    store_error: Optional[str] = None
+    summary: Dict[str, Any] = field(default_factory=dict)
 
 
-# jobs of the last sweep in this process that did not finish / that fell back without the user asking for it on
-# the command line; the CLI turns them into its exit status
-last_failed_jobs = 0
-last_unasked_fallbacks: list = []
-# ... and the jobs MLflow lacks (wholly or in part) although tracking was asked for, and why the store failed
-last_untracked_jobs: list = []
-last_store_error: Optional[str] = None
-last_sweep_dir: Optional[Path] = None
-# the sweep under way in this process (its callback), for a stop that skips on_multirun_end
-current: Optional["MlflowSweepCallback"] = None
+_outcome: Optional[SweepOutcome] = None
+_current: Optional["MlflowSweepCallback"] = None
+
+
+def take_outcome() -> Optional[SweepOutcome]:
+    """The outcome of the sweep that ended last in this process (once), None after a single run."""
+    global _outcome
+    out, _outcome = _outcome, None
+    return out
+
+
+def sweep_under_way() -> bool:
+    return _current is not None
 
 
 def fallback_asked(overrides) -> bool:
@@ -114,8 +106,8 @@ class MlflowSweepCallback(Callback):
         self.config: Optional[DictConfig] = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global current
-        current, self.config = self, config
+        global _current
+        _current, self.config = self, config
         tracking = config.get("tracking")
         self.sweep_dir = Path(str(config.hydra.sweep.dir))
         warning = parallel_warning(config.hydra.get("launcher"))
@@ -136,7 +128,7 @@ class MlflowSweepCallback(Callback):
             # sets reach the job processes through the environment
             self.client, exp_id = open_store(tracking)
             if config.get("resume"):
-                from .importer import reconcile_experiment
+                from .reconcile import reconcile_experiment
 
                 reconcile_experiment(self.client, exp_id, "resume")
             overrides = list(config.hydra.overrides.task)
@@ -179,41 +171,38 @@ class MlflowSweepCallback(Callback):
     def finish(self, config: DictConfig, stopped: Optional[str] = None) -> Dict[str, Any]:
         """The summary of the jobs that ran: at the sweep's end, or (``stopped``: why) when it was stopped early,
         which Hydra does not call on_multirun_end for."""
-        global current, last_failed_jobs, last_unasked_fallbacks
-        global last_untracked_jobs, last_store_error, last_sweep_dir
-        current = None
+        global _current, _outcome
+        _current = None
         os.environ.pop(PARENT_RUN_ENV, None)
         os.environ.pop(SWEPT_KEYS_ENV, None)
         from .summary import print_summary, summarize_sweep
 
-        gate = config.get("summary") or {}
+        gate = SummaryConfig(**{k: float(v) for k, v in (config.get("summary") or {}).items()})
         try:
-            summary = summarize_sweep(self.client, self.parent_id, self.sweep_dir,
-                                      min_accuracy_ratio=float(gate.get("min_accuracy_ratio", 0.99)),
-                                      min_agreement=float(gate.get("min_agreement", 0.95)), stopped=stopped)
+            summary = summarize_sweep(self.client, self.parent_id, self.sweep_dir, gate, stopped=stopped)
         except Exception as e:
             log.error("sweep summary failed: %s: %s", type(e).__name__, e)
             if self.client is not None and self.parent_id:
                 self.client.set_terminated(self.parent_id, "FAILED")
             raise
         print_summary(summary)
-        last_failed_jobs = summary["failed"]
-        asked = fallback_asked(list(config.hydra.overrides.task))
-        last_unasked_fallbacks = [] if asked else list(summary["fell_back"])
         tracking = config.get("tracking")
         wanted = bool(tracking and tracking.enabled)
-        last_untracked_jobs = list(summary["untracked"]) if wanted else []
-        last_sweep_dir = self.sweep_dir
         reasons = [summary.get("store_error")] + [r.get("tracking_error") for r in summary["rows"]]
         if not self.parent_id:
             reasons.append("the sweep's parent run could not be created")
-        last_store_error = next((r for r in reasons if r), None) if wanted else None
+        asked = fallback_asked(list(config.hydra.overrides.task))
+        _outcome = SweepOutcome(sweep_dir=self.sweep_dir, failed_jobs=summary["failed"],
+                                unasked_fallbacks=[] if asked else list(summary["fell_back"]),
+                                untracked_jobs=list(summary["untracked"]) if wanted else [],
+                                store_error=next((r for r in reasons if r), None) if wanted else None,
+                                summary=summary)
         return summary
 
 
 def stop_current(reason: str) -> Optional[Dict[str, Any]]:
     """A sweep stopped before its end (two Ctrl-C, SIGTERM): the summary of the jobs that ran; None outside one."""
-    callback = current
+    callback = _current
     if callback is None or callback.config is None:
         return None
     return callback.finish(callback.config, stopped=reason)

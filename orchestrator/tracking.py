@@ -18,8 +18,6 @@ from .interrupts import critical
 
 log = logging.getLogger(__name__)
 
-PARENT_RUN_ENV = "ORCH_PARENT_RUN_ID"  # set by the sweep callback so each job nests under the sweep's run
-PARENT_RUN_FILE = "mlflow_parent_run_id"  # the same id, written by the callback into the sweep dir
 MAX_PARAM_LEN = 6000
 
 
@@ -76,8 +74,9 @@ class StoreUnusable(OrchestratorError):
     retries and pages of tracebacks)."""
 
 
-# MLflow's HTTP client settings (mlflow.environment_variables), read on every request: set from the tracking
-# config before any client exists, and inherited by the job processes a sweep starts
+# MLflow's HTTP client settings (mlflow.environment_variables), read on every request. MLflow takes them from the
+# environment only (no client argument), so this is the one place the project writes os.environ for MLflow: set
+# from the tracking config before any client exists, and inherited by the job processes a sweep starts
 HTTP_SETTINGS = {"http_timeout_s": "MLFLOW_HTTP_REQUEST_TIMEOUT", "http_max_retries": "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
                  "http_backoff_factor": "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
                  "http_backoff_jitter": "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER"}
@@ -163,33 +162,13 @@ def ensure_experiment(client, name: str, artifact_location: Optional[str]) -> st
         return exp.experiment_id
 
 
-def parent_run_id() -> Optional[str]:
-    """The sweep's parent run for this job: the environment variable (local, joblib/loky and submitit jobs inherit
-    it), else the file the sweep callback wrote into the sweep dir (jobs started without the submitting process's
-    environment, e.g. SLURM sites with ``--export=NONE``). None outside a multirun."""
-    parent = os.environ.get(PARENT_RUN_ENV)
-    if parent:
-        return parent
-    try:
-        from hydra.core.hydra_config import HydraConfig
-
-        if not HydraConfig.initialized():
-            return None
-        hc = HydraConfig.get()
-        if hc.mode is None or hc.mode.name != "MULTIRUN":
-            return None
-        path = Path(hc.runtime.cwd or ".", hc.sweep.dir, PARENT_RUN_FILE)  # sweep.dir may be relative
-        return (path.read_text().strip() or None) if path.is_file() else None
-    except Exception:  # never let a lookup cost the run
-        return None
-
-
 class Tracker:
     """A thin, failure-tolerant wrapper over MlflowClient for exactly one run."""
 
-    def __init__(self, cfg, run_name: str):
+    def __init__(self, cfg, run_name: str, parent_id: Optional[str] = None):
         self.cfg = cfg
         self.run_name = run_name
+        self.parent_id = parent_id  # the sweep's parent run, for a job of a sweep
         self.client = None
         self.run_id: Optional[str] = None
         self.error: Optional[str] = None
@@ -245,7 +224,7 @@ class Tracker:
             return None
         try:
             exp_id = self._connect()
-            from .importer import close_stale
+            from .reconcile import close_stale
 
             # an earlier try of this config whose process died must not stay RUNNING beside the new one
             close_stale(self.client, self.client.search_runs(
@@ -266,9 +245,8 @@ class Tracker:
         def _start():
             exp_id = self._connect()
             all_tags = dict(tags)
-            parent = parent_run_id()
-            if parent:
-                all_tags["mlflow.parentRunId"] = parent
+            if self.parent_id:
+                all_tags["mlflow.parentRunId"] = self.parent_id
             run = self.client.create_run(exp_id, run_name=self.run_name, tags=all_tags)
             self.run_id = run.info.run_id
             self.log_params(params)

@@ -219,7 +219,7 @@ def test_a_job_the_cluster_lost_is_recorded_and_summarised(server, tmp_path, mon
     from hydra_plugins.orchestrator_launcher import _remote
     from orchestrator.config import register_configs
     from orchestrator.summary import summarize_sweep
-    from orchestrator.tracking import PARENT_RUN_ENV
+    from orchestrator.context import PARENT_RUN_ENV
 
     register_configs()
     GlobalHydra.instance().clear()

@@ -1,7 +1,7 @@
 """Sweeps through Hydra launcher plugins: parallel jobs in other processes still nest under one MLflow parent run.
 
 joblib (loky workers) and submitit_local (subprocesses) inherit the parent run id through the environment; a job
-that does not finds it through <sweep dir>/mlflow_parent_run_id (the fallback in tracking.parent_run_id).
+that does not finds it through <sweep dir>/mlflow_parent_run_id (the fallback in JobContext.from_hydra).
 Each test skips when its launcher plugin is not installed (`pip install -e '.[launchers]'`). SLURM and Ray run
 for real in tests/test_distributed.py.
 """
@@ -15,7 +15,12 @@ from mlflow.tracking import MlflowClient
 
 from conftest import CONF_DIR, run_cli
 from orchestrator.sweep import parallel_warning
-from orchestrator.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE, parent_run_id
+from orchestrator.context import PARENT_RUN_ENV, JobContext
+from orchestrator.records import PARENT_RUN_FILE
+
+
+def parent_run_id():
+    return JobContext.from_hydra().parent_run_id
 
 
 def needs_plugin(module: str, install: str):

@@ -13,7 +13,6 @@ Nothing heavy at import time: Hydra imports every plugin module when it scans fo
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -87,53 +86,43 @@ def job_dir(config: DictConfig) -> Path:
 
 
 def _stack(config: DictConfig) -> str:
+    from orchestrator.records import stack_label
+
     opt = config.get("optimization")
-    names = list(opt.keys()) if isinstance(opt, DictConfig) else list(opt or [])
-    return "+".join(map(str, names)) or "eager"
+    return stack_label(list(opt.keys()) if isinstance(opt, DictConfig) else list(opt or []))
 
 
 def parent_id_for(config: DictConfig) -> Optional[str]:
-    from orchestrator.tracking import PARENT_RUN_ENV, PARENT_RUN_FILE
+    """The sweep's parent run, as the job would have learnt it (orchestrator/context.py)."""
+    from orchestrator.context import PARENT_RUN_ENV, _from_sweep
+    from orchestrator.records import PARENT_RUN_FILE
 
-    if os.environ.get(PARENT_RUN_ENV):
-        return os.environ[PARENT_RUN_ENV]
-    path = Path(str(config.hydra.sweep.dir)) / PARENT_RUN_FILE
-    try:
-        return path.read_text().strip() or None
-    except OSError:
-        return None
+    return _from_sweep(PARENT_RUN_ENV, Path(str(config.hydra.sweep.dir)) / PARENT_RUN_FILE) or None
 
 
 def record_lost_job(config: DictConfig, idx: int, overrides: Sequence[str], status: str, reason: str) -> JobReturn:
     """A job that returned nothing: its MLflow run and results.json say ``status`` (KILLED/FAILED) and why; the
     returned JobReturn is COMPLETED with a failed result, as the task function reports failed jobs, so the sweep
     goes on to its summary."""
+    from orchestrator.records import lost_record
+
     log.error("job %d: %s (%s)", idx, reason, status)
     stack = _stack(config)
     precision = str(OmegaConf.select(config, "precision.name", default="?"))
     task = OmegaConf.select(config, "dataset.task", default=None)
     where = job_dir(config)
     run_id, measured = _end_mlflow_run(config, idx, overrides, status, reason, stack, precision, task, where)
-    res = where / "results.json"
-    try:
-        data = json.loads(res.read_text()) if res.is_file() else {}
-    except (OSError, ValueError):
-        data = {}
-    if data.get("status") in (None, "RUNNING"):  # never overwrite what the job itself recorded at its end
-        data.update({"status": status, "error": reason, "stack": data.get("stack", stack),
-                     "stack_requested": data.get("stack_requested", stack), "precision": precision, "task": task,
-                     "overrides": " ".join(overrides), "run_id": data.get("run_id") or run_id,
-                     "run_dir": str(where),
-                     # what the run had logged before it was lost: a killed job keeps its measurements
-                     "metrics": {**measured, **data.get("metrics", {})}})
+    record = lost_record(where, status=status, reason=reason, stack=stack, precision=precision, task=task,
+                         overrides=overrides, run_id=run_id, measured=measured)
+    if record is not None:  # None: the job itself recorded its end, which is never overwritten
         try:
             (where / ".hydra").mkdir(parents=True, exist_ok=True)  # the summary reads job dirs that have one
             overrides_file = where / ".hydra" / "overrides.yaml"
             if not overrides_file.exists():
                 overrides_file.write_text(OmegaConf.to_yaml(OmegaConf.create(list(overrides))))
-            res.write_text(json.dumps(data, indent=2, default=str))
+            record.write(where)
         except OSError as e:
-            log.error("job %d: could not write %s (%s)", idx, res, e)
+            log.error("job %d: could not write %s (%s)", idx, where / "results.json", e)
     return JobReturn(overrides=list(overrides), cfg=config, hydra_cfg=config, status=JobStatus.COMPLETED,
                      _return_value={"status": status, "error": reason}, working_dir=str(where))
 

@@ -1,0 +1,276 @@
+"""The run record: the one owner of what a run writes and how others read it back.
+
+A run's record is ``results.json`` in its run folder, written whatever happens (the only copy of an untracked run).
+Everything that writes or reads it goes through here: the runner (a new or a reused run), the launchers (a job that
+died before writing it: :meth:`RunRecord.lost`), the importer (its MLflow tags: :meth:`RunRecord.mlflow_tags`), the
+sweep summary (one row per job: :func:`summary_row`, :func:`row_of_run`) and reconciliation (the status a dead
+run recorded). So are the names of the files in a run or sweep folder and the order jobs are listed in.
+
+Files are treated as hostile: a damaged or wrong-shaped results.json is refused by :func:`read_record` with one line
+naming the file, never a traceback.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional, Sequence
+
+from .errors import OrchestratorError
+
+RESULTS_FILE = "results.json"
+DECISIONS_FILE = "decisions.json"  # every example's decision, dataset order: what a sweep compares
+PREDICTIONS_SAMPLE_FILE = "predictions_sample.json"
+PARENT_RUN_FILE = "mlflow_parent_run_id"  # the sweep's parent run id, in the sweep folder
+SWEPT_KEYS_FILE = "swept_keys"  # the keys a sweep varies, in the sweep folder
+# what a run folder holds for MLflow besides the hydra/ configs (plugins' own files are logged by the run)
+RUN_ARTIFACTS = (RESULTS_FILE, PREDICTIONS_SAMPLE_FILE, DECISIONS_FILE, "load_report.json", "predictions.json")
+TERMINAL = ("FINISHED", "FAILED", "KILLED")
+EAGER = "eager"  # the label of the empty stack
+
+# MLflow's rule for metric/param/tag names, without its path-like escapes
+_VALID_NAME = re.compile(r"^[\w\-. /]+$")
+
+
+class RecordError(OrchestratorError):
+    """A results.json that cannot be read or has the wrong shape (named in one line, skipped by readers)."""
+
+
+def stack_label(names: Iterable[str]) -> str:
+    return "+".join(map(str, names)) or EAGER
+
+
+def valid_name(name: str) -> bool:
+    """A metric/tag name MLflow accepts and that cannot name a path outside the run (``../x``)."""
+    return bool(_VALID_NAME.match(name)) and ".." not in name.split("/") and not name.startswith("/")
+
+
+def override_values(overrides: Iterable[Any]) -> Dict[str, str]:
+    """``key=value`` overrides as key -> value, without Hydra's ``+``/``~`` prefixes."""
+    pairs = dict(str(o).split("=", 1) for o in overrides if "=" in str(o))
+    return {k.lstrip("+~"): v for k, v in pairs.items()}
+
+
+def sweep_run_name(sweep_dir: Path) -> str:
+    """The parent run's name, the time first: MLflow's runs list shows ~18 characters of a name."""
+    return f"sweep-{sweep_dir.name[:8]} {sweep_dir.parent.name}"
+
+
+def job_dirs(sweep_dir: Path) -> List[Path]:
+    """A sweep's job folders (those Hydra gave a ``.hydra/``), in job order (0, 1, ..., 10)."""
+    try:
+        found = [p for p in sweep_dir.iterdir() if p.is_dir() and not p.is_symlink() and (p / ".hydra").is_dir()]
+    except OSError:
+        return []
+    return sorted(found, key=lambda p: (len(p.name), p.name))
+
+
+class RunRecord(dict):
+    """Everything known about a run so far, as written to results.json (a dict: callers and older files agree)."""
+
+    @classmethod
+    def new(cls, *, run_name: str, stack: str, precision: str, task: Optional[str], config: Dict[str, Any],
+            run_dir: Path, tracking_uri: Optional[str], keys: Dict[str, str], overrides: str,
+            tags: Dict[str, str]) -> "RunRecord":
+        return cls(run_name=run_name, status="RUNNING", stack=stack, stack_requested=stack, precision=precision,
+                   task=task, config=config, run_dir=str(run_dir), run_id=None, tracking_uri=tracking_uri,
+                   keys=keys, overrides=overrides, cpu_model=tags.get("cpu.model"),
+                   # every tag, for orchestrator-import when the store missed the run
+                   metrics={}, tags=dict(tags))
+
+    @classmethod
+    def reused(cls, previous: Any, *, run_name: str, stack: str, precision: str, task: Optional[str],
+               config: Dict[str, Any], run_dir: Path, tracking_uri: str, keys: Dict[str, str]) -> "RunRecord":
+        """resume=true: the FINISHED MLflow run ``previous`` of the same config stands for this job."""
+        tags = previous.data.tags
+        return cls(run_name=previous.info.run_name or run_name, status="FINISHED",
+                   stack=tags.get("stack", stack), stack_requested=tags.get("stack.requested", stack),
+                   precision=precision, task=task, config=config, run_dir=str(run_dir),
+                   run_id=previous.info.run_id, resumed_from=previous.info.run_id, tracking_uri=tracking_uri,
+                   keys=keys, overrides=tags.get("overrides", ""), cpu_model=tags.get("cpu.model"),
+                   metrics=dict(previous.data.metrics))
+
+    def record(self, metrics: Dict[str, float]) -> None:
+        self.setdefault("metrics", {}).update(metrics)
+
+    def tag(self, tags: Dict[str, str]) -> None:
+        self.setdefault("tags", {}).update(tags)
+
+    def write(self, run_dir: Optional[Path] = None) -> Path:
+        path = Path(run_dir or self["run_dir"]) / RESULTS_FILE
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self, indent=2, default=str))
+        tmp.replace(path)  # a reader never sees half a record
+        return path
+
+    # -- what others read -----------------------------------------------------------------------------------------
+    def mlflow_tags(self, run_dir: Path, parent_id: Optional[str]) -> Dict[str, str]:
+        """The MLflow tags this record stands for (orchestrator-import of a run the store missed)."""
+        tags = {str(k): str(v) for k, v in (self.get("tags") or {}).items() if valid_name(str(k))}
+        keys = self.get("keys") or {}
+        tags.update({k: str(v) for k, v in {
+            "task": self.get("task"), "stack": self.get("stack"), "stack.requested": self.get("stack_requested"),
+            "precision": self.get("precision"), "overrides": self.get("overrides"),
+            "cpu.model": self.get("cpu_model"), "workload": keys.get("workload"),
+            "baseline_key": keys.get("baseline_key"), "error": self.get("error"),
+            "run_dir": str(run_dir.resolve())}.items() if v not in (None, "")})
+        if parent_id:
+            tags["mlflow.parentRunId"] = parent_id
+            tags.setdefault("job_num", run_dir.name)
+        return tags
+
+    def numeric_metrics(self) -> Dict[str, float]:
+        """Metrics whose name and value MLflow can take (the rest are said by the importer, never logged)."""
+        return {k: float(v) for k, v in (self.get("metrics") or {}).items()
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and valid_name(str(k))}
+
+    def bad_metrics(self) -> List[str]:
+        return [str(k) for k, v in (self.get("metrics") or {}).items()
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and valid_name(str(k)))]
+
+    def row(self, job: str, run_dir: Path) -> Dict[str, Any]:
+        keys = self.get("keys") or {}
+        return summary_row(job, str(self.get("status", "?")), self.get("task"), str(self.get("stack") or ""),
+                           str(self.get("precision", "?")), self.numeric_metrics(), self.get("run_id"),
+                           stack_requested=self.get("stack_requested"),
+                           fallback=",".join(self.get("fallbacks") or {}) or None,
+                           workload=keys.get("workload"), baseline_key=keys.get("baseline_key"),
+                           run_dir=str(run_dir), overrides=self.get("overrides", ""),
+                           cpu_model=self.get("cpu_model"), random_head=self.get("random_head") or None,
+                           tracking_error=self.get("tracking_error"), refused=self.get("refused"),
+                           race=self.get("race"))
+
+
+# the shape a results.json must have for anything to trust it: key -> accepted types
+_SHAPE = {"status": (str,), "metrics": (dict,), "tags": (dict,), "keys": (dict,), "config": (dict,),
+          "run_id": (str, type(None)), "stack": (str,), "precision": (str,), "task": (str, type(None)),
+          "overrides": (str,), "fallbacks": (dict, list, type(None))}
+
+
+def read_record(path: Path) -> RunRecord:
+    """A results.json (or the run folder holding one) as a RunRecord; RecordError, one line, when it is damaged."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / RESULTS_FILE
+    try:
+        data = json.loads(path.read_text())
+    except OSError as e:
+        raise RecordError(f"{path}: cannot be read ({e.strerror or e})") from e
+    except (ValueError, UnicodeDecodeError) as e:
+        raise RecordError(f"{path}: not valid JSON ({str(e).splitlines()[0][:120]}); skipped") from e
+    if not isinstance(data, dict):
+        raise RecordError(f"{path}: a results.json must hold an object, not {type(data).__name__}; skipped")
+    for key, types in _SHAPE.items():
+        if key in data and not isinstance(data[key], types):
+            raise RecordError(f"{path}: '{key}' must be {' or '.join(t.__name__ for t in types)}, not "
+                              f"{type(data[key]).__name__}; skipped")
+    return RunRecord(data)
+
+
+def try_read(path: Path) -> Optional[RunRecord]:
+    """read_record, or None when the file is absent or damaged (for callers that only enrich what they have)."""
+    try:
+        return read_record(path)
+    except RecordError:
+        return None
+
+
+def lost_record(where: Path, *, status: str, reason: str, stack: str, precision: str, task: Optional[str],
+                overrides: Sequence[str], run_id: Optional[str], measured: Dict[str, float]) -> Optional[RunRecord]:
+    """The record of a job that returned nothing (killed, cancelled, crashed), merged into what the job itself
+    wrote; None when the job had already recorded its own end (never overwrite that)."""
+    path = where / RESULTS_FILE
+    existing = try_read(path) if path.is_file() else RunRecord()
+    data = existing if existing is not None else RunRecord()
+    if data.get("status") not in (None, "RUNNING"):
+        return None
+    data.update({"status": status, "error": reason, "stack": data.get("stack", stack),
+                 "stack_requested": data.get("stack_requested", stack), "precision": precision, "task": task,
+                 "overrides": " ".join(overrides), "run_id": data.get("run_id") or run_id, "run_dir": str(where),
+                 # what the run had logged before it was lost: a killed job keeps its measurements
+                 "metrics": {**measured, **(data.get("metrics") or {})}})
+    return data
+
+
+# -- summary rows ----------------------------------------------------------------------------------------------------
+COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "throughput", "throughput_ci_low",
+           "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
+           "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
+           "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct", "status",
+           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id"]
+_ROW_METRICS = ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
+                "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct")
+
+
+def task_class(task: Optional[str]):
+    if not task:
+        return None
+    from .registry import tasks
+
+    try:
+        return tasks.get(task)
+    except Exception:
+        return None
+
+
+def summary_row(job: str, status: str, task: Optional[str], stack: str, precision: str, metrics: Dict[str, float],
+                run_id: Optional[str], **extra: Any) -> Dict[str, Any]:
+    """One job's row in a sweep summary, whichever source it comes from."""
+    cls = task_class(task)
+    metric = cls.primary_metric if cls is not None else None
+    row: Dict[str, Any] = {c: None for c in COLUMNS}
+    row.update({"job": job, "stack": stack or EAGER, "precision": precision, "metric": metric,
+                "value": metrics.get(metric) if metric else None, "status": status, "run_id": run_id, "task": task})
+    for key in _ROW_METRICS:
+        row[key] = metrics.get(key)
+    row.update(extra)
+    row["stack_requested"] = row.get("stack_requested") or row["stack"]
+    return row
+
+
+def row_of_run(run: Any) -> Dict[str, Any]:
+    """A job's row from its MLflow run (tags set by the runner)."""
+    t = run.data.tags
+    return summary_row(t.get("job_num", run.info.run_name), run.info.status, t.get("task"), t.get("stack", EAGER),
+                       t.get("precision", "?"), run.data.metrics, run.info.run_id,
+                       stack_requested=t.get("stack.requested"), fallback=t.get("stack.fallback"),
+                       workload=t.get("workload"), baseline_key=t.get("baseline_key"), run_dir=t.get("run_dir"),
+                       overrides=t.get("overrides", ""), cpu_model=t.get("cpu.model"),
+                       random_head=t.get("model.random_head") == "true" or None)
+
+
+def row_of_dir(job_dir: Path) -> Dict[str, Any]:
+    """A job's row from its folder; MISSING without results.json (killed before the end), DAMAGED when unreadable."""
+    path = job_dir / RESULTS_FILE
+    if not path.exists():
+        return summary_row(job_dir.name, "MISSING", None, "?", "?", {}, None, run_dir=str(job_dir))
+    try:
+        return read_record(path).row(job_dir.name, job_dir)
+    except RecordError as e:
+        return summary_row(job_dir.name, "DAMAGED", None, "?", "?", {}, None, run_dir=str(job_dir),
+                           record_error=str(e))
+
+
+def tracking_of(run_dir: Path, uri: Optional[str] = None, experiment: Optional[str] = None):
+    """The tracking settings a run was made with (its .hydra/config.yaml), a relative sqlite path resolved
+    against the directory the run was started from; given ``uri``/``experiment`` win."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from .config import TrackingConfig
+
+    cfg = OmegaConf.to_container(OmegaConf.structured(TrackingConfig))
+    try:
+        saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml").get("tracking") or {}
+        cfg.update(OmegaConf.to_container(saved, resolve=True) if saved else {})
+        cwd = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra.runtime.cwd
+    except Exception:  # no saved config (or one that does not resolve here): the defaults
+        cwd = None
+    if uri:
+        cfg["uri"] = uri
+    elif cwd and cfg["uri"].startswith("sqlite:///") and not cfg["uri"].startswith("sqlite:////"):
+        cfg["uri"] = "sqlite:///" + str(Path(cwd) / cfg["uri"][len("sqlite:///"):])
+    if experiment:
+        cfg["experiment"] = experiment
+    return SimpleNamespace(**cfg)
