@@ -1,0 +1,470 @@
+"""Racing a sweep's jobs: every job prepared once, then timed in interleaved, paired rounds until the answer is known.
+
+Why: timed one after another, each job's interval comes from its own rounds and cannot see drift slower than one
+job (another tenant starting, load dropping): identical jobs were "recommended" as 2.6x apart. Careful benchmarkers
+interleave the candidates in time, pair what ran close together, stop when the answer is known and drop what is
+beaten (Kalibera & Jones 2013; Google Benchmark's random interleaving; MLPerf's early stopping). Here:
+
+- **Rounds.** ``hydra/launcher=isolated`` starts every job's process and lets it prepare (load, stack, parity,
+  accuracy pass) one at a time; each job then blocks in :meth:`RaceWorker.timing`. In round r every live job runs
+  one timing round (its own untimed warm-up, then ``measure.timing_pass`` over the batch order seeded by
+  runtime.seed + r, the same order for every job), one job at a time, the jobs in a fresh order drawn from
+  ``race.seed`` and r. A waiting job blocks in ``recv`` on its socket: no CPU.
+- **Pairing.** Job J's speedup over its reference (the eager fp32 job of the same settings) is the median of the
+  per-round ratios J_r / ref_r with the exact sign-test interval (orchestrator/stats.py, why that interval).
+- **Stopping** (after each round, never before ``race.min_rounds``): a job stops when its paired speedup interval's
+  half-width is below ``race.target_halfwidth``; when its paired interval against the leader (the fastest live job
+  that passes the accuracy gate) lies wholly below 1 at :data:`ELIMINATION_CONFIDENCE` (eliminated); when it fails
+  the accuracy gate (it is timed only ``min_rounds``, enough for its row); at ``race.max_rounds``; or when
+  ``race.budget_s`` is spent. A reference is timed as long as a job paired with it is.
+- **Memory.** At most ``race.max_alive`` job processes at once (default: as many as free memory holds at 1.5x the
+  largest prepared job's peak RSS); beyond it the jobs race in groups and the references stay alive for every group.
+
+:class:`Race` is the pure decision logic (tests drive it with fake workers); the isolated launcher drives it with
+job processes (hydra_plugins/orchestrator_launcher/isolated_launcher.py). Nothing heavy is imported at module level:
+``orchestrator.config`` imports :class:`RaceConfig` from here.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import socket
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+log = logging.getLogger(__name__)
+
+# the inherited socket (a file descriptor number) a raced job talks to its launcher through
+RACE_FD_ENV = "ORCH_RACE_FD"
+RACE_FILE = "race.json"
+# elimination looks at the data after every round: a stricter level than the reported 95 % keeps the chance that
+# an identical job is ever called "slower beyond noise" over all looks of a race near 5 % (tests/test_race.py)
+ELIMINATION_CONFIDENCE = 0.995
+CONFIDENCE = 0.95
+STOPPING_CONFIDENCE = 0.98
+
+
+class RaceMode(str, Enum):
+    on = "on"
+    off = "off"
+
+
+@dataclass
+class RaceConfig:
+    # on: a multirun with hydra/launcher=isolated prepares every job, then times them in interleaved, paired rounds
+    # (docs/sweeps.md "Racing"); off: one job after another, each timed runtime.repeats rounds alone
+    mode: RaceMode = RaceMode.on
+    # the fewest rounds a job is timed: 6 is the fewest for which a distribution-free 95 % interval of a median
+    # exists (orchestrator/stats.py)
+    min_rounds: int = 6
+    # the most rounds a job is timed when its interval does not get narrow enough
+    max_rounds: int = 20
+    # a job stops once its paired speedup interval is narrower than +-this (relative, on the log scale)
+    target_halfwidth: float = 0.05
+    # wall seconds for all timing rounds of the sweep (null: no limit); min_rounds is timed regardless
+    budget_s: Optional[float] = None
+    # job processes alive at once (null: as many as free memory holds, from the prepared jobs' peak RSS)
+    max_alive: Optional[int] = None
+    # seeds the order of the jobs within each round
+    seed: int = 0
+    # changes nothing that is computed: `-m race.replica=0,1` runs the same configuration twice (an A/A sweep)
+    replica: int = 0
+
+
+def check_config(cfg: Any) -> None:
+    """One line naming the key and what is valid, for a race setting that cannot work."""
+    from .errors import ConfigError
+
+    get = (lambda k: getattr(cfg, k)) if not isinstance(cfg, Mapping) else cfg.get
+    mode = get("mode")
+    mode = getattr(mode, "value", mode)
+    if str(mode) not in ("on", "off"):
+        raise ConfigError(f"race.mode={mode!r} is not valid; valid: on, off")
+    if get("min_rounds") < 6:
+        raise ConfigError(f"race.min_rounds={get('min_rounds')} must be >= 6: fewer rounds give no 95 % interval "
+                          "for a paired speedup")
+    if get("max_rounds") < get("min_rounds"):
+        raise ConfigError(f"race.max_rounds={get('max_rounds')} must be >= race.min_rounds={get('min_rounds')}")
+    if not get("target_halfwidth") > 0:
+        raise ConfigError(f"race.target_halfwidth={get('target_halfwidth')} must be > 0 (e.g. 0.05 for +-5 %)")
+    if get("budget_s") is not None and not get("budget_s") > 0:
+        raise ConfigError(f"race.budget_s={get('budget_s')} must be > 0, or null for no limit")
+    if get("max_alive") is not None and get("max_alive") < 2:
+        raise ConfigError(f"race.max_alive={get('max_alive')} must be >= 2 (a job and its reference), or null")
+
+
+# ---- the job side ---------------------------------------------------------------------------------------------
+
+class RaceLost(RuntimeError):
+    """The sweep process that drives the race is gone."""
+
+
+class RaceWorker:
+    """A raced job's end of the socket: says when it is ready, then serves timing rounds until told to stop."""
+
+    def __init__(self, sock: socket.socket):
+        self._sock = sock
+        self._reader = sock.makefile("rb")
+        self._done = False
+        self.outcome: Dict[str, Any] = {}
+        self._metrics: Dict[str, float] = {}
+        self._paired: Dict[int, float] = {}
+
+    # -- protocol -----------------------------------------------------------------------------------------------
+    def _send(self, msg: Dict[str, Any]) -> None:
+        self._sock.sendall(json.dumps(msg, default=str).encode() + b"\n")
+
+    def _recv(self) -> Dict[str, Any]:
+        line = self._reader.readline()  # blocks in recv(): a waiting job takes no CPU
+        if not line:
+            raise RaceLost("the sweep process that races this job is gone")
+        return json.loads(line)
+
+    # -- what the runner calls ----------------------------------------------------------------------------------
+    def ready(self, info: Mapping[str, Any]) -> None:
+        self._send({"type": "ready", **info})
+
+    def timing(self, step: Callable, batches: list, runtime: Any):
+        """Serve the launcher's rounds until it says stop; a TimingResult whose round_ids are the race's rounds."""
+        from . import measure, stats
+
+        out = measure.TimingResult([], 0, 0.0)
+        while True:
+            msg = self._recv()
+            if msg.get("cmd") == "stop":
+                self._done = True
+                self.outcome = dict(msg.get("outcome") or {})
+                self._metrics = {k: float(v) for k, v in (msg.get("metrics") or {}).items() if v is not None}
+                self._paired = {int(k): float(v) for k, v in (msg.get("paired") or {}).items()}
+                if not out.latencies_s:
+                    raise RaceLost(f"the race stopped this job before it was timed ({self.outcome.get('stopped')})")
+                return out
+            if msg.get("cmd") != "round":
+                raise RaceLost(f"unexpected message from the sweep process: {msg!r}")
+            r = int(msg["round"])
+            order = measure.timing_order(len(batches), int(getattr(runtime, "seed", 0)) + r)
+            t0 = time.time()
+            for i in range(int(runtime.warmup)):  # untimed: caches and clocks come back after the wait
+                step(batches[order[i % len(order)]].inputs)
+            part = measure.timing_pass(step, batches, 0, runtime.min_iterations, runtime.min_duration_s,
+                                       runtime.max_iterations, progress=False, order=order)
+            out.latencies_s += part.latencies_s
+            out.batch_ids += part.batch_ids
+            out.batch_rows += part.batch_rows
+            out.round_ids += [r] * len(part.latencies_s)
+            out.rows += part.rows
+            out.wall_s += part.wall_s
+            thr = stats.round_throughputs([(part.batch_rows, part.latencies_s)])[0]
+            self._send({"type": "round", "round": r, "throughput": thr, "start": t0, "end": time.time(),
+                        "iterations": len(part.latencies_s)})
+
+    def metrics(self) -> Dict[str, float]:
+        return dict(self._metrics)
+
+    def history(self) -> Dict[str, Dict[int, float]]:
+        """Per-round series for an MLflow metric history (step = the race's round)."""
+        return {"paired_ratio": dict(self._paired)} if self._paired else {}
+
+    def abort(self, reason: str) -> None:
+        """The job failed before or while it was raced: the race goes on without it. Harmless when not connected."""
+        if self._done:
+            return
+        self._done = True
+        try:
+            self._send({"type": "abort", "reason": str(reason)[:2000]})
+        except OSError:
+            pass
+
+
+def worker_from_env() -> Optional[RaceWorker]:
+    """This job's race worker when its launcher races the sweep's jobs (it set ORCH_RACE_FD), else None."""
+    fd = os.environ.pop(RACE_FD_ENV, None)  # popped: nothing this job starts may think it is raced
+    if not fd:
+        return None
+    try:
+        sock = socket.socket(fileno=int(fd))
+    except (ValueError, OSError) as e:
+        log.warning("%s=%s is not a socket this process holds (%s): timed alone", RACE_FD_ENV, fd, e)
+        return None
+    sock.set_inheritable(False)
+    return RaceWorker(sock)
+
+
+# ---- the decision logic ---------------------------------------------------------------------------------------
+
+@dataclass
+class Contender:
+    job: int
+    # jobs with the same key pair with one reference (the eager fp32 job of the same settings)
+    key: str = ""
+    # jobs of one workload (model, data, length) compete: leader and elimination
+    workload: str = ""
+    baseline: bool = False  # an eager fp32 job: the reference its key prefers
+    gate: Optional[bool] = None  # the accuracy gate against its baseline; None: not known (no baseline)
+    gate_reason: str = ""
+    reference: Optional[int] = None
+    throughputs: Dict[int, float] = field(default_factory=dict)
+    spans: Dict[int, Tuple[float, float]] = field(default_factory=dict)
+    live: bool = True
+    entered: bool = False  # its group has started racing
+    stopped: Optional[str] = None
+    stopped_round: Optional[int] = None
+
+    def median(self) -> float:
+        values = sorted(self.throughputs.values())
+        return float(values[len(values) // 2]) if values else 0.0
+
+
+class Race:
+    """Which job runs when, and when each stops. Pure: the caller runs the rounds and reports throughputs."""
+
+    def __init__(self, cfg: RaceConfig, clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.clock = cfg, clock
+        self.jobs: Dict[int, Contender] = {}
+        self.round = 0
+        self.started: Optional[float] = None
+        self.rounds: List[Dict[str, Any]] = []
+        self.events: List[Dict[str, Any]] = []
+        self.groups: List[List[int]] = []
+        self.ended_by: List[str] = []
+
+    # -- setting up ---------------------------------------------------------------------------------------------
+    def add(self, c: Contender) -> None:
+        self.jobs[c.job] = c
+
+    def begin_group(self, jobs: Iterable[int]) -> None:
+        """The jobs that race next (the references already alive stay in)."""
+        group = sorted(set(jobs) | {c.job for c in self.live()})
+        self.groups.append(group)
+        for j in group:
+            self.jobs[j].entered = True
+        for key in {self.jobs[j].key for j in group}:
+            members = [self.jobs[j] for j in group if self.jobs[j].key == key and self.jobs[j].live]
+            current = [c for c in members if c.reference == c.job]
+            if current:
+                ref = current[0]
+            else:
+                ref = next((c for c in members if c.baseline), None) or min(members, key=lambda c: c.job)
+            for c in members:
+                c.reference = ref.job
+        if self.started is None:
+            self.started = self.clock()
+
+    def live(self) -> List[Contender]:
+        return [c for c in self.jobs.values() if c.live and c.entered]
+
+    def is_reference(self, c: Contender) -> bool:
+        return c.reference == c.job
+
+    # -- a round ------------------------------------------------------------------------------------------------
+    def next_round(self) -> Tuple[int, List[int]]:
+        """The next round's number and its order of the live jobs (fresh, seeded by race.seed and the round)."""
+        self.round += 1
+        order = sorted(c.job for c in self.live())
+        random.Random(self.cfg.seed * 1_000_003 + self.round).shuffle(order)
+        self.rounds.append({"round": self.round, "order": list(order), "throughputs": {}, "spans": {}})
+        return self.round, order
+
+    def record(self, job: int, r: int, throughput: float, start: Optional[float] = None,
+               end: Optional[float] = None) -> None:
+        c = self.jobs[job]
+        c.throughputs[r] = float(throughput)
+        entry = self.rounds[-1] if self.rounds and self.rounds[-1]["round"] == r else None
+        if entry is not None:
+            entry["throughputs"][job] = float(throughput)
+        if start is not None and end is not None:
+            c.spans[r] = (start, end)
+            if entry is not None:
+                entry["spans"][job] = [start, end]
+
+    def lost(self, job: int, r: int, why: str) -> None:
+        """A job that ended on its own (failed, killed): out of the race."""
+        self._stop(self.jobs[job], r, why)
+
+    def _stop(self, c: Contender, r: int, why: str) -> None:
+        c.live, c.stopped, c.stopped_round = False, why, r
+        self.events.append({"round": r, "job": c.job, "stopped": why})
+
+    # -- intervals ----------------------------------------------------------------------------------------------
+    def speedup(self, c: Contender, confidence: float = CONFIDENCE):
+        """(speedup, low, high, rounds) of c over its reference, paired by round; None for a reference."""
+        from . import stats
+
+        if c.reference is None or c.reference == c.job:
+            return None
+        return stats.paired_speedup_interval(c.throughputs, self.jobs[c.reference].throughputs, confidence)
+
+    def _vs(self, c: Contender, other: Contender, confidence: float):
+        from . import stats
+
+        return stats.paired_speedup_interval(c.throughputs, other.throughputs, confidence)
+
+    def _below(self, c: Contender, lead: Contender, confidence: float) -> bool:
+        vs = self._vs(c, lead, confidence)
+        return vs is not None and vs[2] is not None and vs[2] < 1.0
+
+    def leader(self, workload: str) -> Optional[Contender]:
+        """The fastest live job of the workload that passes the accuracy gate (or whose gate is not known)."""
+        passing = [c for c in self.live() if c.workload == workload and c.gate is not False and c.throughputs]
+        return max(passing, key=lambda c: (c.median(), -c.job)) if passing else None
+
+    # -- after a round ------------------------------------------------------------------------------------------
+    def decide(self, r: int) -> List[Tuple[int, str]]:
+        """The jobs that stop after round r, with why; they are out of the race from now on."""
+        from . import stats
+
+        cfg = self.cfg
+        elapsed = self.clock() - self.started if self.started is not None else 0.0
+        stops: Dict[int, str] = {}
+        for c in self.live():
+            if c.gate is False and len(c.throughputs) >= cfg.min_rounds:
+                stops[c.job] = f"gate failed ({c.gate_reason}): timed only min_rounds ({len(c.throughputs)})"
+        for w in sorted({c.workload for c in self.live()}):
+            lead = self.leader(w)
+            for c in self.live():
+                n = len(c.throughputs)
+                if c.workload != w or c.job in stops or self.is_reference(c) or n < cfg.min_rounds:
+                    continue
+                beaten = f"eliminated at round {r}: slower than job {lead.job} beyond noise" if lead else ""
+                if lead is not None and c is not lead and self._below(c, lead, ELIMINATION_CONFIDENCE):
+                    stops[c.job] = beaten
+                    continue
+                s = self.speedup(c, STOPPING_CONFIDENCE)
+                hw = stats.half_width(s[1], s[2]) if s else None
+                if hw is not None and hw < cfg.target_halfwidth:
+                    # settled: said as beaten when its (one, final) 95 % interval against the leader is below 1
+                    stops[c.job] = (beaten if lead is not None and c is not lead and self._below(c, lead, CONFIDENCE)
+                                    else f"target half-width reached at round {r} (+-{100 * hw:.1f} %)")
+                elif n >= cfg.max_rounds:
+                    stops[c.job] = f"max_rounds ({cfg.max_rounds}) reached"
+                elif cfg.budget_s is not None and elapsed >= cfg.budget_s:
+                    stops[c.job] = f"budget_s ({cfg.budget_s:g} s) spent at round {r}"
+        for job, why in stops.items():
+            self._stop(self.jobs[job], r, why)
+            log.info("race: job %d stops: %s", job, why)
+        for why in stops.values():
+            kind = next((k for k in ("max_rounds", "budget_s", "target half-width", "eliminated", "gate failed")
+                         if why.startswith(k)), None)
+            if kind and kind not in self.ended_by:
+                self.ended_by.append(kind)
+        return sorted(stops.items())
+
+    def group_done(self) -> bool:
+        """Nothing left to time in this group: every live job is a reference that has had its min_rounds, and no
+        live job is paired with it."""
+        live = self.live()
+        if any(not self.is_reference(c) for c in live):
+            return False
+        return all(len(c.throughputs) >= self.cfg.min_rounds for c in live)
+
+    def finish(self, r: Optional[int] = None) -> List[Tuple[int, str]]:
+        """Stop what is still live at the end of the race (the references)."""
+        r = self.round if r is None else r
+        out = []
+        for c in self.live():
+            paired = [o.job for o in self.jobs.values() if o.reference == c.job and o is not c]
+            why = (f"reference of job(s) {', '.join(map(str, paired))}: timed while they raced"
+                   if paired else f"timed {len(c.throughputs)} rounds (nothing to pair with)")
+            self._stop(c, r, why)
+            out.append((c.job, why))
+        return out
+
+    # -- what each job and the sweep are told ---------------------------------------------------------------------
+    def stop_message(self, job: int) -> Dict[str, Any]:
+        """The STOP command for a job: why it stopped, its rounds and paired ratios, and its race metrics."""
+        from . import stats
+
+        c = self.jobs[job]
+        paired: Dict[int, float] = {}
+        metrics: Dict[str, Optional[float]] = {"race_rounds": float(len(c.throughputs)),
+                                               "race_stopped_round": float(c.stopped_round or 0)}
+        if c.reference is not None and c.reference != c.job:
+            paired = stats.paired_ratios(c.throughputs, self.jobs[c.reference].throughputs)
+            s = self.speedup(c)
+            if s is not None:
+                metrics.update({"race_speedup": s[0], "race_speedup_ci_low": s[1], "race_speedup_ci_high": s[2]})
+        outcome = {"stopped": c.stopped, "rounds": len(c.throughputs), "stopped_round": c.stopped_round,
+                   "order_seed": self.cfg.seed, "reference_job": c.reference,
+                   "throughputs": {str(k): v for k, v in sorted(c.throughputs.items())},
+                   "paired": {str(k): v for k, v in sorted(paired.items())}}
+        return {"cmd": "stop", "outcome": outcome, "metrics": {k: v for k, v in metrics.items() if v is not None},
+                "paired": {str(k): v for k, v in paired.items()}}
+
+    def stop_reason(self) -> str:
+        if not self.ended_by:
+            return "every job decided"
+        if "budget_s" in self.ended_by:
+            return f"budget_s ({self.cfg.budget_s:g} s) spent"
+        if "max_rounds" in self.ended_by:
+            return f"max_rounds ({self.cfg.max_rounds}) reached for some jobs"
+        return "every job decided (target half-width, elimination or gate)"
+
+    def log_dict(self) -> Dict[str, Any]:
+        """race.json: settings, each round's order and throughputs, eliminations and stops, the stop reason."""
+        cfg = asdict(self.cfg)
+        cfg["mode"] = getattr(self.cfg.mode, "value", self.cfg.mode)
+        jobs = {}
+        for c in sorted(self.jobs.values(), key=lambda c: c.job):
+            s = self.speedup(c)
+            jobs[str(c.job)] = {"reference_job": c.reference, "workload": c.workload, "gate": c.gate,
+                                "gate_reason": c.gate_reason, "rounds": len(c.throughputs),
+                                "stopped": c.stopped, "stopped_round": c.stopped_round,
+                                "throughputs": {str(k): v for k, v in sorted(c.throughputs.items())},
+                                "speedup": list(s[:3]) if s else None}
+        return {"config": cfg, "order_seed": self.cfg.seed, "elimination_confidence": ELIMINATION_CONFIDENCE,
+                "rounds": [{**e, "throughputs": {str(k): v for k, v in e["throughputs"].items()},
+                            "spans": {str(k): v for k, v in e["spans"].items()}} for e in self.rounds],
+                "groups": self.groups, "events": self.events, "jobs": jobs, "stop_reason": self.stop_reason(),
+                "elapsed_s": (self.clock() - self.started) if self.started is not None else 0.0}
+
+
+class RoundRunner:
+    """What the driver needs from a raced job (a process in the launcher, a fake in tests)."""
+
+    def time_round(self, r: int) -> Optional[Tuple[float, float, float]]:  # (rows/s, start, end); None: gone
+        raise NotImplementedError
+
+    def stop(self, message: Dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    why_lost: str = "its process ended"
+
+
+def run_group(race: Race, runners: Mapping[int, RoundRunner], jobs: Iterable[int],
+              on_round: Optional[Callable[[int, List[int]], None]] = None) -> None:
+    """Race ``jobs`` (with the references still alive) until the group is done; each job that stops is told so."""
+    race.begin_group(jobs)
+    while not race.group_done() and race.live():
+        r, order = race.next_round()
+        if on_round is not None:
+            on_round(r, order)
+        for job in order:
+            if not race.jobs[job].live:
+                continue
+            res = runners[job].time_round(r)
+            if res is None:
+                race.lost(job, r, runners[job].why_lost)
+                continue
+            race.record(job, r, *res)
+        for job, _ in race.decide(r):
+            runners[job].stop(race.stop_message(job))
+
+
+def end_race(race: Race, runners: Mapping[int, RoundRunner]) -> None:
+    for job, _ in race.finish():
+        runners[job].stop(race.stop_message(job))
+
+
+def write_log(race: Race, sweep_dir: Any) -> None:
+    from pathlib import Path
+
+    path = Path(sweep_dir) / RACE_FILE
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(race.log_dict(), indent=2, default=str))
+    os.replace(tmp, path)
+

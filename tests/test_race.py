@@ -1,0 +1,304 @@
+"""Racing a sweep's jobs (orchestrator/race.py): paired intervals, interleaved rounds, stopping, elimination.
+
+The decision logic is tested with fake in-process workers first (pure, fast); then the job side over a real socket,
+a waiting job's CPU, and the isolated launcher end to end.
+"""
+from __future__ import annotations
+
+import math
+import socket
+import threading
+
+import numpy as np
+import pytest
+
+from orchestrator import race as R
+from orchestrator import stats
+
+
+# ---- fakes ------------------------------------------------------------------------------------------------------
+
+class World:
+    """A shared machine: a clock, per-round drift common to every job, per-job-round noise and disturbances."""
+
+    def __init__(self, seed: int, sigma: float = 0.05, p_out: float = 0.05, drift=None):
+        self.rng = np.random.default_rng(seed)
+        self.sigma, self.p_out, self.drift = sigma, p_out, drift
+        self.t = 0.0
+
+    def throughput(self, speed: float, r: int) -> float:
+        self.t += 1.0
+        noise = math.exp(self.rng.normal(0.0, self.sigma)) if self.sigma else 1.0
+        if self.p_out and self.rng.random() < self.p_out:
+            noise *= 0.7  # another tenant woke up during this job's round
+        return speed * (self.drift(r) if self.drift else 1.0) * noise
+
+
+class FakeJob(R.RoundRunner):
+    def __init__(self, world: World, speed: float):
+        self.world, self.speed = world, speed
+        self.stopped = None
+
+    def time_round(self, r):
+        start = self.world.t
+        thr = self.world.throughput(self.speed, r)
+        return thr, start, self.world.t
+
+    def stop(self, message):
+        self.stopped = message
+
+
+def race_of(speeds, cfg=None, gates=None, world=None, seed=0):
+    world = world or World(seed)
+    race = R.Race(cfg or R.RaceConfig(seed=seed), clock=lambda: world.t)
+    runners = {}
+    for j, speed in enumerate(speeds):
+        gate = (gates or {}).get(j, True)
+        race.add(R.Contender(job=j, key="k", workload="w", baseline=(j == 0), gate=gate,
+                             gate_reason="" if gate else "spearman 0.10 < 99% of 0.90"))
+        runners[j] = FakeJob(world, speed)
+    R.run_group(race, runners, list(runners))
+    R.end_race(race, runners)
+    return race, runners
+
+
+# ---- the paired interval ----------------------------------------------------------------------------------------
+
+def test_the_sign_interval_needs_six_values_and_covers_at_least_95_percent():
+    assert stats.sign_rank(5) is None  # 2 * 0.5**5 = 6.25 % > 5 %
+    assert stats.sign_rank(6) == 1
+    for n in range(6, 41):
+        k = stats.sign_rank(n)
+        assert stats.sign_coverage(n, k) >= 0.95
+        assert stats.sign_coverage(n, k + 1) < 0.95  # and it is the narrowest such interval
+    s, low, high, n = stats.paired_speedup_interval({r: 2.0 * (1 + 0.01 * r) for r in range(1, 9)},
+                                                    {r: 1.0 for r in range(1, 11)})
+    assert n == 8 and low <= s <= high and 2.0 < low < high < 2.2
+    assert stats.paired_speedup_interval({1: 1.0}, {2: 1.0}) is None
+    assert stats.paired_speedup_interval({r: 1.0 for r in range(5)}, {r: 1.0 for r in range(5)})[1] is None
+
+
+def test_calibration_identical_jobs_with_noise_and_drift_exclude_one_in_at_most_5_percent():
+    """Identical jobs, round-level noise, disturbed rounds and slow drift common to both: through the project's own
+    interval code, at fixed n and through the whole race at the default settings (adaptive stopping included)."""
+    rng = np.random.default_rng(1)
+    trials, excluded = 2000, 0
+    for _ in range(trials):
+        drift = np.exp(np.cumsum(rng.normal(0, 0.1, 6)))  # a random walk of the machine's speed
+        a = drift * np.exp(rng.normal(0, 0.05, 6)) * np.where(rng.random(6) < 0.1, 0.7, 1.0)
+        b = drift * np.exp(rng.normal(0, 0.05, 6)) * np.where(rng.random(6) < 0.1, 0.7, 1.0)
+        _, low, high, _ = stats.paired_speedup_interval(dict(enumerate(a)), dict(enumerate(b)))
+        excluded += not (low <= 1.0 <= high)
+    assert excluded / trials <= 0.05
+
+    false, races = 0, 600
+    for seed in range(races):
+        walk = np.exp(np.cumsum(np.random.default_rng(seed + 10_000).normal(0, 0.05, 40)))
+        world = World(seed, sigma=0.05, p_out=0.05, drift=lambda r: walk[r] * (0.6 if r % 2 else 1.0))
+        race, _ = race_of([1.0, 1.0], world=world, seed=seed)
+        job = race.jobs[1]
+        s = race.speedup(job)
+        false += (s[1] is not None and not (s[1] <= 1.0 <= s[2])) or job.stopped.startswith("eliminated")
+    assert false / races <= 0.05, false / races
+
+
+def test_pairing_gives_the_right_answer_under_drift_where_unpaired_does_not():
+    """The machine is twice as slow in odd rounds. Timed one after another, the baseline's rounds fell in slow
+    periods and the job's in fast ones: the unpaired interval excludes the true 1.2x. Raced, the drift cancels."""
+    true = 1.2
+    slow = lambda r: 0.5 if r % 2 else 1.0  # noqa: E731
+    world = World(3, sigma=0.02, p_out=0.0, drift=slow)
+    race, _ = race_of([1.0, true], world=world)
+    s, low, high, n = race.speedup(race.jobs[1])
+    assert low <= true <= high and low > 1.0, (s, low, high)
+
+    # sequential (race.mode=off): baseline 3 rounds during odd (slow) periods, then the job in even (fast) ones
+    rng = np.random.default_rng(3)
+
+    def rounds(speed, parity):
+        return [([32] * 10, list(32 / (speed * slow(2 * k + parity) * np.exp(rng.normal(0, 0.02, 10)))))
+                for k in range(3)]
+
+    base, job = stats.throughput_interval(rounds(1.0, 1)), stats.throughput_interval(rounds(true, 0))
+    unpaired = stats.speedup_interval(job, base)
+    assert not (unpaired[1] <= true <= unpaired[2]), unpaired
+    # and on the race's own rounds, treated as independent, the unpaired interval is far wider than the paired one
+    thr = lambda c: [([1], [1.0 / t]) for t in c.throughputs.values()]  # noqa: E731
+    wide = stats.speedup_interval(stats.throughput_interval(thr(race.jobs[1])),
+                                  stats.throughput_interval(thr(race.jobs[0])))
+    assert wide[2] / wide[1] > 2 * high / low
+
+
+# ---- the coordinator ---------------------------------------------------------------------------------------------
+
+def test_rounds_interleave_every_live_job_in_fresh_seeded_orders():
+    race, _ = race_of([1.0, 1.0, 1.0], cfg=R.RaceConfig(min_rounds=6, max_rounds=8, target_halfwidth=1e-6))
+    orders = [r["order"] for r in race.rounds]
+    assert all(sorted(o) == [0, 1, 2] for o in orders)
+    assert len({tuple(o) for o in orders}) > 1  # a fresh order each round
+    again, _ = race_of([1.0, 1.0, 1.0], cfg=R.RaceConfig(min_rounds=6, max_rounds=8, target_halfwidth=1e-6))
+    assert [r["order"] for r in again.rounds] == orders  # seeded: the same seed, the same orders
+    other, _ = race_of([1.0, 1.0, 1.0], cfg=R.RaceConfig(min_rounds=6, max_rounds=8, target_halfwidth=1e-6, seed=7))
+    assert [r["order"] for r in other.rounds] != orders
+    # round by round the jobs' timings alternate in time: every job's round r lies between rounds r-1 and r+1
+    spans = {j: race.jobs[j].spans for j in range(3)}
+    for r in range(2, len(orders)):
+        assert max(spans[j][r - 1][1] for j in range(3)) <= min(spans[j][r][0] for j in range(3))
+    log = race.log_dict()
+    assert log["order_seed"] == 0 and [e["order"] for e in log["rounds"]] == orders
+
+
+def test_a_clearly_slower_job_is_eliminated_early_and_told_why():
+    race, runners = race_of([1.0, 2.0, 0.5], world=World(0, sigma=0.03, p_out=0.0))
+    slow = race.jobs[2]
+    assert slow.stopped.startswith("eliminated at round ") and slow.stopped.endswith(
+        "slower than job 1 beyond noise")
+    assert len(slow.throughputs) < race.cfg.max_rounds
+    msg = runners[2].stopped
+    assert msg["outcome"]["stopped"] == slow.stopped and msg["outcome"]["rounds"] == len(slow.throughputs)
+    assert sorted(int(k) for k in msg["outcome"]["throughputs"]) == sorted(slow.throughputs)
+    assert msg["metrics"]["race_rounds"] == len(slow.throughputs)
+    assert msg["metrics"]["race_speedup_ci_high"] < 1.0
+    # the reference is timed as long as anything is paired with it, then stopped
+    assert race.jobs[0].stopped.startswith("reference of job(s) 1, 2")
+    assert len(race.jobs[0].throughputs) == race.round
+
+
+def test_a_gate_failing_job_is_not_timed_beyond_min_rounds_even_when_fastest():
+    race, _ = race_of([1.0, 3.0, 1.1], gates={1: False}, world=World(1, sigma=0.08))
+    fast = race.jobs[1]
+    assert len(fast.throughputs) == race.cfg.min_rounds
+    assert fast.stopped == "gate failed (spearman 0.10 < 99% of 0.90): timed only min_rounds (6)"
+    # it was never the leader: job 2 is not "slower than job 1"
+    assert "job 1" not in (race.jobs[2].stopped or "")
+
+
+def test_stopping_reasons_target_max_rounds_and_budget():
+    quiet, _ = race_of([1.0, 1.5], world=World(0, sigma=0.002, p_out=0.0))
+    assert quiet.jobs[1].stopped.startswith("target half-width reached at round 7")  # 98 %: 7 rounds
+    assert quiet.stop_reason().startswith("every job decided")
+
+    noisy, _ = race_of([1.0, 1.0], cfg=R.RaceConfig(max_rounds=8), world=World(0, sigma=0.3, p_out=0.0))
+    assert noisy.jobs[1].stopped == "max_rounds (8) reached" and len(noisy.jobs[1].throughputs) == 8
+    assert noisy.stop_reason().startswith("max_rounds (8)")
+
+    # budget: each fake round costs 1 s of the fake clock; min_rounds is timed regardless
+    short, _ = race_of([1.0, 1.0, 1.0], cfg=R.RaceConfig(budget_s=5), world=World(0, sigma=0.3, p_out=0.0))
+    assert all(short.jobs[j].stopped == "budget_s (5 s) spent at round 6" for j in (1, 2))
+    assert short.stop_reason() == "budget_s (5 s) spent"
+
+
+def test_jobs_race_in_groups_and_the_reference_runs_in_every_group():
+    world = World(0, sigma=0.01, p_out=0.0)
+    race = R.Race(R.RaceConfig(), clock=lambda: world.t)
+    runners = {j: FakeJob(world, s) for j, s in enumerate([1.0, 1.2, 1.4, 0.9])}
+    for j in runners:
+        race.add(R.Contender(job=j, key="k", workload="w", baseline=(j == 0), gate=True))
+    R.run_group(race, runners, [0, 1])
+    first = race.round
+    assert race.jobs[0].live and not race.jobs[1].live
+    R.run_group(race, runners, [2, 3])
+    R.end_race(race, runners)
+    assert race.groups == [[0, 1], [0, 2, 3]]
+    assert min(race.jobs[2].throughputs) == first + 1  # rounds number on across groups
+    assert set(race.jobs[0].throughputs) == set(range(1, race.round + 1))
+    assert race.speedup(race.jobs[2])[1] > 1.3  # paired with the reference's rounds of its own group
+
+
+def test_a_job_that_ends_on_its_own_leaves_the_race():
+    class Dies(FakeJob):
+        def time_round(self, r):
+            return None if r == 3 else super().time_round(r)
+
+    world = World(0)
+    race = R.Race(R.RaceConfig(), clock=lambda: world.t)
+    runners = {0: FakeJob(world, 1.0), 1: Dies(world, 1.0), 2: FakeJob(world, 1.5)}
+    for j in runners:
+        race.add(R.Contender(job=j, key="k", workload="w", baseline=(j == 0), gate=True))
+    R.run_group(race, runners, list(runners))
+    assert race.jobs[1].stopped == "its process ended" and race.jobs[1].stopped_round == 3
+    assert runners[1].stopped is None  # nothing is sent to a job that is gone
+
+
+def test_race_settings_are_checked_in_one_line():
+    from orchestrator.errors import ConfigError
+
+    R.check_config(R.RaceConfig())
+    for bad, words in (({"mode": "maybe"}, "race.mode='maybe' is not valid; valid: on, off"),
+                       ({"min_rounds": 3}, "race.min_rounds=3 must be >= 6"),
+                       ({"max_rounds": 5}, "race.max_rounds=5 must be >= race.min_rounds=6"),
+                       ({"target_halfwidth": 0}, "race.target_halfwidth=0 must be > 0"),
+                       ({"max_alive": 1}, "race.max_alive=1 must be >= 2")):
+        with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
+            R.check_config({**vars(R.RaceConfig()), **bad})
+
+
+# ---- the job side -------------------------------------------------------------------------------------------------
+
+class Runtime:
+    warmup, min_iterations, min_duration_s, max_iterations, seed = 1, 3, 0.0, None, 0
+
+
+def _batches(n=4):
+    import torch
+
+    from orchestrator.measure import Batch
+
+    return [Batch([i], {"x": torch.ones(1, 2) * i}) for i in range(n)]
+
+
+def test_the_worker_serves_rounds_until_stop_and_reports_the_race():
+    ours, theirs = socket.socketpair()
+    worker = R.RaceWorker(ours)
+    calls = []
+    got = {}
+
+    def launcher():
+        f = theirs.makefile("rb")
+        got["ready"] = R.json.loads(f.readline())
+        for r in (4, 5):
+            theirs.sendall(b'{"cmd": "round", "round": %d}\n' % r)
+            got[r] = R.json.loads(f.readline())
+        theirs.sendall(R.json.dumps({"cmd": "stop", "outcome": {"stopped": "max_rounds", "rounds": 2},
+                                     "metrics": {"race_rounds": 2}, "paired": {"4": 1.1, "5": 0.9}}).encode()
+                       + b"\n")
+
+    t = threading.Thread(target=launcher)
+    t.start()
+    worker.ready({"job": 3, "status": "ok"})
+    timing = worker.timing(lambda inputs: calls.append(inputs) or inputs["x"], _batches(), Runtime)
+    t.join()
+    assert got["ready"] == {"type": "ready", "job": 3, "status": "ok"}
+    assert got[4]["type"] == "round" and got[4]["round"] == 4 and got[4]["throughput"] > 0
+    assert got[4]["iterations"] == 3 and got[4]["start"] <= got[4]["end"] <= got[5]["start"]
+    assert sorted(set(timing.round_ids)) == [4, 5] and len(timing.latencies_s) == 6
+    assert len(calls) == 8  # each round: 1 untimed warm-up + 3 timed
+    assert worker.outcome == {"stopped": "max_rounds", "rounds": 2}
+    assert worker.metrics() == {"race_rounds": 2.0}
+    assert worker.history() == {"paired_ratio": {4: 1.1, 5: 0.9}}
+    worker.abort("late")  # harmless after the race
+
+
+def test_abort_is_harmless_without_a_launcher_and_a_lost_launcher_is_one_error():
+    ours, theirs = socket.socketpair()
+    worker = R.RaceWorker(ours)
+    theirs.close()
+    worker.abort("failed before ready")  # the other end is gone: no error
+    ours2, theirs2 = socket.socketpair()
+    theirs2.close()
+    with pytest.raises(R.RaceLost, match="the sweep process that races this job is gone"):
+        R.RaceWorker(ours2).timing(lambda x: x, _batches(), Runtime)
+
+
+def test_worker_from_env_is_none_unless_the_launcher_set_a_socket(monkeypatch):
+    monkeypatch.delenv(R.RACE_FD_ENV, raising=False)
+    assert R.worker_from_env() is None
+    ours, theirs = socket.socketpair()
+    monkeypatch.setenv(R.RACE_FD_ENV, str(ours.detach()))
+    worker = R.worker_from_env()
+    assert isinstance(worker, R.RaceWorker)
+    import os
+
+    assert R.RACE_FD_ENV not in os.environ  # nothing this job starts thinks it is raced
+    worker.abort("x")
+    assert b"abort" in theirs.recv(100)
