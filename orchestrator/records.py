@@ -65,6 +65,30 @@ def job_dirs(sweep_dir: Path) -> List[Path]:
     return sorted(found, key=lambda p: (len(p.name), p.name))
 
 
+def refuse_taken_run_dir(run_dir: Path, resume: bool) -> None:
+    """A run folder that already holds another run's record is never overwritten (for an untracked run that file
+    is the only copy); resume=true continues a sweep's own jobs in place."""
+    from .errors import ConfigError
+
+    if not resume and (Path(run_dir) / RESULTS_FILE).exists():
+        raise ConfigError(f"hydra.run.dir={run_dir}: the folder already holds a run ({RESULTS_FILE}); it is never "
+                          "overwritten: choose another folder (or leave hydra.run.dir at its default)")
+
+
+def refuse_taken_sweep_dir(sweep_dir: Path, resume: bool) -> None:
+    """A sweep folder that already holds a sweep's jobs is never merged into or overwritten; resume=true is the
+    one way to continue a sweep."""
+    from .errors import ConfigError
+
+    if resume:
+        return
+    taken = [p.name for p in job_dirs(sweep_dir) if (p / RESULTS_FILE).exists()]
+    if taken or (Path(sweep_dir) / PARENT_RUN_FILE).exists():
+        raise ConfigError(f"hydra.sweep.dir={sweep_dir}: the folder already holds a sweep (jobs "
+                          f"{', '.join(taken[:5]) or 'none finished'}); it is never merged into or overwritten: "
+                          "choose another folder, or add resume=true to continue that sweep")
+
+
 class RunRecord(dict):
     """Everything known about a run so far, as written to results.json (a dict: callers and older files agree)."""
 
@@ -138,7 +162,7 @@ class RunRecord(dict):
                            run_dir=str(run_dir), overrides=self.get("overrides", ""),
                            cpu_model=self.get("cpu_model"), random_head=self.get("random_head") or None,
                            tracking_error=self.get("tracking_error"), refused=self.get("refused"),
-                           race=self.get("race"))
+                           race=self.get("race"), reused_run=self.get("resumed_from"))
 
 
 # the shape a results.json must have for anything to trust it: key -> accepted types
@@ -197,9 +221,10 @@ COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "th
            "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
            "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
            "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct", "status",
-           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id"]
+           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id", "reused_run"]
 _ROW_METRICS = ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
-                "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct")
+                "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct",
+                "timed_equals_evaluated")
 
 
 def task_class(task: Optional[str]):

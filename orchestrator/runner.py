@@ -28,7 +28,8 @@ from .errors import RunInterrupted
 from .errors import describe as describe_error
 from .interrupts import interruptible
 from .plugin import PluginContext
-from .records import DECISIONS_FILE, PREDICTIONS_SAMPLE_FILE, RESULTS_FILE, RunRecord, stack_label
+from .records import (DECISIONS_FILE, PREDICTIONS_SAMPLE_FILE, RESULTS_FILE, RunRecord, refuse_taken_run_dir,
+                      stack_label)
 from .registry import tasks as task_registry
 from .report import print_results
 from .tracking import Tracker, flatten
@@ -117,6 +118,7 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     ctx = (ctx or JobContext()).with_run_dir()
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
     run_dir = Path(ctx.run_dir)
+    refuse_taken_run_dir(run_dir, rc.resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     run_name = _run_name(rc, ctx)
     stack = stack_label(rc.optimization)
@@ -320,7 +322,7 @@ class Measurement:
                                  hf_config=self.hf_config, tokenizer=self.tokenizer, run_dir=self.run_dir)
         self.model, record = pipeline.apply_stack(self.model, plugins, self.ctx, rc.runtime.on_plugin_error)
         record.fallbacks = {**early_fallbacks, **record.fallbacks}
-        applied = "+".join(record.applied) or "eager"
+        applied = stack_label(record.applied)
         self.results["applied"] = record.applied
         self.results["fallbacks"] = record.fallbacks
         stack_tags = {f"plugin.{n}.{k}": v for n, d in record.details.items() for k, v in d.items()}

@@ -18,7 +18,7 @@ from rich.table import Table
 from . import verdict
 from .errors import describe, first_line
 from .config import SummaryConfig, TrackingConfig
-from .records import (COLUMNS, DECISIONS_FILE, PARENT_RUN_FILE, TERMINAL, job_dirs, override_values, row_of_dir,
+from .records import (COLUMNS, DECISIONS_FILE, EAGER, PARENT_RUN_FILE, TERMINAL, job_dirs, override_values, row_of_dir,
                       row_of_run, task_class, tracking_of)
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,8 @@ def add_swept(rows: List[Dict[str, Any]]) -> List[str]:
     """The keys whose command-line values differ between the jobs (besides stack and precision, shown anyway):
     each row's values in ``swept`` (key -> value), in the order the overrides give them."""
     parsed = [override_values(str(r.get("overrides") or "").split()) for r in rows]
-    keys = list(dict.fromkeys(k for p in parsed for k in p if k not in ("optimization", "precision")))
+    # resume=true continues a sweep; it is not a setting its jobs differ in
+    keys = list(dict.fromkeys(k for p in parsed for k in p if k not in ("optimization", "precision", "resume")))
     swept = [k for k in keys if len({p.get(k) for p in parsed}) > 1]
     for r, p in zip(rows, parsed):
         r["swept"] = {k: p.get(k) for k in swept} or None
@@ -264,7 +265,7 @@ def bar_layout(done: List[Dict[str, Any]]) -> List[tuple]:
     the first swept key, eager before the stacks within a group."""
     keys = swept_columns(done)
     order = sorted(done, key=lambda r: ([_natural((r.get("swept") or {}).get(k)) for k in keys],
-                                        r["stack"] != "eager", str(r["stack"]), str(r["precision"])))
+                                        r["stack"] != EAGER, str(r["stack"]), str(r["precision"])))
     bars, x, previous = [], 0.0, object()
     for r in order:
         group = (r.get("swept") or {}).get(keys[0]) if keys else None

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from .config import SummaryConfig
 from .context import PARENT_RUN_ENV, SWEPT_KEYS_ENV
 from .errors import describe
-from .records import PARENT_RUN_FILE, SWEPT_KEYS_FILE, sweep_run_name
+from .records import PARENT_RUN_FILE, SWEPT_KEYS_FILE, refuse_taken_sweep_dir, sweep_run_name
 from .tracking import open_store
 
 log = logging.getLogger(__name__)
@@ -113,6 +113,7 @@ class MlflowSweepCallback(Callback):
         warning = parallel_warning(config.hydra.get("launcher"))
         if warning:
             log.warning(warning)
+        refuse_taken_sweep_dir(self.sweep_dir, bool(config.get("resume")))
         (self.sweep_dir / PARENT_RUN_FILE).unlink(missing_ok=True)  # never a stale id from an earlier sweep here
         keys = swept_keys(config)
         os.environ[SWEPT_KEYS_ENV] = " ".join(keys)

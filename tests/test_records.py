@@ -1,0 +1,123 @@
+"""The run record under hostile files and reused folders: import and report name a damaged results.json in one line
+and go on, leave nothing RUNNING, follow no link out of a run folder, take any path; folders are never overwritten."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from orchestrator.errors import ConfigError
+from orchestrator.records import RunRecord, refuse_taken_run_dir, refuse_taken_sweep_dir
+
+
+def _job(sweep: Path, num: int, status: str = "FINISHED", metrics=None, stack: str = "eager") -> Path:
+    job = sweep / str(num)
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text(f"- optimization=[{'' if stack == 'eager' else stack}]\n")
+    record = RunRecord(run_name=f"job{num}", status=status, stack=stack, stack_requested=stack, precision="fp32",
+                       task="text_classification", config={"runtime": {"batch_size": 8}}, run_dir=str(job),
+                       run_id=None, keys={"workload": "w", "baseline_key": "b"}, overrides="",
+                       metrics=metrics if metrics is not None else {"accuracy": 80.0, "throughput": 100.0 + num},
+                       tags={"task": "text_classification"})
+    record.write(job)
+    return job
+
+
+def _cli(*args: str, cwd: Path):
+    return subprocess.run([sys.executable, "-c", "import sys; from orchestrator.importer import main; "
+                           "from orchestrator.summary import report_main; "
+                           f"sys.exit({{'import': main, 'report': report_main}}[sys.argv[1]](sys.argv[2:]))", *args],
+                          capture_output=True, text=True, cwd=cwd, timeout=300)
+
+
+@pytest.fixture()
+def hostile_sweep(tmp_path):
+    """A sweep folder with an apostrophe in its path, one good job, damaged results.json files, a bad metric name
+    and links that leave the run folder."""
+    sweep = tmp_path / "team's sweep"
+    _job(sweep, 0)
+    for num, content in ((1, '{"status": "FINI'), (2, "[]"), (3, json.dumps({"status": "FINISHED", "metrics": "x"}))):
+        job = sweep / str(num)
+        (job / ".hydra").mkdir(parents=True)
+        (job / "results.json").write_text(content)
+    _job(sweep, 4, metrics={"accuracy": 80.0, "throughput": 90.0, "../../escape": 1.0})
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do not upload")
+    (sweep / "4" / "predictions_sample.json").symlink_to(secret)
+    (sweep / "4" / ".hydra" / "leak.yaml").symlink_to(secret)
+    return sweep, secret
+
+
+def test_import_of_a_hostile_sweep_names_each_bad_file_and_goes_on(hostile_sweep, tmp_path):
+    sweep, _ = hostile_sweep
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    done = _cli("import", str(sweep), "--tracking-uri", uri, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    for num in (1, 2, 3):
+        line = next(x for x in lines if x.startswith(f"job {num}:"))
+        assert "skipped" in line and "results.json" in line
+    assert "refused 1 invalid metric(s): '../../escape'" in done.stdout
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "")
+    assert runs and all(r.info.status != "RUNNING" for r in runs)  # nothing left RUNNING
+    job4 = next(r for r in runs if r.data.tags.get("run_dir", "").endswith("/4"))
+    assert "../../escape" not in job4.data.metrics
+    names = {a.path for a in client.list_artifacts(job4.info.run_id)}
+    assert "predictions_sample.json" not in names  # a link out of the run folder is not followed
+    assert "leak.yaml" not in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(job4.info.run_id, "hydra")}
+    again = _cli("import", str(sweep), "--tracking-uri", uri, cwd=tmp_path)  # found again despite the apostrophe
+    assert again.returncode == 0 and "created" not in again.stdout.split("\n", 1)[1]
+
+
+def test_import_into_another_store_leaves_the_sweep_files_alone(tmp_path):
+    sweep = tmp_path / "sweep"
+    job = _job(sweep, 0)
+    before = (job / "results.json").read_text()
+    done = _cli("import", str(sweep), "--tracking-uri", f"sqlite:///{tmp_path / 'other.db'}", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (job / "results.json").read_text() == before
+    assert not (sweep / "mlflow_parent_run_id").exists() and not (sweep / "summary.csv").exists()
+
+
+def test_report_on_hostile_files_prints_its_table(hostile_sweep, tmp_path):
+    sweep, _ = hostile_sweep
+    done = _cli("report", str(sweep), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "DAMAGED" in done.stdout
+    assert sum("results.json" in line for line in done.stderr.splitlines()) == 3
+
+
+def test_report_on_a_folder_that_is_no_sweep_says_so(tmp_path):
+    done = _cli("report", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.strip().count("\n") == 0
+    assert "not a sweep directory" in done.stderr
+
+
+def test_a_folder_holding_a_run_or_a_sweep_is_never_reused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    refuse_taken_run_dir(run_dir, resume=False)  # empty: fine
+    (run_dir / "results.json").write_text("{}")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        refuse_taken_run_dir(run_dir, resume=False)
+    sweep = tmp_path / "sweep"
+    refuse_taken_sweep_dir(sweep, resume=False)  # not there yet: fine
+    _job(sweep, 0)
+    with pytest.raises(ConfigError, match="resume=true"):
+        refuse_taken_sweep_dir(sweep, resume=False)
+    refuse_taken_sweep_dir(sweep, resume=True)  # the one way to continue it
+
+
+def test_run_refuses_a_run_dir_that_holds_a_run(tmp_path, compose):
+    from orchestrator.context import JobContext
+    from orchestrator.runner import run
+
+    (tmp_path / "results.json").write_text('{"status": "FINISHED"}')
+    with pytest.raises(ConfigError, match="already holds a run"):
+        run(compose("tracking=off"), JobContext(run_dir=tmp_path))
+    assert json.loads((tmp_path / "results.json").read_text()) == {"status": "FINISHED"}
