@@ -2,10 +2,17 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
+import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+from typing import List, Optional
 
 import pytest
 
@@ -72,6 +79,16 @@ def tiny_classifier(tmp_path_factory) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny-classifier"), "classification")
 
 
+@pytest.fixture(scope="session")
+def tiny_qa_model(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-qa"), "qa")
+
+
+@pytest.fixture(scope="session")
+def tiny_ner(tmp_path_factory) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny-ner"), "token", num_labels=3)
+
+
 def write_tsv(path: Path, header, rows) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
@@ -102,11 +119,253 @@ def cls_file(tmp_path_factory) -> Path:
     return write_tsv(tmp_path_factory.mktemp("data") / "cls.tsv", ("text", "label"), rows)
 
 
+def write_squad(path: Path, paragraphs) -> Path:
+    """paragraphs: [(context, [(id, question, answer_text)])] -> a SQuAD {"data": [...]} file."""
+    paras = [{"context": c, "qas": [{"id": i, "question": q,
+                                     "answers": [{"text": a, "answer_start": c.find(a)}]} for i, q, a in qas]}
+             for c, qas in paragraphs]
+    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paras}]}))
+    return path
+
+
+# -- MLflow -------------------------------------------------------------------------------------------------------
+def sqlite_uri(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+_EMPTY_STORE: List[Path] = []
+
+
+def mlflow_store(path: Path) -> str:
+    """The URI of a ready, empty MLflow sqlite store at ``path``: a copy of one MLflow created once per test process.
+    A fresh store costs MLflow seconds of schema migrations (an fsync per step) in whichever process meets it first;
+    tests about creating a store (the first-use race, MLflow's notices on stderr) use a plain ``sqlite_uri``."""
+    if not _EMPTY_STORE:
+        import tempfile
+
+        from mlflow.tracking import MlflowClient
+
+        template = Path(tempfile.mkdtemp(prefix="orch-empty-store-")) / "mlflow.db"
+        MlflowClient(sqlite_uri(template)).search_experiments()
+        _EMPTY_STORE.append(template)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(_EMPTY_STORE[0], path)
+    return sqlite_uri(path)
+
+
 @pytest.fixture()
 def tracking_uri(tmp_path) -> str:
-    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+    return mlflow_store(tmp_path / "mlflow.db")
 
 
+def runs_of(uri: str, experiment: str = "orchestrator"):
+    """(client, every run of the experiment); no runs while the experiment does not exist."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    return client, (client.search_runs([exp.experiment_id], max_results=1000) if exp else [])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for(pred, what: str, timeout: float = 240, every: float = 0.5):
+    """pred()'s first truthy value, polled; the test fails naming ``what`` when none comes within ``timeout``."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        got = pred()
+        if got:
+            return got
+        time.sleep(every)
+    pytest.fail(f"timed out waiting for {what} ({timeout:.0f} s)")
+
+
+def measuring(uri: str, job: Optional[str] = None):
+    """The RUNNING run (of sweep job ``job``) once its accuracy pass is logged, else None: a run in its timing pass,
+    where a test stops it."""
+    try:
+        _, runs = runs_of(uri)
+    except Exception:  # the store is being created or written
+        return None
+    for r in runs:
+        if r.info.status == "RUNNING" and "spearman" in r.data.metrics and \
+                (job is None or r.data.tags.get("job_num") == job):
+            return r
+    return None
+
+
+class MlflowServer:
+    """A real ``mlflow server`` on 127.0.0.1 (sqlite backend, artifact folder) in a process group of its own, so
+    that killing it reaches the workers that serve the port too. ``kill()`` is a crash (-9), ``stop()`` a shutdown;
+    ``start()`` again serves the same store on the same port."""
+
+    def __init__(self, root: Path, port: Optional[int] = None):
+        self.root, self.port = Path(root), port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.store = sqlite_uri(self.root / "server.db")  # readable directly while the server is down
+        self.artifacts = self.root / "server-artifacts"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self, timeout: float = 120) -> "MlflowServer":
+        log_path = self.root / "server.log"
+        with open(log_path, "a") as log:
+            self.proc = start_process(
+                [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                 "--backend-store-uri", self.store, "--artifacts-destination", str(self.artifacts), "--workers", "1"],
+                cwd=self.root, env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "false"}, stdout=log,
+                stderr=subprocess.STDOUT)
+
+        def up():
+            if self.proc.poll() is not None:
+                pytest.fail(f"mlflow server exited: {log_path.read_text()[-2000:]}")
+            try:
+                return urllib.request.urlopen(f"{self.url}/health", timeout=2)
+            except OSError:
+                return None
+
+        try:
+            wait_for(up, "the mlflow server to answer /health", timeout)
+        except BaseException:
+            self.kill()
+            raise
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            kill_tree(self.proc)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            _signal_group(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                pass
+        self.kill()
+
+
+# -- child processes: the CLI and servers ---------------------------------------------------------------------------
+# Every process a test starts goes through start_process: its own process group (a kill reaches what it started),
+# SIGINT at its default action, and a kill of whatever is left when the test (or, for fixtures, the session) ends.
+_STARTED: List[subprocess.Popen] = []
+
+
+def _default_sigint() -> None:  # in the child, before exec
+    # a suite started from a script (`nohup ... &`, `setsid nohup ...`) runs with SIGINT ignored; a child inherits
+    # SIG_IGN, and Python raises KeyboardInterrupt only when it starts with SIGINT at its default
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def start_process(cmd: List[str], *, cwd: Path, env: Optional[dict] = None, stdout=subprocess.PIPE,
+                  stderr=subprocess.PIPE) -> subprocess.Popen:
+    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=stdout, stderr=stderr, text=True,
+                            start_new_session=True, preexec_fn=_default_sigint)
+    _STARTED.append(proc)
+    return proc
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    if pgid == os.getpgid(0):  # never the group pytest itself runs in
+        return
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc``'s process group and every process it started, including those in sessions of their own
+    (the isolated launcher's job processes, a server's workers), then reap it."""
+    import psutil
+
+    try:
+        descendants = psutil.Process(proc.pid).children(recursive=True)  # before their parent dies
+    except psutil.NoSuchProcess:
+        descendants = []
+    _signal_group(proc.pid, signal.SIGKILL)
+    for p in descendants:
+        try:
+            if os.getpgid(p.pid) == p.pid:
+                _signal_group(p.pid, signal.SIGKILL)
+            p.kill()
+        except (ProcessLookupError, psutil.NoSuchProcess):
+            pass
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+@pytest.fixture(autouse=True)
+def _no_child_outlives_its_test():
+    started = len(_STARTED)
+    yield
+    for proc in _STARTED[started:]:
+        if proc.poll() is None:
+            kill_tree(proc)
+    del _STARTED[started:]
+
+
+def pytest_sessionfinish(session, exitstatus):  # processes that session/module fixtures started
+    for proc in _STARTED:
+        if proc.poll() is None:
+            kill_tree(proc)
+    for template in _EMPTY_STORE:
+        shutil.rmtree(template.parent, ignore_errors=True)
+
+
+TOOLS = ("orchestrator", "orchestrator-import", "orchestrator-report")
+
+
+def cli_command(tool: str, args) -> List[str]:
+    assert tool in TOOLS, tool
+    if tool == "orchestrator":
+        return [sys.executable, "-m", "orchestrator", *args]
+    # the console scripts pip installed beside this interpreter
+    exe = shutil.which(tool) or str(Path(sys.executable).with_name(tool))
+    return [exe, *args]
+
+
+def cli_env(env: Optional[dict] = None) -> dict:
+    full = {**os.environ, "ORCH_SHARED_DIR": str(SHARED), **(env or {})}
+    full.pop("HYDRA_FULL_ERROR", None)  # tests read the one error line, not a traceback
+    return full
+
+
+def start_cli(*args: str, cwd: Path, env: Optional[dict] = None, tool: str = "orchestrator", stdout=subprocess.PIPE,
+              stderr=subprocess.PIPE) -> subprocess.Popen:
+    """The CLI started, not awaited (for tests that signal it or watch it work); killed with everything it started
+    if it is still running when the test ends."""
+    return start_process(cli_command(tool, args), cwd=cwd, env=cli_env(env), stdout=stdout, stderr=stderr)
+
+
+def finish(proc: subprocess.Popen, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Wait for a started CLI; past ``timeout`` it is killed with everything it started and the test fails."""
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except (subprocess.TimeoutExpired, ValueError):
+            out, err = "", ""
+        pytest.fail(f"{' '.join(map(str, proc.args))} did not end within {timeout:.0f} s (killed with its "
+                    f"process group); stderr ends: {(err or '')[-3000:]}")
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def run_cli(*args: str, cwd: Path, env: Optional[dict] = None, timeout: float = 600,
+            tool: str = "orchestrator") -> subprocess.CompletedProcess:
+    """``orchestrator ARGS`` (or ``orchestrator-import``/``-report``) as a user runs it, in ``cwd``."""
+    return finish(start_cli(*args, cwd=cwd, env=env, tool=tool), timeout)
+
+
+# -- configs -------------------------------------------------------------------------------------------------------
 @pytest.fixture()
 def compose(tmp_path, monkeypatch):
     """Compose conf/ with overrides, as the CLI would (runs happen in tmp_path)."""
@@ -134,8 +393,21 @@ def tiny_sts_overrides(model: Path, data: Path, uri: str):
             "runtime=quick", f"tracking.uri={uri}"]
 
 
-def run_cli(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
-    full_env = {**os.environ, "ORCH_SHARED_DIR": str(SHARED), **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    return subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture()
+def cli_error(compose):
+    """The ``error:`` line and exit status the CLI gives for a config it refuses, found in process: Hydra composes
+    conf/ with the overrides as the CLI does, the project validates, ``orchestrator.cli`` words it. For messages
+    only; tests/test_configs.py keeps CLI runs of the same paths end to end."""
+    from orchestrator.cli import exit_code, one_line
+    from orchestrator.config import validate
+
+    def _error(*overrides: str) -> "tuple[str, int]":
+        try:
+            validate(compose(*overrides))
+        except Exception as e:
+            return f"error: {one_line(e)}", exit_code(e)
+        pytest.fail(f"{' '.join(overrides)} composed and validated")
+
+    return _error

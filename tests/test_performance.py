@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import make_tiny_model, tiny_sts_overrides
+from conftest import tiny_sts_overrides
 from orchestrator import feature_cache, flops, measure
 from orchestrator.runner import run
 
@@ -60,10 +60,10 @@ def test_timing_pass_samples_length_sorted_batches_in_a_seeded_shuffle():
     assert seen == [batches[k].inputs["input_ids"].shape[1] for k in timing.batch_ids]
 
 
-def test_flop_coefficients_price_any_length_exactly(tmp_path):
+def test_flop_coefficients_price_any_length_exactly(tiny_qa_model):
     from transformers import AutoModelForQuestionAnswering
 
-    model = AutoModelForQuestionAnswering.from_pretrained(make_tiny_model(tmp_path / "qa", "qa")).eval()
+    model = AutoModelForQuestionAnswering.from_pretrained(tiny_qa_model).eval()
     names = ["input_ids", "token_type_ids", "attention_mask"]
     coef = flops.coefficients(model, names)
     for length in (5, 40, 100):
@@ -140,8 +140,9 @@ def test_threads_beyond_the_available_cores_warn_and_the_thread_environment_is_r
     assert tags["cpu.affinity"].split(",") == [str(c) for c in available_cpus()]
 
 
-def test_benchmarks_run_each_measured_run_in_a_fresh_process(tmp_path):
-    """benchmarks/one_run.py: the harness e2e.py and peers.py use so no kernel cache carries over between runs."""
+def test_benchmarks_run_each_measured_run_in_a_fresh_process(tmp_path, tiny_encoder, sts_file):
+    """benchmarks/one_run.py: the harness e2e.py and peers.py use so no kernel cache carries over between runs (on
+    the tiny model: the harness, not the model, is under test)."""
     import os
     import sys
     from pathlib import Path
@@ -149,7 +150,7 @@ def test_benchmarks_run_each_measured_run_in_a_fresh_process(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     from one_run import run_fresh
 
-    res = run_fresh(["tracking=off", "runtime=quick"], cwd=tmp_path)
+    res = run_fresh([*tiny_sts_overrides(tiny_encoder, sts_file, "sqlite:///unused.db"), "tracking=off"], cwd=tmp_path)
     m = res["metrics"]
     assert m["features"] > 0 and m["eval_s"] > 0 and m["batch_shapes"] >= 1
     assert Path(res["run_dir"]).is_dir() and Path(res["run_dir"]).is_relative_to(tmp_path.resolve())

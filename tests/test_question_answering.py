@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import SHARED, VOCAB, make_tiny_model, needs_shared
+from conftest import SHARED, VOCAB, make_tiny_model, needs_shared, write_squad
 from orchestrator import data
 from orchestrator.errors import ConfigError, DatasetError, ModelLoadError
 from orchestrator.runner import run
@@ -56,20 +56,6 @@ def load_squad(path=SQUAD_FILE, **kw):
 
 def squad_golds(ds):
     return {q: list(a["text"]) for q, a in zip(ds["id"], ds["answers"])}
-
-
-def write_squad(path: Path, paragraphs) -> Path:
-    """paragraphs: [(context, [(id, question, answer_text)])] -> a SQuAD {"data": [...]} file."""
-    paras = [{"context": c, "qas": [{"id": i, "question": q,
-                                     "answers": [{"text": a, "answer_start": c.find(a)}]} for i, q, a in qas]}
-             for c, qas in paragraphs]
-    path.write_text(json.dumps({"version": "1.1", "data": [{"title": "t", "paragraphs": paras}]}))
-    return path
-
-
-@pytest.fixture(scope="session")
-def tiny_qa_model(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-qa-gen"), "qa")
 
 
 @pytest.fixture(scope="session")
@@ -268,11 +254,10 @@ def test_jit_stack_runs_question_answering(tiny_qa_model, small_squad, compose):
 
 
 # -- errors ---------------------------------------------------------------------------------------------------
-def test_qa_task_on_a_model_without_a_qa_head_names_the_auto_class(tmp_path, small_squad, compose):
-    model = make_tiny_model(tmp_path / "cls", "classification")
+def test_qa_task_on_a_model_without_a_qa_head_names_the_auto_class(tiny_classifier, small_squad, compose):
     with pytest.raises(ModelLoadError, match=r"needs a checkpoint with a \*ForQuestionAnswering head "
                                              r"\(loaded with AutoModelForQuestionAnswering\)"):
-        run(compose(*qa_overrides(model, small_squad, "sqlite:///unused.db", "tracking=off")))
+        run(compose(*qa_overrides(tiny_classifier, small_squad, "sqlite:///unused.db", "tracking=off")))
 
 
 def test_missing_columns_name_the_columns_found(tiny_qa_model, small_squad, compose):
@@ -300,12 +285,9 @@ def test_bad_task_options_are_one_line(tiny_qa_model, small_squad, compose, opti
     ("dataset.task_options.n_best=3",
      "error: dataset.task_options.n_best: unknown key; valid keys here: doc_stride, n_best_size, max_answer_length"),
 ])
-def test_task_option_typos_are_refused_while_composing(tmp_path, tiny_qa_model, small_squad, option, message):
-    from conftest import run_cli
-
-    proc = run_cli(*qa_overrides(tiny_qa_model, small_squad, "sqlite:///unused.db", "tracking=off", option),
-                   cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith(message), proc.stderr
+def test_task_option_typos_are_refused_while_composing(cli_error, tiny_qa_model, small_squad, option, message):
+    line, code = cli_error(*qa_overrides(tiny_qa_model, small_squad, "sqlite:///unused.db", "tracking=off", option))
+    assert code == 2 and line.startswith(message), line
 
 
 def test_empty_dataset_after_max_samples_filtering_is_refused(tmp_path):

@@ -50,11 +50,6 @@ def conll_file(tmp_path_factory) -> Path:
     return write_conll(tmp_path_factory.mktemp("ner") / "tiny.conll", sentences)
 
 
-@pytest.fixture(scope="session")
-def tiny_ner(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("tiny-ner"), "token", num_labels=3)
-
-
 def ner_overrides(model, conll, uri, *extra):
     return [f"model.name_or_path={model}", "dataset=wnut17", f"dataset.data_files={conll}", "runtime=quick",
             f"tracking.uri={uri}", *extra]
@@ -191,11 +186,10 @@ def test_tags_outside_a_named_model_label_list_are_refused(compose, tmp_path, co
         run(compose(*ner_overrides(model_dir, conll_file, "sqlite:///unused.db", "tracking=off")))
 
 
-def test_ner_task_on_a_model_without_a_token_head(compose, tmp_path, conll_file):
-    model = make_tiny_model(tmp_path / "qa", "qa")
+def test_ner_task_on_a_model_without_a_token_head(compose, tiny_qa_model, conll_file):
     with pytest.raises(ModelLoadError, match=r"\*ForTokenClassification head \(loaded with "
                                              r"AutoModelForTokenClassification\)"):
-        run(compose(*ner_overrides(model, conll_file, "sqlite:///unused.db", "tracking=off")))
+        run(compose(*ner_overrides(tiny_qa_model, conll_file, "sqlite:///unused.db", "tracking=off")))
 
 
 def test_missing_columns_name_the_columns_found(compose, tiny_ner, conll_file):

@@ -41,7 +41,7 @@ def qa_args(model, squad, uri):
 
 @pytest.mark.slow
 def test_a_random_task_head_is_refused_unless_asked_for(tmp_path, tiny_encoder):
-    from test_question_answering import write_squad
+    from conftest import write_squad
 
     squad = write_squad(tmp_path / "s.json", [("alpha beta gamma delta", [("q1", "beta gamma", "gamma")])])
     uri = f"sqlite:///{tmp_path / 'store.db'}"
