@@ -13,6 +13,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from .errors import ConfigError, RunInterrupted, describe, first_line
+from .race import RaceConfig
 
 
 @dataclass
@@ -154,6 +155,8 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
+    # how a multirun times its jobs: interleaved, paired rounds across the jobs' processes (orchestrator/race.py)
+    race: RaceConfig = field(default_factory=RaceConfig)
     # skip a job whose identical config (same digest) already FINISHED in the tracking store
     resume: bool = False
     # CPU capabilities this config needs (orchestrator/cpu.py: bf16, amx, avx512, vnni); refused up front without
@@ -289,6 +292,9 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(0 < sm.min_accuracy_ratio <= 1, "summary.min_accuracy_ratio", sm.min_accuracy_ratio,
              "must be in (0, 1]")
     _require(0 <= sm.min_agreement <= 1, "summary.min_agreement", sm.min_agreement, "must be in [0, 1]")
+    from .race import check_config as check_race
+
+    check_race(rc.race)
     _check_requires(rc.requires)
 
     from .registry import plugins, tasks  # late: registry reads entry points

@@ -78,7 +78,11 @@ def _digest(obj: Any) -> str:
 def config_digest(container: Dict[str, Any]) -> str:
     """Identity of what a run measures: the config without where results go or how progress is shown."""
     # summary thresholds judge runs, they are not part of what a run measures
-    keep = {k: v for k, v in container.items() if k not in ("tracking", "resume", "summary")}
+    keep = {k: v for k, v in container.items() if k not in ("tracking", "resume", "summary", "race")}
+    # how jobs are timed is not what they measure; an A/A sweep's replicas are still distinct jobs
+    replica = container.get("race", {}).get("replica", 0)
+    if replica:
+        keep["replica"] = replica
     keep["runtime"] = {k: v for k, v in keep.get("runtime", {}).items() if k not in ("progress", "timeout_s")}
     return _digest(keep)
 
@@ -92,7 +96,7 @@ def comparison_keys(container: Dict[str, Any]) -> Dict[str, str]:
                 "max_length": runtime.get("max_length")}
     skip_runtime = ("progress", "timeout_s", "on_plugin_error")
     like = {k: v for k, v in container.items()
-            if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires")}
+            if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires", "race")}
     like["runtime"] = {k: v for k, v in runtime.items() if k not in skip_runtime}
     return {"workload": _digest(workload), "baseline_key": _digest(like)}
 

@@ -52,7 +52,7 @@ def check_uri(uri: str) -> None:
     valid = ("sqlite", "http", "https", "postgresql", "mysql", "databricks", "file")
     if scheme not in valid:
         raise ConfigError(f"tracking.uri={uri!r}: unsupported scheme {scheme!r}; valid: {', '.join(valid)} "
-                          "(e.g. sqlite:///outputs/mlflow.db or http://127.0.0.1:5000)")
+                          "(e.g. sqlite:///path/to/mlflow.db or http://127.0.0.1:5000)")
 
 
 def check_reachable(uri: str, timeout_s: float = 3.0) -> None:

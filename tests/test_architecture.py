@@ -97,3 +97,69 @@ def test_job_context_makes_run_callable_without_hydra(tmp_path):
     assert ctx.in_sweep and ctx.swept_values() == {"bs": "16"}
     assert JobContext().swept_values() == {} and not JobContext().in_sweep
     assert JobContext().with_run_dir().run_dir.parent == Path("outputs/runs")
+
+
+def _leaves(node, prefix=""):
+    from omegaconf import DictConfig
+
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            if k != "defaults":
+                yield from _leaves(node._get_node(k), f"{prefix}.{k}" if prefix else str(k))
+    else:
+        yield prefix, node._value()
+
+
+def test_no_group_file_restates_a_schema_default():
+    """Each default is written once, in the schema: a config group's file (model, dataset, precision, runtime,
+    tracking, summary, race, scenario) sets only what differs from it. Presets (experiment, recipe, sweep) are
+    overrides on top of other choices and may repeat a value on purpose."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    from orchestrator.config import RunConfig
+
+    schema = OmegaConf.structured(RunConfig)
+    restated = []
+    for f in sorted((REPO / "conf").rglob("*.yaml")):
+        group = f.parent.relative_to(REPO / "conf").as_posix()
+        if group.split("/")[0] in ("hydra", "experiment", "recipe", "sweep", ".") or f.name == "config.yaml":
+            continue
+        for key, value in _leaves(OmegaConf.load(f) or OmegaConf.create(), group.replace("/", ".")):
+            default = OmegaConf.select(schema, key, default=None, throw_on_missing=False)
+            if default is not None and not isinstance(default, (DictConfig, ListConfig)) and str(default) == str(value):
+                restated.append(f"{f.relative_to(REPO)}: {key}={value}")
+    assert restated == []
+
+
+def _default_literals(path: Path) -> list:
+    """Code (not docstrings or comments) in ``path`` that writes a schema default again."""
+    import io
+    import re
+    import tokenize
+
+    text = path.read_text()
+    docstrings = {n for node in ast.walk(ast.parse(text)) if isinstance(node, ast.Expr)
+                  and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
+                  for n in range(node.lineno, node.end_lineno + 1)}
+    lines = text.splitlines()
+    found = []
+    for tok in tokenize.generate_tokens(io.StringIO(text).readline):
+        line = tok.start[0]
+        if line in docstrings:
+            continue
+        gate = line <= len(lines) and re.search(r"min_accuracy_ratio|min_agreement", lines[line - 1])
+        if tok.type == tokenize.NUMBER and gate and tok.string in ("0.99", "0.95"):
+            found.append(f"{path.relative_to(REPO)}:{line}: {tok.string} (summary.* gate default)")
+        if tok.type == tokenize.STRING and ("sqlite:///outputs/mlflow.db" in tok.string
+                                            or tok.string in ('"eager"', "'eager'")):
+            found.append(f"{path.relative_to(REPO)}:{line}: {tok.string} (tracking.uri / records.EAGER)")
+    return found
+
+
+def test_defaults_are_not_written_again_in_code():
+    """The gate thresholds, the default store and the empty stack's label live in the schema / records only."""
+    owners = {"config.py", "records.py"}
+    found = [f for path in [*PACKAGE.rglob("*.py"), *(REPO / "hydra_plugins").rglob("*.py"),
+                            *(REPO / "plugins").rglob("*.py")]
+             if path.name not in owners for f in _default_literals(path)]
+    assert found == []
