@@ -115,8 +115,10 @@ class Scenario:
                 parsed = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls.Options), options or {}))
             except RunInterrupted:
                 raise
-            except Exception as e:  # omegaconf names the key on its first line
-                raise ConfigError(f"scenario ({cls.name}): {first_line(e)}") from e
+            except Exception as e:  # omegaconf keeps the key in full_key, not always in its first line
+                key = getattr(e, "full_key", None)
+                where = f"scenario.{key}" if key else "scenario"
+                raise ConfigError(f"{where} (scenario={cls.name}): {first_line(e)}") from e
         cls.validate_options(parsed)
         return parsed
 

@@ -18,6 +18,9 @@ from .base import Figure, FigureOfMerit, Scenario, ScenarioOptions, ScenarioResu
 from . import loadgen
 
 
+VERIFY_ATTEMPTS = 3
+
+
 @dataclass
 class ServerOptions(ScenarioOptions):
     # the p99 latency a VALID run must keep (LoadGen's server_target_latency)
@@ -163,14 +166,15 @@ class Server(Scenario):
                 hi = mid
         verified = None
         if lo is not None and not hopeless:
-            # a rate found VALID in a short run can fail the full one (noise, or early stopping's larger sample):
-            # step down by the tolerance, twice at most
-            for k in range(3):
-                rate = lo * (1.0 - o.tolerance) ** k
+            # a rate found VALID in a short run can fail the full one (noise, a busier machine, early stopping's
+            # larger sample): step down by twice the tolerance, three verifying runs at most
+            rate = lo
+            for _ in range(VERIFY_ATTEMPTS):
                 t = trial(rate, verifying=True)
                 if t.outcome.valid:
                     verified = t
                     break
+                rate *= 1.0 - min(0.5, 2.0 * o.tolerance)
         return self.finish(o, estimate, trials, verified, t_start)
 
     def finish(self, o, estimate, trials: List[Trial], verified: Optional[Trial], t_start: float) -> ScenarioResult:
@@ -189,6 +193,7 @@ class Server(Scenario):
                                          "trials": [t.row() for t in trials]}, indent=2))
             artifacts.append(table)
         extra = {"server_latency_bound_ms": o.latency_bound_ms, "server_search_runs": float(len(trials)),
+                 "server_verify_runs": float(sum(t.verifying for t in trials)),
                  "server_search_s": search_s}
         if verified is not None:
             extra["server_max_qps"] = verified.qps

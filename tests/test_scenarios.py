@@ -1,0 +1,251 @@
+"""Scenarios through MLPerf's real LoadGen on a tiny generated BERT: each returns its figure, the server search
+finds a rate whose verifying run is VALID, an impossible bound is a result, accuracy mode serves the evaluated
+outputs, a scenario from another package is chosen by name, and the configs compose typed."""
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import CONF_DIR, WORDS, make_tiny_model
+
+pytest.importorskip("mlperf_loadgen", reason="the loadgen extra is not installed")
+
+import torch  # noqa: E402
+
+from orchestrator import measure, scenarios  # noqa: E402
+from orchestrator.errors import ConfigError  # noqa: E402
+from orchestrator.scenarios import loadgen  # noqa: E402
+
+FIGURES = {"offline": ("offline_samples_per_second", "samples/s", True),
+           "single_stream": ("single_stream_p90_ms", "ms", False),
+           "multi_stream": ("multi_stream_p99_ms", "ms", False),
+           "server": ("server_max_qps", "queries/s", True)}
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny BERT classifier's step (model + head), 48 tokenized rows and the runtime's collate function."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    threads = torch.get_num_threads()
+    # one thread: on a shared 2-core machine two OpenMP threads wait on each other for ~100 ms per call
+    torch.set_num_threads(1)
+    path = make_tiny_model(tmp_path_factory.mktemp("tiny-cls"), "classification")
+    model = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    tok = AutoTokenizer.from_pretrained(path)
+    rnd = random.Random(0)
+    texts = [" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, 30))) for _ in range(48)]
+    enc = tok(texts, truncation=True, max_length=64)
+    rows = [{k: enc[k][i] for k in tok.model_input_names if k in enc} for i in range(len(texts))]
+    step = measure.forward_fn(model, lambda out, batch: out.logits.float(), None)
+    runtime = SimpleNamespace(batch_size=16, padding="dynamic", max_length=64, sort_by_length=True,
+                              pad_to_multiple_of=None)
+    yield SimpleNamespace(step=step, rows=rows, make_batches=scenarios.collate_with(tok.pad_token_id, runtime))
+    torch.set_num_threads(threads)
+
+
+def _summary_result(path: Path) -> str:
+    return next(line for line in path.read_text().splitlines() if line.startswith("Result is"))
+
+
+@pytest.mark.parametrize("name", ["offline", "single_stream", "multi_stream"])
+def test_each_scenario_runs_through_loadgen_and_returns_its_figure(served, tmp_path, name):
+    result = scenarios.get(name)().run(served.step, served.rows, served.make_batches, {}, tmp_path)
+    assert result.valid, result.reason
+    assert (result.figure.name, result.figure.unit, result.figure.higher_is_better) == FIGURES[name]
+    assert math.isfinite(result.figure.value) and result.figure.value > 0
+    assert result.metrics[result.figure.name] == result.figure.value
+    assert result.metrics["loadgen_valid"] == 1.0 and result.metrics["loadgen_query_count"] >= 1
+    summary = next(p for p in result.artifacts if p.name == "mlperf_log_summary.txt")
+    assert _summary_result(summary) == "Result is : VALID"
+    assert any(p.name == "mlperf_log_detail.txt" for p in result.artifacts)
+    assert not result.compliant and result.details["scenario.compliance"].startswith("not MLPerf-compliant")
+    if name == "single_stream":  # the figure is LoadGen's early-stopping estimate, as MLPerf reports it
+        assert result.figure.value == result.metrics["loadgen_early_stopping_p90_ms"]
+        assert result.metrics["sut_mean_batch"] == 1.0
+    if name == "multi_stream":
+        assert result.metrics["loadgen_samples_per_query"] == 8.0 and result.metrics["loadgen_query_count"] >= 662
+
+
+def test_the_server_search_returns_a_rate_whose_verifying_run_is_valid(served, tmp_path):
+    import json
+
+    options = {"latency_bound_ms": 200.0, "search_budget_s": 60.0, "max_runs": 6}
+    result = scenarios.get("server")().run(served.step, served.rows, served.make_batches, options, tmp_path)
+    assert result.valid, result.reason
+    assert result.figure.name == "server_max_qps" and result.figure.value > 0
+    trials = json.loads((tmp_path / "server" / "server_search.json").read_text())["trials"]
+    verifying = [t for t in trials if t["verifying"]]
+    assert verifying[-1]["valid"] and verifying[-1]["target_qps"] == pytest.approx(result.figure.value)
+    # the figure comes from the verifying run: LoadGen's own p99 and verdict for that rate
+    assert result.metrics["loadgen_target_qps"] == pytest.approx(result.figure.value, rel=1e-3)
+    assert result.metrics["loadgen_latency_p99_ms"] <= 200.0 and result.metrics["loadgen_valid"] == 1.0
+    assert any(t["valid"] for t in trials if not t["verifying"])
+    assert Path(verifying[-1]["log_dir"], "mlperf_log_summary.txt") in result.artifacts
+
+
+def test_an_impossible_latency_bound_is_reported_not_raised(served, tmp_path):
+    result = scenarios.get("server")().run(served.step, served.rows, served.make_batches,
+                                           {"latency_bound_ms": 0.01, "search_budget_s": 30.0}, tmp_path)
+    assert not result.valid
+    assert result.reason.startswith("no VALID rate: p99 at the lowest QPS tried was ")
+    assert "scenario.latency_bound_ms=0.01" in result.reason and "\n" not in result.reason
+    assert result.figure.value == 0.0 and result.metrics["server_p99_ms"] > 0.01
+    assert result.details["loadgen.result"] == "INVALID"
+
+
+@pytest.mark.parametrize("name", ["offline", "multi_stream", "server"])
+def test_accuracy_mode_serves_the_outputs_a_plain_pass_computes(served, tmp_path, name):
+    """LoadGen's AccuracyOnly responses (read back from its accuracy log) are the outputs the task metric reads."""
+    acc = scenarios.get(name)().accuracy(served.step, served.rows, served.make_batches, {}, tmp_path)
+    reference, _ = measure.run_all(served.step, served.make_batches(served.rows, 16), len(served.rows))
+    assert len(acc.outputs) == len(reference)
+    for got, want in zip(acc.outputs, reference):
+        assert got.shape == want.shape
+        # batches group other rows than the plain pass did: the same maths, a different summation order
+        torch.testing.assert_close(got, want.float(), atol=1e-5, rtol=1e-4)
+    assert [int(o.argmax()) for o in acc.outputs] == [int(o.argmax()) for o in reference]
+    assert any(p.name == "mlperf_log_accuracy.json" for p in acc.artifacts)
+
+
+THIRD_PARTY = '''
+from dataclasses import dataclass
+
+from orchestrator.scenarios import FigureOfMerit
+from orchestrator.scenarios.multi_stream import MultiStream, MultiStreamOptions
+
+
+@dataclass
+class BurstOptions(MultiStreamOptions):
+    samples_per_query: int = 4
+
+
+class Burst(MultiStream):
+    """Bursts of 4: a scenario in one file of another package."""
+    name = "burst"
+    Options = BurstOptions
+    figure_of_merit = FigureOfMerit("burst_p99_ms", "ms", False)
+'''
+
+
+@pytest.fixture
+def burst_package(tmp_path, monkeypatch):
+    """A scenario installed by another distribution: its module and entry point on sys.path."""
+    from orchestrator.registry import scenarios as registry
+
+    (tmp_path / "burst_scenario.py").write_text(THIRD_PARTY)
+    info = tmp_path / "burst_scenario-0.0.1.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: burst-scenario\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[orchestrator.scenarios]\nburst = burst_scenario:Burst\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(registry, "_eps", None)  # read the entry points again, with this one on the path
+    monkeypatch.setattr(registry, "_loaded", {})
+    yield tmp_path
+
+
+def _compose(tmp_path: Path, overrides):
+    """Compose the scenario group (repo conf/ + ConfigStore schemas) under a minimal primary config."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    scenarios.register_configs(ConfigStore.instance())
+    primary = tmp_path / "probe_conf"
+    primary.mkdir(exist_ok=True)
+    (primary / "scenario_probe.yaml").write_text(
+        f"defaults:\n  - _self_\n  - scenario: offline\nhydra:\n  searchpath:\n    - file://{CONF_DIR}\n")
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(str(primary), version_base=None):
+            return compose("scenario_probe", overrides=list(overrides))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def test_a_third_party_scenario_is_selected_by_name(served, tmp_path, burst_package):
+    assert {"offline", "single_stream", "multi_stream", "server", "burst"} <= set(scenarios.names())
+    cfg = _compose(tmp_path, ["scenario=burst", "scenario.samples_per_query=2"])
+    assert cfg.scenario.name == "burst" and cfg.scenario.samples_per_query == 2
+    cls = scenarios.get(cfg.scenario.name)
+    options = cls.parse_options(cfg.scenario)
+    result = cls().run(served.step, served.rows, served.make_batches, options, tmp_path / "logs")
+    assert result.scenario == "burst" and result.figure.name == "burst_p99_ms" and result.figure.value > 0
+    assert result.metrics["loadgen_samples_per_query"] == 2.0
+    with pytest.raises(ConfigError, match="unknown scenario 'nope'; valid: .*burst"):
+        scenarios.get("nope")
+
+
+def test_builtin_scenario_configs_compose_typed(tmp_path, recwarn):
+    cfg = _compose(tmp_path, ["scenario=server", "scenario.latency_bound_ms=50"])
+    assert cfg.scenario.name == "server" and cfg.scenario.latency_bound_ms == 50.0
+    assert cfg.scenario.max_batch == 8 and cfg.scenario.compliant is False
+    assert not [w for w in recwarn if "validated against ConfigStore schema" in str(w.message)]
+    for name in ("offline", "single_stream", "multi_stream"):
+        assert _compose(tmp_path, [f"scenario={name}"]).scenario.name == name
+    with pytest.raises(Exception, match="latency_bound_ms"):
+        _compose(tmp_path, ["scenario=server", "scenario.latency_bound_ms=fast"])
+    with pytest.raises(Exception, match="nope"):
+        _compose(tmp_path, ["scenario=server", "scenario.nope=1"])
+
+
+def test_option_values_are_refused_in_one_line():
+    with pytest.raises(ConfigError) as e:
+        scenarios.get("server").parse_options({"latency_bound_ms": 0})
+    assert str(e.value) == "scenario.latency_bound_ms=0.0 (scenario=server): must be > 0 (ms)"
+    with pytest.raises(ConfigError, match=r"^scenario.expected_qps \(scenario=offline\): Value 'many' .*Float$"):
+        scenarios.get("offline").parse_options({"expected_qps": "many"})
+    with pytest.raises(ConfigError, match=r"^scenario.nope \(scenario=offline\): Key 'nope' not in 'OfflineOptions'"):
+        scenarios.get("offline").parse_options({"nope": 1})
+
+
+def test_compliant_applies_the_official_minimums():
+    """compliant=true: LoadGen's own mlperf.conf (600 s, MultiStream's 662 queries, Offline's dataset rule)."""
+    lg = loadgen.require("test")
+    estimate = loadgen.Estimate(0.001, 1000.0, 8)
+    for name in FIGURES:
+        cls = scenarios.get(name)
+        settings = cls().settings(lg, cls.parse_options({"compliant": True, "latency_bound_ms": 50}
+                                                        if name == "server" else {"compliant": True}),
+                                  estimate, 500)
+        assert settings.min_duration_ms == 600_000, name
+        ci = cls().settings(lg, cls.parse_options({}), estimate, 500)
+        assert ci.min_duration_ms == 1000, name
+    ms = scenarios.get("multi_stream")
+    assert ms().settings(lg, ms.parse_options({"compliant": True}), estimate, 500).min_query_count == 662
+    off = scenarios.get("offline")
+    assert off().settings(lg, off.parse_options({"compliant": True}), estimate, 500).min_query_count == 500
+    assert off().settings(lg, off.parse_options({"compliant": True}), estimate, 30000).min_query_count == 24576
+    srv = scenarios.get("server")
+    s = srv().settings(lg, srv.parse_options({"compliant": True, "latency_bound_ms": 50}), estimate, 500)
+    assert s.server_target_latency_ns == 50_000_000 and s.server_target_latency_percentile == 0.99
+
+
+def test_missing_loadgen_is_one_line_naming_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "mlperf_loadgen", None)  # import fails as if not installed
+    with pytest.raises(ConfigError) as e:
+        scenarios.get("server").check()
+    message = str(e.value)
+    assert "\n" not in message and message.startswith("scenario=server needs MLPerf LoadGen")
+    assert "cpu-inference-orchestrator[loadgen]" in message
+
+
+def test_a_failing_step_ends_the_test_with_its_error(served, tmp_path):
+    """LoadGen waits for every sample: a step that raises must complete them (empty) and surface its error."""
+    calls = {"n": 0}
+
+    def flaky(inputs):
+        calls["n"] += 1
+        if calls["n"] > 6:  # after the warm-up estimate
+            raise RuntimeError("engine fell over")
+        return served.step(inputs)
+
+    with pytest.raises(RuntimeError, match="engine fell over"):
+        scenarios.get("single_stream")().run(flaky, served.rows, served.make_batches, {"warmup_batches": 0},
+                                             tmp_path)
