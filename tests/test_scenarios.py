@@ -249,3 +249,23 @@ def test_a_failing_step_ends_the_test_with_its_error(served, tmp_path):
     with pytest.raises(RuntimeError, match="engine fell over"):
         scenarios.get("single_stream")().run(flaky, served.rows, served.make_batches, {"warmup_batches": 0},
                                              tmp_path)
+
+
+def test_an_interrupt_during_a_loadgen_test_propagates(served, tmp_path):
+    """runtime.timeout_s / SIGTERM raise in the main thread while LoadGen runs in its own: the run stops."""
+    import signal
+
+    from orchestrator.errors import RunInterrupted
+
+    def on_alarm(signum, frame):
+        raise RunInterrupted("runtime.timeout_s=0.5 exceeded")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        with pytest.raises(RunInterrupted):
+            scenarios.get("single_stream")().run(served.step, served.rows, served.make_batches,
+                                                 {"min_duration_s": 3.0, "warmup_batches": 0}, tmp_path)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)

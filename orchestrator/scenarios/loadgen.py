@@ -224,6 +224,10 @@ class TestRun:
                 if p.is_file() and p.stat().st_size > (8 if p == self.accuracy_log else 0)]
 
 
+# how long an interrupted test may take to wind down before the interrupt propagates
+ABORT_WAIT_S = 5.0
+
+
 def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: Callable, max_batch: Optional[int],
              batch_timeout_s: float, performance_sample_count: int, log_dir: Path) -> TestRun:
     """One ``StartTest`` with its logs in ``log_dir``. LoadGen runs in a helper thread so that the main thread
@@ -259,7 +263,10 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
         while not finished.wait(0.1):
             pass
     except BaseException:
+        # LoadGen cannot be cancelled: the SUT answers at once from now on, so a short test ends within moments
+        # (a long one keeps issuing until its min_duration in this daemon thread; the process is ending anyway)
         sut.abort()
+        finished.wait(ABORT_WAIT_S)
         raise
     wall = time.perf_counter() - t0
     sut.close()
