@@ -246,10 +246,13 @@ class Race:
         for key in {self.jobs[j].key for j in group}:
             members = [self.jobs[j] for j in group if self.jobs[j].key == key and self.jobs[j].live]
             current = [c for c in members if c.reference == c.job]
+            workload = [self.jobs[j] for j in group if self.jobs[j].workload == members[0].workload
+                        and self.jobs[j].baseline and self.jobs[j].live]
             if current:
                 ref = current[0]
-            else:
-                ref = next((c for c in members if c.baseline), None) or min(members, key=lambda c: c.job)
+            else:  # as the summary finds a baseline: same settings, else same model and data, else the first job
+                ref = (next((c for c in members if c.baseline), None)
+                       or min(workload, key=lambda c: c.job, default=None) or min(members, key=lambda c: c.job))
             for c in members:
                 c.reference = ref.job
         if self.started is None:

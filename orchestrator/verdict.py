@@ -50,6 +50,21 @@ def _keeps_metric(value: float, base: float, ratio: float) -> bool:
     return value >= base - (1.0 - ratio) * abs(base)
 
 
+def gate_reasons(metric: Optional[str], value: Optional[float], base_value: Optional[float],
+                 agree: Optional[float], min_accuracy_ratio: float, min_agreement: float) -> List[str]:
+    """Why a job fails the accuracy gate against its baseline (empty: it passes). Also the race's gate, judged as
+    soon as a job's accuracy pass is done (orchestrator/race.py)."""
+    reasons = []
+    if value is not None and base_value is not None:
+        if not _keeps_metric(value, base_value, min_accuracy_ratio):
+            reasons.append(f"{metric} {value:.2f} < {min_accuracy_ratio:.0%} of {base_value:.2f}")
+    else:
+        reasons.append("no task metric")
+    if agree is not None and agree < min_agreement:
+        reasons.append(f"agreement {agree:.1%} < {min_agreement:.0%}")
+    return reasons
+
+
 def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement: float,
            task_of: Callable[[Optional[str]], Any], decisions_of: Callable[[Dict[str, Any]], Optional[list]]) -> None:
     """Fill speedup (+ interval, noise), agreement_vs_baseline, accuracy_delta, gate and gate_reason in place."""
@@ -84,16 +99,11 @@ def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement:
             r["gate"], r["gate_reason"] = "baseline", "the eager fp32 job others are measured against"
             continue
         r["agreement_vs_baseline"] = agreement(task_of(r.get("task")), decisions(base), decisions(r))
-        reasons = []
         if r.get("value") is not None and base.get("value") is not None:
             r["accuracy_delta"] = r["value"] - base["value"]
-            if not _keeps_metric(r["value"], base["value"], min_accuracy_ratio):
-                reasons.append(f"{r['metric']} {r['value']:.2f} < {min_accuracy_ratio:.0%} of {base['value']:.2f}")
-        else:
-            reasons.append("no task metric")
         agree = r["agreement_vs_baseline"]
-        if agree is not None and agree < min_agreement:
-            reasons.append(f"agreement {agree:.1%} < {min_agreement:.0%}")
+        reasons = gate_reasons(r.get("metric"), r.get("value"), base.get("value"), agree, min_accuracy_ratio,
+                               min_agreement)
         if reasons:
             r["gate"], r["gate_reason"] = "fail", "; ".join(reasons)
         else:

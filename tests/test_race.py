@@ -302,3 +302,135 @@ def test_worker_from_env_is_none_unless_the_launcher_set_a_socket(monkeypatch):
     assert R.RACE_FD_ENV not in os.environ  # nothing this job starts thinks it is raced
     worker.abort("x")
     assert b"abort" in theirs.recv(100)
+
+
+# ---- a waiting job's CPU -----------------------------------------------------------------------------------------
+
+WAITING_JOB = r'''
+import sys, torch
+from orchestrator import measure, race
+torch.set_num_threads(2)  # OpenMP (libgomp) worker threads: their spin-wait after a parallel region counts
+w = torch.randn(256, 256)
+def step(inputs):
+    with torch.inference_mode():
+        return (inputs["x"] @ w).relu() @ w
+batches = [measure.Batch(list(range(32)), {"x": torch.randn(32, 256)}) for _ in range(4)]
+class Runtime:
+    warmup, min_iterations, min_duration_s, max_iterations, seed = 2, 20, 0.3, None, 0
+worker = race.worker_from_env()
+with measure.PeakRSS():  # as in the runner: its sampling thread runs while the job waits
+    worker.ready({"job": 0, "status": "ok"})
+    worker.timing(step, batches, Runtime)
+'''
+
+
+def test_a_waiting_job_takes_no_cpu():
+    """Between its rounds a raced job blocks in recv(): < 1 % of wall in CPU time, OpenMP threads included
+    (libgomp's default spin-wait is short; OMP_WAIT_POLICY=ACTIVE would spin for the whole wait)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from conftest import REPO
+
+    ours, theirs = socket.socketpair()
+    env = {**os.environ, R.RACE_FD_ENV: str(theirs.fileno())}
+    env.pop("OMP_WAIT_POLICY", None)
+    proc = subprocess.Popen([sys.executable, "-c", WAITING_JOB], env=env, pass_fds=(theirs.fileno(),), cwd=REPO)
+    theirs.close()
+    try:
+        f = ours.makefile("rb")
+        assert json.loads(f.readline())["type"] == "ready"
+        job = psutil.Process(proc.pid)
+        shares = []
+        for r in (1, 2):
+            ours.sendall(b'{"cmd": "round", "round": %d}\n' % r)
+            assert json.loads(f.readline())["round"] == r
+            cpu0, t0 = sum(job.cpu_times()[:2]), time.monotonic()
+            time.sleep(3.0)
+            shares.append((sum(job.cpu_times()[:2]) - cpu0) / (time.monotonic() - t0))
+        assert max(shares) < 0.01, shares
+        ours.sendall(json.dumps({"cmd": "stop", "outcome": {"stopped": "test"}, "metrics": {}}).encode() + b"\n")
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+# ---- end to end: the isolated launcher races real jobs --------------------------------------------------------------
+
+def _spans_alternate(log):
+    """Every job's round r starts after every job's round r-1 ended: the rounds interleave the jobs in time."""
+    rounds = log["rounds"]
+    for prev, cur in zip(rounds, rounds[1:]):
+        assert max(s[1] for s in prev["spans"].values()) <= min(s[0] for s in cur["spans"].values())
+    return True
+
+
+def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, tiny_encoder, sts_file):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import run_cli
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                   "optimization=[],[jit]", "runtime.batch_size=8,16", f"tracking.uri={uri}",
+                   f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert "raced in interleaved timing rounds" in out, out[-3000:]
+    log = json.loads((sweep_dir / R.RACE_FILE).read_text())
+    assert sorted(log["jobs"]) == ["0", "1", "2", "3"] and log["order_seed"] == 0
+    assert _spans_alternate(log)
+    assert len({tuple(r["order"]) for r in log["rounds"]}) > 1  # fresh orders
+    # each batch size pairs with its own eager fp32 job
+    assert log["jobs"]["1"]["reference_job"] == 1 and log["jobs"]["3"]["reference_job"] == 1
+    assert log["jobs"]["2"]["reference_job"] == 0
+    for job in log["jobs"].values():
+        assert job["rounds"] >= 6 and job["stopped"]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+    children = {r.data.tags["job_num"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+    assert sorted(children) == ["0", "1", "2", "3"]
+    for num, run in children.items():
+        assert run.info.status == "FINISHED", (num, run.data.tags.get("error"))
+        history = client.get_metric_history(run.info.run_id, "round_throughput")
+        assert sorted(m.step for m in history) == sorted(int(k) for k in log["jobs"][num]["throughputs"])
+        res = json.loads((sweep_dir / num / "results.json").read_text())
+        assert res["race"]["stopped"] == log["jobs"][num]["stopped"]
+        assert res["metrics"]["race_rounds"] == log["jobs"][num]["rounds"]
+
+
+def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_file):
+    """kill -9 of the sweep process: its jobs (own sessions, one waiting for its round, one in a long round) get the
+    parent-death signal and end; none runs on as an orphan."""
+    import time
+
+    import psutil
+
+    from conftest import start_cli
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                     "runtime.max_iterations=null", "runtime.min_duration_s=600", "optimization=[],[jit]",
+                     f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
+    deadline = time.time() + 300
+    jobs = []
+    while time.time() < deadline and proc.poll() is None:
+        jobs = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                if "hydra_plugins.orchestrator_launcher._job" in " ".join(p.cmdline())]
+        if len(jobs) == 2 and (tmp_path / "sweep" / "1" / "decisions.json").exists():
+            break
+        time.sleep(0.5)
+    assert len(jobs) == 2, "both jobs should be alive (one timing, one waiting)"
+    time.sleep(2)
+    proc.kill()
+    proc.wait(30)
+    gone, alive = psutil.wait_procs(jobs, timeout=120)
+    assert not alive, [p.pid for p in alive]

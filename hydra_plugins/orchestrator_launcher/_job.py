@@ -9,7 +9,30 @@ import sys
 from pathlib import Path
 
 
+def _die_with_the_sweep() -> None:
+    """A job never outlives its sweep: SIGTERM (the run ends KILLED) when the sweep process dies, however it dies.
+    Set here rather than in a preexec_fn (unsafe in a threaded sweep process); a sweep that died before this line
+    ran is caught by the parent check."""
+    sweep_pid = os.environ.pop("ORCH_SWEEP_PID", None)  # popped: what this job starts is not its child
+    if not sys.platform.startswith("linux") or not sweep_pid:
+        return
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != int(sweep_pid):
+        sys.stderr.write(f"error: the sweep process {sweep_pid} that started this job is gone\n")
+        sys.exit(1)
+
+
 def main(job_in: str, job_out: str) -> int:
+    from orchestrator.interrupts import restore_sigint
+
+    restore_sigint()  # a job started under an ignored SIGINT must still end on Ctrl-C
+    _die_with_the_sweep()
     import cloudpickle
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton

@@ -12,33 +12,54 @@ hydra_plugins.orchestrator_launcher._job`` on it, then reads the job's ``JobRetu
 sweep's environment (so it nests under the sweep's MLflow parent run) plus ``ORCH_ISOLATED_JOB=1`` and the time it
 was started, from which the run logs ``process_startup_s``.
 
+Racing (``race.mode=on``, the default for a multirun of two or more jobs; orchestrator/race.py): every job's process
+is started and prepares (load, stack, parity, accuracy pass) one at a time, eager fp32 jobs first, until it says it
+is ready; it then blocks on a socket inherited from this process (``ORCH_RACE_FD``) while the others prepare. The
+launcher then times the ready jobs in interleaved rounds, one job at a time in a fresh seeded order per round, stops
+each when its answer is known (or it is beaten, fails the accuracy gate, or rounds/budget run out) and waits for a
+stopped job to finish its run before timing the next, so nothing else runs while a job is timed. At most
+``race.max_alive`` job processes are alive (default: what free memory holds); beyond it the jobs race in groups and
+each eager fp32 reference stays alive across groups. The race's log (rounds, orders, seed, stops) is written to
+``<sweep dir>/race.json``. ``race.mode=off``: one job after another, as before.
+
 Signals: the job runs in its own process group, so a terminal's Ctrl-C reaches the sweep process only, which passes
-it on: one Ctrl-C ends the current job (its run ends KILLED) and the sweep goes on; a second within 2 s stops the
-sweep. SIGTERM is passed on too, and the sweep stops after that job has ended KILLED.
+it on: one Ctrl-C ends the current job (the one being timed or prepared; its run ends KILLED) and the sweep goes on;
+a second within 2 s stops the sweep (every live job ends KILLED). SIGTERM is passed on to every live job, and the
+sweep stops once they have ended KILLED. Every job process also gets a parent-death signal (SIGTERM, set in
+``_job.py``): whatever ends the sweep process — ``kill -9`` included — ends its jobs.
 """
 
+import hashlib
+import json
 import logging
 import os
+import select
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV
+from orchestrator.interrupts import DOUBLE_INTERRUPT_S, DoubleInterrupt
 
 from ._remote import SweepLauncher, job_payload
 
 log = logging.getLogger(__name__)
 
-DOUBLE_INTERRUPT_S = 2.0
+# the sweep process's pid, for the job's parent-death check (_job.py)
+SWEEP_PID_ENV = "ORCH_SWEEP_PID"
+# how much more memory than the largest prepared job's peak RSS must be free to start another job
+MEMORY_HEADROOM = 1.5
 # after the sweep is stopped, how long a job may take to record itself KILLED before it is killed outright
 GRACE_S = 60.0
 
@@ -64,26 +85,38 @@ class IsolatedLauncher(SweepLauncher):
     def __init__(self, python: Optional[str] = None, env: Optional[Dict[str, str]] = None) -> None:
         self.python = python or sys.executable
         self.env = {str(k): str(v) for k, v in (env or {}).items()}
-        self._last_interrupt = 0.0
+        self._interrupts = DoubleInterrupt()
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         sweep_dir = self.start_sweep()
+        configs = [self.job_config(initial_job_idx + i, o) for i, o in enumerate(job_overrides)]
+        race = race_config(configs[0]) if configs else None
+        if race is not None and len(configs) > 1 and _value(race.mode) == "on":
+            log.info(f"Launching {len(job_overrides)} jobs, each in a fresh process (hydra/launcher=isolated), "
+                     "raced in interleaved timing rounds (race.mode=on; race.mode=off times them one after another)")
+            for idx, overrides in enumerate(job_overrides):
+                log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
+            return Racer(self, race, sweep_dir).run([(initial_job_idx + i, list(o), c) for i, (o, c)
+                                                     in enumerate(zip(job_overrides, configs))])
         log.info(f"Launching {len(job_overrides)} jobs, each in a fresh process (hydra/launcher=isolated)")
         runs: List[JobReturn] = []
-        for idx, overrides in enumerate(job_overrides):
+        for idx, (overrides, sweep_config) in enumerate(zip(job_overrides, configs)):
             idx = initial_job_idx + idx
             log.info(f"\t#{idx} : {' '.join(filter_overrides(overrides))}")
-            sweep_config = self.job_config(idx, overrides)
             runs.append(self._run_one(idx, list(overrides), sweep_config, sweep_dir))
             configure_log(self.config.hydra.hydra_logging, self.config.hydra.verbose)
         return runs
+
+    def job_env(self) -> Dict[str, str]:
+        return {**os.environ, **self.env, ISOLATED_ENV: "1", SPAWNED_AT_ENV: repr(time.time()),
+                SWEEP_PID_ENV: str(os.getpid())}
 
     # -- one job ------------------------------------------------------------------------------------------------
     def _run_one(self, idx: int, overrides: List[str], sweep_config: DictConfig, sweep_dir: Path) -> JobReturn:
         with tempfile.TemporaryDirectory(prefix=f".isolated-{idx}-", dir=sweep_dir) as tmp:
             job_in, job_out = Path(tmp, "job.pkl"), Path(tmp, "return.pkl")
             job_in.write_bytes(job_payload(self.hydra_context, self.task_function, sweep_config))
-            env = {**os.environ, **self.env, ISOLATED_ENV: "1", SPAWNED_AT_ENV: repr(time.time())}
+            env = self.job_env()
             proc = subprocess.Popen([self.python, "-m", "hydra_plugins.orchestrator_launcher._job", str(job_in),
                                      str(job_out)], env=env, start_new_session=True)
             stop = self._wait(proc, idx)
@@ -113,19 +146,18 @@ class IsolatedLauncher(SweepLauncher):
                     log.error("job %d did not end %g s after it was stopped; killing it", idx, GRACE_S)
                     proc.kill()
                 except KeyboardInterrupt:
-                    now = time.monotonic()
+                    second = self._interrupts.press()
                     # not the second of a double Ctrl-C: it would land in the job's own shutdown (its atexit
                     # handlers) and print a traceback there while the job is already ending KILLED
-                    if not (interrupted and now - self._last_interrupt < DOUBLE_INTERRUPT_S):
+                    if not (interrupted and second):
                         _signal(proc, signal.SIGINT)
                     interrupted = True
-                    if now - self._last_interrupt < DOUBLE_INTERRUPT_S:
+                    if second:
                         log.error("second Ctrl-C: stopping the sweep after job %d", idx)
                         stop = KeyboardInterrupt()
                     else:
                         log.warning("Ctrl-C: ending job %d (KILLED); Ctrl-C again within %g s stops the sweep",
                                     idx, DOUBLE_INTERRUPT_S)
-                    self._last_interrupt = now
         finally:
             if old_term is not None:
                 signal.signal(signal.SIGTERM, old_term)
@@ -165,3 +197,346 @@ def _main_thread() -> bool:
     import threading
 
     return threading.current_thread() is threading.main_thread()
+
+
+# ---- racing -------------------------------------------------------------------------------------------------------
+
+def _value(v: Any) -> Any:
+    return getattr(v, "value", v)
+
+
+def race_config(cfg: DictConfig):
+    """The sweep's race settings, from job 0's composed config (RaceConfig's defaults where it has none)."""
+    from orchestrator.race import RaceConfig, check_config
+
+    node = OmegaConf.select(cfg, "race", default=None)
+    data = OmegaConf.to_container(node, resolve=True) if node is not None else {}
+    race = RaceConfig(**{k: v for k, v in dict(data).items() if k in RaceConfig.__dataclass_fields__})
+    check_config(race)
+    return race
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def job_identity(config: DictConfig) -> Tuple[str, str, bool]:
+    """(pairing key, workload, eager fp32?) of a job, as the summary judges it (orchestrator/verdict.py): jobs of
+    one workload (model, data, max_length) compete; jobs that differ only in stack and precision pair with one
+    eager fp32 reference."""
+    plain: Dict[str, Any] = {}
+    for k in config:
+        if k == "hydra":
+            continue
+        node = config[k]
+        try:
+            plain[k] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
+        except Exception:  # an interpolation only a job can resolve: compare what is written
+            plain[k] = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+    runtime = dict(plain.get("runtime") or {})
+    workload = _digest({"model": plain.get("model"), "dataset": plain.get("dataset"),
+                        "max_length": runtime.get("max_length")})
+    like = {k: v for k, v in plain.items()
+            if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires", "race")}
+    like["runtime"] = {k: v for k, v in runtime.items() if k not in ("progress", "timeout_s", "on_plugin_error")}
+    baseline = not plain.get("optimization") and (plain.get("precision") or {}).get("name") == "fp32"
+    return _digest(like), workload, bool(baseline)
+
+
+class JobProcess:
+    """One raced job: its process, its socket, and the race's commands to it (a RoundRunner of orchestrator/race)."""
+
+    def __init__(self, racer: "Racer", idx: int, overrides: List[str], config: DictConfig):
+        from orchestrator.race import RACE_FD_ENV
+
+        self.racer, self.idx, self.overrides, self.config = racer, idx, overrides, config
+        self.key, self.workload, self.baseline = job_identity(config)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".isolated-{idx}-", dir=racer.sweep_dir))
+        self.job_in, self.job_out = self.tmp / "job.pkl", self.tmp / "return.pkl"
+        launcher = racer.launcher
+        self.job_in.write_bytes(job_payload(launcher.hydra_context, launcher.task_function, config))
+        self.sock, child = socket.socketpair()
+        env = {**launcher.job_env(), RACE_FD_ENV: str(child.fileno())}
+        self.proc = subprocess.Popen([launcher.python, "-m", "hydra_plugins.orchestrator_launcher._job",
+                                      str(self.job_in), str(self.job_out)], env=env, start_new_session=True,
+                                     pass_fds=(child.fileno(),))
+        child.close()  # the job holds the other end: end of file here once it is gone
+        self._buf = b""
+        self._closed = False
+        self.why_lost = "its process ended"
+        self.info: Dict[str, Any] = {}
+        self.signalled = False
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def _message(self) -> Optional[Dict[str, Any]]:
+        """The job's next message; None once it is gone. Waits in select(), checking for a stopped sweep."""
+        while True:
+            if b"\n" in self._buf:
+                line, self._buf = self._buf.split(b"\n", 1)
+                return json.loads(line)
+            if self._closed:
+                return None
+            self.racer.check_stop()
+            readable, _, _ = select.select([self.sock], [], [], 0.5)
+            if readable:
+                data = self.sock.recv(1 << 16)
+                if data:
+                    self._buf += data
+                else:
+                    self._closed = True
+            elif self.proc.poll() is not None:  # gone, though a process it started may still hold the socket
+                self._closed = True
+
+    def _send(self, msg: Dict[str, Any]) -> bool:
+        try:
+            self.sock.sendall(json.dumps(msg, default=str).encode() + b"\n")
+            return True
+        except OSError:
+            return False
+
+    def _reply(self, kind: str) -> Optional[Dict[str, Any]]:
+        msg = self._message()
+        if msg is not None and msg.get("type") == kind:
+            return msg
+        if msg is not None and msg.get("type") == "abort":
+            self.why_lost = f"failed: {msg.get('reason')}"
+        self.racer.finish(self)
+        return None
+
+    def wait_ready(self) -> Optional[Dict[str, Any]]:
+        self.racer.current = self
+        msg = self._reply("ready")
+        if msg is not None:
+            self.info = msg
+        return msg
+
+    def time_round(self, r: int) -> Optional[Tuple[float, float, float]]:
+        self.racer.current = self
+        if not self._send({"cmd": "round", "round": r}):
+            self.racer.finish(self)
+            return None
+        msg = self._reply("round")
+        return None if msg is None else (float(msg["throughput"]), float(msg["start"]), float(msg["end"]))
+
+    def stop(self, message: Dict[str, Any]) -> None:
+        """Tell the job why it stopped and wait until its run is recorded: nothing else runs while one is timed."""
+        self.racer.current = self
+        self._send(message)
+        self.racer.finish(self)
+
+    def rss_mb(self) -> float:
+        if self.info.get("rss_mb"):
+            return float(self.info["rss_mb"])
+        try:
+            import psutil
+
+            return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+        except Exception:
+            return 0.0
+
+
+class Racer:
+    """Starts and prepares the jobs, drives orchestrator.race over them, ends them, collects their returns."""
+
+    def __init__(self, launcher: IsolatedLauncher, cfg: Any, sweep_dir: Path):
+        from orchestrator.race import Race
+
+        self.launcher, self.cfg, self.sweep_dir = launcher, cfg, sweep_dir
+        self.race = Race(cfg)
+        self.procs: Dict[int, JobProcess] = {}
+        self.returns: Dict[int, JobReturn] = {}
+        self.current: Optional[JobProcess] = None
+        self.stop: Optional[BaseException] = None
+        self.max_alive_seen = 0
+        self.limit: Optional[str] = None
+
+    # -- signals --------------------------------------------------------------------------------------------------
+    def _on_int(self, signum, frame) -> None:
+        second = self.launcher._interrupts.press()
+        if second:
+            log.error("second Ctrl-C: stopping the sweep")
+            self.stop = KeyboardInterrupt()
+            return
+        cur = self.current
+        if cur is not None and cur.alive() and not cur.signalled:
+            log.warning("Ctrl-C: ending job %d (KILLED); Ctrl-C again within %g s stops the sweep", cur.idx,
+                        DOUBLE_INTERRUPT_S)
+            cur.signalled = True
+            _signal(cur.proc, signal.SIGINT)
+
+    def _on_term(self, signum, frame) -> None:
+        log.error("SIGTERM: ending the sweep's jobs (KILLED), then stopping the sweep")
+        self.stop = SystemExit(128 + signal.SIGTERM)
+        for p in self.procs.values():
+            if p.alive() and not p.signalled:
+                p.signalled = True
+                _signal(p.proc, signal.SIGTERM)
+
+    def check_stop(self) -> None:
+        if self.stop is not None:
+            raise SweepStopped()
+
+    # -- the sweep ------------------------------------------------------------------------------------------------
+    def run(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> List[JobReturn]:
+        handlers = {}
+        if _main_thread():
+            handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_int),
+                        signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_term)}
+        try:
+            self._run(jobs)
+        except SweepStopped:
+            pass
+        finally:
+            try:
+                if self.stop is not None:
+                    self._end_all()
+            finally:
+                for sig, old in handlers.items():
+                    signal.signal(sig, old)
+                self._write_log()
+        if self.stop is not None:
+            raise self.stop
+        return [self.returns[idx] for idx, _, _ in jobs if idx in self.returns]
+
+    def _run(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
+        from orchestrator.race import end_race
+
+        # eager fp32 jobs first: the others' accuracy gate is judged against them as soon as they are ready
+        pending = sorted(jobs, key=lambda j: (not job_identity(j[2])[2], j[0]))
+        group: List[int] = []
+        for idx, overrides, config in pending:
+            self.check_stop()
+            if group and self._group_full(group):
+                self._race(group)
+                group = []
+            log.info("race: preparing job %d (load, stack, accuracy pass)", idx)
+            jp = JobProcess(self, idx, overrides, config)
+            self.procs[idx] = jp
+            self.max_alive_seen = max(self.max_alive_seen, sum(p.alive() for p in self.procs.values()))
+            info = jp.wait_ready()
+            if info is None:
+                continue
+            self.race.add(self._contender(jp, info))
+            group.append(idx)
+        if group:
+            self._race(group)
+        end_race(self.race, self.procs)
+
+    def _group_full(self, group: List[int]) -> bool:
+        alive = [p for p in self.procs.values() if p.alive()]
+        if self.cfg.max_alive is not None:
+            full = len(alive) >= self.cfg.max_alive
+            why = f"race.max_alive={self.cfg.max_alive}"
+        else:
+            import psutil
+
+            need = MEMORY_HEADROOM * max((p.rss_mb() for p in alive), default=0.0)
+            free = psutil.virtual_memory().available / 2**20
+            full = len(alive) >= 2 and free < need
+            why = f"free memory {free:.0f} MB < {MEMORY_HEADROOM:g} x the largest prepared job's {need / 1.5:.0f} MB"
+        if full:
+            self.limit = why
+            log.info("race: %d job processes alive (%s): racing them before preparing more", len(alive), why)
+        return full
+
+    def _race(self, group: List[int]) -> None:
+        from orchestrator.race import run_group
+
+        def on_round(r: int, order: List[int]) -> None:
+            log.info("race round %d: jobs %s", r, " ".join(map(str, order)))
+
+        run_group(self.race, self.procs, group, on_round)
+
+    def _contender(self, jp: JobProcess, info: Dict[str, Any]):
+        from orchestrator.race import Contender
+
+        c = Contender(job=jp.idx, key=jp.key, workload=jp.workload, baseline=jp.baseline)
+        if info.get("status") not in (None, "ok"):
+            c.gate, c.gate_reason = False, f"its run said {info.get('status')}"
+        elif jp.baseline:
+            c.gate = True
+        else:
+            base = self._baseline_of(jp)
+            if base is not None:
+                c.gate, c.gate_reason = self._gate(jp, base)
+        return c
+
+    def _baseline_of(self, jp: JobProcess) -> Optional[JobProcess]:
+        ready = [p for p in self.procs.values() if p.baseline and p.info and p.info.get("status", "ok") == "ok"]
+        for same in (lambda p: p.key == jp.key, lambda p: p.workload == jp.workload):
+            match = sorted((p for p in ready if same(p)), key=lambda p: p.idx)
+            if match:
+                return match[0]
+        return None
+
+    def _gate(self, jp: JobProcess, base: JobProcess) -> Tuple[Optional[bool], str]:
+        """The summary's accuracy gate (orchestrator/verdict.py), judged from the accuracy passes."""
+        from orchestrator import verdict
+
+        summary = OmegaConf.select(jp.config, "summary", default=None)
+        min_ratio = float(OmegaConf.select(jp.config, "summary.min_accuracy_ratio", default=0.99)
+                          if summary is not None else 0.99)
+        min_agree = float(OmegaConf.select(jp.config, "summary.min_agreement", default=0.95)
+                          if summary is not None else 0.95)
+        agree = None
+        try:
+            from orchestrator.registry import tasks
+
+            task = tasks.get(str(OmegaConf.select(jp.config, "dataset.task")))
+            mine, theirs = (json.loads(Path(p.info["decisions_file"]).read_text())
+                            if p.info.get("decisions_file") and Path(p.info["decisions_file"]).is_file() else None
+                            for p in (jp, base))
+            agree = verdict.agreement(task, theirs, mine)
+        except Exception as e:  # agreement not known: the metric alone judges, as in the summary
+            log.debug("race: agreement of job %d not known (%s)", jp.idx, e)
+        reasons = verdict.gate_reasons(jp.info.get("metric"), jp.info.get("value"), base.info.get("value"), agree,
+                                       min_ratio, min_agree)
+        return (not reasons), "; ".join(reasons)
+
+    def finish(self, jp: JobProcess) -> None:
+        """Wait for a job that is ending, then read back what it returned."""
+        if jp.idx in self.returns:
+            return
+        while True:
+            try:
+                jp.proc.wait(timeout=0.5 if self.stop is None else GRACE_S)
+                break
+            except subprocess.TimeoutExpired:
+                if self.stop is not None:
+                    log.error("job %d did not end %g s after it was stopped; killing it", jp.idx, GRACE_S)
+                    jp.proc.kill()
+        try:
+            jp.sock.close()
+        except OSError:
+            pass
+        self.returns[jp.idx] = self.launcher._read_return(jp.job_out, jp.proc.returncode, jp.idx, jp.overrides,
+                                                          jp.config, jp.proc.pid)
+        shutil.rmtree(jp.tmp, ignore_errors=True)
+        configure_log(self.launcher.config.hydra.hydra_logging, self.launcher.config.hydra.verbose)
+
+    def _end_all(self) -> None:
+        """The sweep stops: every live job ends KILLED (those already signalled are not signalled again)."""
+        sig = signal.SIGTERM
+        for p in self.procs.values():
+            if p.alive() and not p.signalled:
+                p.signalled = True
+                _signal(p.proc, sig)
+        for p in self.procs.values():
+            self.finish(p)
+
+    def _write_log(self) -> None:
+        from orchestrator.race import RACE_FILE
+
+        if not self.race.jobs:
+            return
+        data = self.race.log_dict()
+        data["max_alive"] = self.max_alive_seen
+        data["group_limit"] = self.limit
+        data["stopped_by_signal"] = type(self.stop).__name__ if self.stop is not None else None
+        try:
+            path = self.sweep_dir / RACE_FILE
+            path.write_text(json.dumps(data, indent=2, default=str))
+        except OSError as e:
+            log.error("could not write %s (%s)", self.sweep_dir / RACE_FILE, e)
