@@ -5,12 +5,18 @@ and one recommendation. Pure functions over summary rows (dicts), so the sweep c
 - **Baseline.** For each row, the eager fp32 job of the same model, data and runtime settings (tag
   ``baseline_key``); failing that, any eager fp32 job of the same model and data (tag ``workload``).
 - **Speedup** = throughput / the baseline's, with a 95 % interval from both runs' intervals (orchestrator/stats.py).
-  An interval that contains 1.0 is "within noise".
+  An interval that contains 1.0 is "within noise". When both rows were raced (``race_rounds``: {round: rows/s}, from
+  orchestrator/race.py) and share enough rounds for an interval, the speedup is **paired** instead: the median of
+  the per-round ratios with its exact sign-test interval (``speedup_method`` says which; drift common to a round
+  cancels).
 - **Gate** (MLPerf-style): the task metric keeps at least ``min_accuracy_ratio`` of the baseline's (0.99 by
   default), and the job's predictions agree with the baseline's on at least ``min_agreement`` of *all* examples
   (0.95 by default; ``agreement_vs_baseline``, from each run's decisions.json).
-- **Recommendation**: the fastest job that passes the gate and whose speedup is beyond noise; else a plain
-  statement that nothing beat eager fp32 beyond noise.
+- **Recommendation**: the fastest job that passes the gate and whose speedup is beyond noise, and how it compares
+  with the runner-up (the next fastest that passes the gate): beaten beyond noise, or a tie to be chosen by other
+  criteria (memory, apply time). No recommendation from an interval that spans more than 2x either way of its
+  speedup (seen under load: "22.97x [95% 2.53-208.73]"); else a plain statement that nothing beat eager fp32 beyond
+  noise.
 """
 from __future__ import annotations
 
@@ -50,6 +56,23 @@ def _keeps_metric(value: float, base: float, ratio: float) -> bool:
     return value >= base - (1.0 - ratio) * abs(base)
 
 
+def race_rounds(r: Dict[str, Any]) -> Dict[int, float]:
+    """A row's per-round throughputs of a race ({round: rows/s}); {} for a job timed alone."""
+    rounds = r.get("race_rounds") or {}
+    try:
+        return {int(k): float(v) for k, v in dict(rounds).items() if v is not None}
+    except (TypeError, ValueError):
+        return {}
+
+
+def paired(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[tuple]:
+    """(a over b, low, high) from the rounds both were raced in; None unless that gives a 95 % interval."""
+    s = stats.paired_speedup_interval(race_rounds(a), race_rounds(b))
+    if s is None or s[1] is None:
+        return None
+    return s[0], s[1], s[2]
+
+
 def gate_reasons(metric: Optional[str], value: Optional[float], base_value: Optional[float],
                  agree: Optional[float], min_accuracy_ratio: float, min_agreement: float) -> List[str]:
     """Why a job fails the accuracy gate against its baseline (empty: it passes). Also the race's gate, judged as
@@ -87,9 +110,13 @@ def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement:
         if r is base:
             r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = 1.0, None, None
         elif r.get("throughput"):
-            s = stats.speedup_interval((r["throughput"], r.get("throughput_ci_low"), r.get("throughput_ci_high")),
-                                       (base["throughput"], base.get("throughput_ci_low"),
-                                        base.get("throughput_ci_high")))
+            s = paired(r, base)
+            r["speedup_method"] = "paired" if s is not None else "unpaired"
+            if s is None:
+                s = stats.speedup_interval((r["throughput"], r.get("throughput_ci_low"),
+                                            r.get("throughput_ci_high")),
+                                           (base["throughput"], base.get("throughput_ci_low"),
+                                            base.get("throughput_ci_high")))
             if s is not None:
                 r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = s
                 r["noise"] = ("within noise" if stats.within_noise(s[1], s[2])
@@ -143,6 +170,42 @@ def _interval(r: Dict[str, Any]) -> str:
     return f"{r['speedup']:.2f}x [95% {r['speedup_ci_low']:.2f}-{r['speedup_ci_high']:.2f}]"
 
 
+# an interval reaching further than this factor either side of its speedup decides nothing
+WIDE = 2.0
+
+
+def too_wide(r: Dict[str, Any]) -> bool:
+    s, low, high = r.get("speedup"), r.get("speedup_ci_low"), r.get("speedup_ci_high")
+    return bool(s and low and high and (high > WIDE * s or low < s / WIDE))
+
+
+def _ratio(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[tuple]:
+    """a's speed over b's: paired when both were raced, else from their throughput intervals; with the method."""
+    s = paired(a, b)
+    if s is not None:
+        return s + ("paired",)
+    u = stats.speedup_interval((a["throughput"], a.get("throughput_ci_low"), a.get("throughput_ci_high")),
+                               (b["throughput"], b.get("throughput_ci_low"), b.get("throughput_ci_high")))
+    return None if u is None or u[1] is None else tuple(u) + ("unpaired",)
+
+
+def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+    """How the recommended job compares with the next fastest job of its workload that passes the gate."""
+    rivals = [r for r in rows if r is not best and r.get("workload") == best.get("workload")
+              and r.get("gate") in ("pass", "baseline") and r.get("throughput")]
+    if not rivals:
+        return ""
+    second = max(rivals, key=lambda r: r["throughput"])
+    s = _ratio(best, second)
+    if s is None:
+        return f"; runner-up {_label(second)} (no interval to compare)"
+    what = f"{s[0]:.2f}x [95% {s[1]:.2f}-{s[2]:.2f}, {s[3]}]"
+    if s[1] > 1.0:
+        return f"; beats the runner-up {_label(second)} by {what}"
+    return (f"; the runner-up {_label(second)} is a tie within noise ({what}): choose between them by other "
+            "criteria (memory, apply time)")
+
+
 def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
     """One line: the fastest job that passes the gate with a speedup beyond noise, or why there is none.
     The chosen rows get ``recommended=True``."""
@@ -160,13 +223,21 @@ def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
         good = [r for r in group if r.get("gate") == "pass" and r.get("speedup_ci_low") is not None
                 and r["speedup_ci_low"] > 1.0]
         prefix = "" if len(workloads) == 1 else f"[workload {w}] "
-        if good:
-            best = max(good, key=lambda r: r["throughput"])
+        decided = [r for r in good if not too_wide(r)]
+        if decided:
+            best = max(decided, key=lambda r: r["throughput"])
             best["recommended"] = True
             delta = best.get("accuracy_delta")
             agree = best.get("agreement_vs_baseline")
             lines.append(f"{prefix}recommended: {_label(best)}: {_interval(best)} vs eager fp32, "
-                         f"{best['metric']} {delta:+.2f}" + (f", agreement {agree:.1%}" if agree is not None else ""))
+                         f"{best['metric']} {delta:+.2f}" + (f", agreement {agree:.1%}" if agree is not None else "")
+                         + runner_up(best, rows))
+            continue
+        if good:
+            top = max(good, key=lambda r: r["throughput"])
+            lines.append(f"{prefix}no recommendation: {_label(top)} is the fastest that passes the gate but its "
+                         f"speedup {_interval(top)} spans more than {WIDE:g}x either way: too uncertain to act on "
+                         "(race more rounds: race.max_rounds, race.budget_s; or a quieter machine)")
             continue
         faster = sorted((r for r in group if r.get("speedup", 0) > 1.0), key=lambda r: -r["throughput"])
         note = ""

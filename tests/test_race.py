@@ -434,3 +434,62 @@ def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_fil
     proc.wait(30)
     gone, alive = psutil.wait_procs(jobs, timeout=120)
     assert not alive, [p.pid for p in alive]
+
+
+# ---- the verdict on raced rows --------------------------------------------------------------------------------------
+
+def _rows(rounds_by_job, thr_half=None):
+    from orchestrator.tasks.text_classification import TextClassification  # noqa: F401 (the task the rows use)
+
+    rows = []
+    for job, (stack, rounds) in rounds_by_job.items():
+        thr = float(np.median(list(rounds.values())))
+        half = thr_half if thr_half is not None else 0.3 * thr
+        rows.append({"job": job, "stack": stack, "precision": "fp32", "status": "FINISHED", "metric": "accuracy",
+                     "value": 80.0, "throughput": thr, "throughput_ci_low": thr - half,
+                     "throughput_ci_high": thr + half, "task": "text_classification", "workload": "w",
+                     "baseline_key": "b", "race_rounds": {str(k): v for k, v in rounds.items()}})
+    return rows
+
+
+def _assess(rows):
+    from orchestrator import verdict
+    from orchestrator.tasks.text_classification import TextClassification
+
+    verdict.assess(rows, 0.99, 0.95, lambda t: TextClassification, lambda r: None)
+    return verdict.recommend(rows), {r["job"]: r for r in rows}
+
+
+def test_raced_rows_get_paired_speedups_and_the_runner_up_is_named():
+    drift = {r: (0.5 if r % 2 else 1.0) * (1 + 0.01 * (r % 3)) for r in range(1, 11)}  # the machine, per round
+    base = {r: 100.0 * d for r, d in drift.items()}
+    line, by = _assess(_rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
+                              2: ("ipex", {r: 1.2 * v * (1.001 if r % 2 else 0.999) for r, v in base.items()})}))
+    assert by[1]["speedup_method"] == "paired" and by[1]["speedup"] == pytest.approx(1.5)
+    assert 1.4 < by[1]["speedup_ci_low"] <= 1.5 <= by[1]["speedup_ci_high"] < 1.6  # drift cancelled
+    assert line.startswith("recommended: job 1 (jit/fp32): 1.50x [95% ")
+    assert "beats the runner-up job 2 (ipex/fp32) by 1.25x [95% " in line and "paired]" in line
+
+    # a tie: the runner-up within noise of the winner
+    tie = {r: v * (1.02 if r % 2 else 0.99) for r, v in base.items()}
+    line, _ = _assess(_rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
+                             2: ("ipex", {r: 1.5 * v for r, v in tie.items()})}))
+    assert "is a tie within noise" in line and "choose between them by other criteria (memory, apply time)" in line
+
+    # unraced rows keep today's unpaired interval
+    rows = _rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()})})
+    for r in rows:
+        r.pop("race_rounds")
+    _, by = _assess(rows)
+    assert by[1]["speedup_method"] == "unpaired"
+
+
+def test_no_recommendation_from_an_interval_wider_than_2x_either_way():
+    rng = np.random.default_rng(0)
+    base = {r: 100.0 for r in range(1, 7)}
+    wild = {r: 100.0 * float(np.exp(rng.normal(2.0, 1.5))) for r in range(1, 7)}
+    wild.update({1: 300.0, 2: 20000.0})
+    line, by = _assess(_rows({0: ("eager", base), 1: ("jit", wild)}))
+    assert by[1]["speedup_ci_low"] > 1.0  # beyond noise, but by how much is anyone's guess
+    assert line.startswith("no recommendation: job 1 (jit/fp32) is the fastest that passes the gate but its "
+                           "speedup ") and "spans more than 2x either way" in line
