@@ -1,7 +1,9 @@
 """Server: one-sample queries with Poisson arrivals at a target rate; the SUT batches what has arrived (up to
 ``max_batch``, waiting at most ``batch_timeout_ms``). The figure is the highest target QPS whose run LoadGen finds
-VALID with p99 <= ``latency_bound_ms``, searched the way MLPerf submitters do: bracket (double or halve the rate),
-bisect to ``tolerance``, then one verifying run at the rate found (at the full, possibly compliant, duration).
+VALID with p99 <= ``latency_bound_ms``, searched the way MLPerf submitters do: short runs bracket the rate
+(double or halve it) and bisect to ``tolerance``, judged by the latency bound alone (a short run has too few
+queries for early stopping); then a verifying run at the rate found, at the full (possibly compliant) length,
+must be VALID in every respect.
 The search is bounded by ``search_budget_s`` and ``max_runs``; a bound no rate meets is a result (valid false:
 "no VALID rate: ..."), not an error.
 """
@@ -30,9 +32,11 @@ class ServerOptions(ScenarioOptions):
     batch_timeout_ms: float = 2.0
     # the rate the search starts from; null: half the warm-up throughput at max_batch
     target_qps: Optional[float] = None
-    # LoadGen's early stopping lets a run keep a few queries over the bound only when it has enough queries:
-    # with fewer than ~660, one query over the bound makes it INVALID
+    # queries in the verifying run. LoadGen's early stopping lets a run keep a few queries over the bound only
+    # when it has enough of them: with fewer than ~660, one query over the bound makes it INVALID
     min_query_count: int = 1024
+    # queries in each search run (judged by p99 <= bound; early stopping is the verifying run's business)
+    search_min_query_count: int = 256
     # false: one run at target_qps (no search)
     search: bool = True
     # duration of each search run (the verifying run uses min_duration_s, or 600 s when compliant)
@@ -51,11 +55,19 @@ class Trial:
     verifying: bool = False
 
     @property
+    def ok(self) -> bool:
+        """Verifying: LoadGen's VALID. Searching: p99 within the bound over a run that was not cut short."""
+        if self.verifying:
+            return self.outcome.valid
+        m = self.outcome.metrics
+        return m.get("loadgen_perf_constraints_met") == 1.0 and m.get("loadgen_min_queries_met") == 1.0
+
+    @property
     def p99_ms(self) -> float:
         return self.outcome.metrics.get("loadgen_latency_p99_ms", float("nan"))
 
     def row(self) -> Dict[str, Any]:
-        return {"target_qps": self.qps, "valid": self.outcome.valid, "verifying": self.verifying,
+        return {"target_qps": self.qps, "ok": self.ok, "valid": self.outcome.valid, "verifying": self.verifying,
                 "p99_ms": self.p99_ms, "min_latency_ms": self.outcome.metrics.get("loadgen_latency_min_ms"),
                 "completed_qps": self.outcome.metrics.get("loadgen_completed_qps"), "reason": self.outcome.reason,
                 "log_dir": str(self.outcome.run.log_dir) if self.outcome.run else None}
@@ -79,6 +91,8 @@ class Server(Scenario):
         cls.require(o.search_min_duration_s >= 0, "search_min_duration_s", o.search_min_duration_s, "must be >= 0")
         cls.require(o.search_budget_s > 0, "search_budget_s", o.search_budget_s, "must be > 0 (seconds)")
         cls.require(o.max_runs >= 1, "max_runs", o.max_runs, "must be >= 1")
+        cls.require(o.search_min_query_count >= 1, "search_min_query_count", o.search_min_query_count,
+                    "must be >= 1")
         cls.require(0 < o.tolerance < 1, "tolerance", o.tolerance, "must be in (0, 1)")
 
     def batch_timeout_s(self, options) -> float:
@@ -106,7 +120,7 @@ class Server(Scenario):
             settings.server_target_qps = qps
             if not verifying:
                 settings.min_duration_ms = int(round(o.search_min_duration_s * 1000))
-                settings.min_query_count = o.min_query_count
+                settings.min_query_count = o.search_min_query_count
                 # a rate far above capacity ends as soon as the backlog shows it (Little: outstanding queries ~
                 # rate x latency; 4x the bound's worth, and more than a batch, cannot be a VALID run)
                 settings.server_max_async_queries = int(math.ceil(4 * qps * o.latency_bound_ms / 1000.0)) + 64 + \
@@ -119,24 +133,24 @@ class Server(Scenario):
         def affordable(qps: float) -> bool:
             """Room for another search run: within max_runs, and its expected length inside the budget."""
             search_runs = sum(not t.verifying for t in trials)
-            expected_s = max(o.search_min_duration_s, o.min_query_count / qps)
+            expected_s = max(o.search_min_duration_s, o.search_min_query_count / qps)
             return search_runs < o.max_runs and time.perf_counter() - t_start + expected_s <= o.search_budget_s
 
         qps = self.first_qps(o, estimate)
         alone_ms = estimate.latency_s * 1000.0
         if o.search and alone_ms > o.latency_bound_ms:
             # one row alone already takes longer than the bound: one light-load run shows by how much
-            qps = min(qps, max(qps / 10.0, o.min_query_count / 10.0))
+            qps = min(qps, max(qps / 10.0, o.search_min_query_count / 10.0))
         if not o.search:
             best = trial(qps, verifying=True)
-            return self.finish(o, estimate, trials, best if best.outcome.valid else None, t_start)
+            return self.finish(o, estimate, trials, best if best.ok else None, t_start)
 
         lo: Optional[float] = None  # highest rate found VALID
         hi: Optional[float] = None  # lowest rate found INVALID
         hopeless = False
         while True:  # bracket
             t = trial(qps, verifying=False)
-            if t.outcome.valid:
+            if t.ok:
                 lo = qps if lo is None else max(lo, qps)
                 if hi is not None:
                     break
@@ -160,7 +174,7 @@ class Server(Scenario):
             mid = 0.5 * (lo + hi)
             if not affordable(mid):
                 break
-            if trial(mid, verifying=False).outcome.valid:
+            if trial(mid, verifying=False).ok:
                 lo = mid
             else:
                 hi = mid
@@ -171,7 +185,7 @@ class Server(Scenario):
             rate = lo
             for _ in range(VERIFY_ATTEMPTS):
                 t = trial(rate, verifying=True)
-                if t.outcome.valid:
+                if t.ok:
                     verified = t
                     break
                 rate *= 1.0 - min(0.5, 2.0 * o.tolerance)
