@@ -126,7 +126,8 @@ class Scenario:
     def validate_options(cls, options: Any) -> None:
         o = options
         cls.require(o.min_duration_s >= 0, "min_duration_s", o.min_duration_s, "must be >= 0 (seconds)")
-        cls.require(o.min_query_count is None or o.min_query_count >= 1, "min_query_count", o.min_query_count, "must be >= 1")
+        cls.require(o.min_query_count is None or o.min_query_count >= 1, "min_query_count", o.min_query_count,
+                    "must be >= 1")
         cls.require(o.max_duration_s is None or o.max_duration_s > 0, "max_duration_s", o.max_duration_s,
                     "must be > 0 or null (no limit)")
         cls.require(o.performance_sample_count is None or o.performance_sample_count >= 1,
@@ -141,7 +142,7 @@ class Scenario:
             raise ConfigError(f"scenario.{key}={value!r} (scenario={cls.name}): {rule}")
 
     # -- what a subclass decides ----------------------------------------------------------------------------------
-    def batch_limit(self, options: Any, make_batches: Callable) -> Optional[int]:
+    def batch_limit(self, options: Any) -> Optional[int]:
         """The largest batch the SUT forms (None: the runtime's batch size)."""
         return options.max_batch
 
@@ -168,7 +169,7 @@ class Scenario:
         o = self.parse_options(options)
         lg = loadgen.require(f"scenario={self.name}")
         log_dir = Path(log_dir)
-        estimate = loadgen.estimate(sut_step, rows, make_batches, self.batch_limit(o, make_batches),
+        estimate = loadgen.estimate(sut_step, rows, make_batches, self.batch_limit(o),
                                     o.warmup_batches)
         settings = self.settings(lg, o, estimate, len(rows))
         outcome = self.perf_run(lg, sut_step, rows, make_batches, o, settings, log_dir / self.name)
@@ -182,12 +183,12 @@ class Scenario:
         read back from LoadGen's accuracy log (what it recorded as each sample's response)."""
         o = self.parse_options(options)
         lg = loadgen.require(f"scenario={self.name}")
-        estimate = loadgen.estimate(sut_step, rows, make_batches, self.batch_limit(o, make_batches), 0)
+        estimate = loadgen.estimate(sut_step, rows, make_batches, self.batch_limit(o), 0)
         settings = self.settings(lg, o, estimate, len(rows))
         settings.mode = lg.TestMode.AccuracyOnly
         out_dir = Path(log_dir) / f"{self.name}_accuracy"
         t0 = time.perf_counter()
-        run = loadgen.run_test(lg, settings, sut_step, rows, make_batches, self.batch_limit(o, make_batches),
+        run = loadgen.run_test(lg, settings, sut_step, rows, make_batches, self.batch_limit(o),
                                self.batch_timeout_s(o), len(rows), out_dir)
         wall = time.perf_counter() - t0
         outputs = loadgen.read_accuracy_log(run.accuracy_log, run.shapes, len(rows))
@@ -195,8 +196,8 @@ class Scenario:
         if missing:
             raise RuntimeError(f"LoadGen's accuracy log has no response for {len(missing)} of {len(rows)} rows "
                                f"(first: row {missing[0]}); see {run.accuracy_log}")
-        return AccuracyResult(outputs, {"loadgen_accuracy_wall_s": wall, "loadgen_accuracy_samples": float(len(rows))},
-                              run.artifacts)
+        return AccuracyResult(outputs, {"loadgen_accuracy_wall_s": wall,
+                                        "loadgen_accuracy_samples": float(len(rows))}, run.artifacts)
 
     def settings(self, lg, options: Any, estimate: "loadgen.Estimate", n_rows: int):
         """LoadGen TestSettings: CI values, or (compliant) LoadGen's built-in mlperf.conf for this scenario."""
@@ -219,7 +220,7 @@ class Scenario:
 
     def perf_run(self, lg, sut_step, rows, make_batches, options, settings, out_dir: Path) -> "loadgen.Outcome":
         perf_count = min(options.performance_sample_count or len(rows), len(rows))
-        run = loadgen.run_test(lg, settings, sut_step, rows, make_batches, self.batch_limit(options, make_batches),
+        run = loadgen.run_test(lg, settings, sut_step, rows, make_batches, self.batch_limit(options),
                                self.batch_timeout_s(options), perf_count, out_dir)
         return loadgen.outcome(run)
 
@@ -234,7 +235,8 @@ class Scenario:
         metrics[fig.name] = fig.value
         details = dict(outcome.details)
         details["scenario"] = self.name
-        details["scenario.figure"] = f"{fig.name} ({fig.unit}, {'higher' if fig.higher_is_better else 'lower'} is better)"
+        better = "higher" if fig.higher_is_better else "lower"
+        details["scenario.figure"] = f"{fig.name} ({fig.unit}, {better} is better)"
         if not options.compliant:
             details["scenario.compliance"] = NOT_COMPLIANT
         return ScenarioResult(self.name, metrics, fig, outcome.valid, outcome.reason, list(outcome.artifacts),

@@ -24,7 +24,7 @@ class Offline(Scenario):
     loadgen_scenario = "Offline"
     Options = OfflineOptions
     figure_of_merit = FigureOfMerit("offline_samples_per_second", "samples/s", True,
-                                    "LoadGen Offline: samples per second over the one query (result_samples_per_second)")
+                                    "LoadGen Offline: samples per second over its one query")
 
     @classmethod
     def validate_options(cls, options: Any) -> None:

@@ -30,7 +30,7 @@ class SingleStream(Scenario):
         cls.require(options.expected_latency_ms is None or options.expected_latency_ms > 0, "expected_latency_ms",
                     options.expected_latency_ms, "must be > 0 or null (from the warm-up)")
 
-    def batch_limit(self, options, make_batches) -> int:
+    def batch_limit(self, options) -> int:
         return 1
 
     def configure(self, settings, options, estimate, n_rows: int) -> None:
