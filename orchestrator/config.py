@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -261,6 +261,12 @@ def check_tracking(rc: RunConfig) -> None:
 
 def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     """Turn the composed config into a typed RunConfig, checking ranges and choices (one-line ConfigError)."""
+    return validated(cfg)[0]
+
+
+def validated(cfg: DictConfig | RunConfig) -> Tuple[RunConfig, Any, List[Any]]:
+    """:func:`validate`, and what it built on the way: the task class and the plugins with their parsed options
+    (built once: the run uses these)."""
     rc = to_run_config(cfg)
     r = rc.runtime
     _require(r.batch_size >= 1, "runtime.batch_size", r.batch_size, "must be >= 1")
@@ -303,11 +309,11 @@ def validate(cfg: DictConfig | RunConfig) -> RunConfig:
     _require(d.task in known_tasks, "dataset.task", d.task, f"valid: {', '.join(known_tasks)}")
     plugins.validate_stack(list(rc.optimization))
     # every option of every component, before anything loads: a typo never costs a model load
-    tasks.get(d.task).parse_options(d.task_options)
+    task_cls = tasks.get(d.task)
+    task_cls.parse_options(d.task_options)
     from .pipeline import build_plugins
 
-    build_plugins(rc.optimization)
-    return rc
+    return rc, task_cls, build_plugins(rc.optimization)
 
 
 def _check_requires(requires: List[str]) -> None:

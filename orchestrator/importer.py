@@ -18,7 +18,7 @@ import logging
 import sys
 import time
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 from .errors import describe
 from .records import (PARENT_RUN_FILE, RESULTS_FILE, RUN_ARTIFACTS, TERMINAL, RecordError, job_dirs, read_record,

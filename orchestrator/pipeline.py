@@ -228,8 +228,7 @@ def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str)
     for i, plugin in enumerate(plugins):
         ctx.applied, ctx.following = names[:i], names[i + 1:]
         start = time.perf_counter()
-        try:
-            plugin.check(ctx)
+        try:  # check() ran once, before the model loaded (check_stack): apply sees the full context only
             model = plugin.apply(model, ctx)
         except RunInterrupted:
             raise

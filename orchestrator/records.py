@@ -23,6 +23,7 @@ DECISIONS_FILE = "decisions.json"  # every example's decision, dataset order: wh
 PREDICTIONS_SAMPLE_FILE = "predictions_sample.json"
 PARENT_RUN_FILE = "mlflow_parent_run_id"  # the sweep's parent run id, in the sweep folder
 SWEPT_KEYS_FILE = "swept_keys"  # the keys a sweep varies, in the sweep folder
+RACE_FILE = "race.json"  # the race's log (orchestrator/race.py), in the sweep folder
 # what a run folder holds for MLflow besides the hydra/ configs (plugins' own files are logged by the run)
 RUN_ARTIFACTS = (RESULTS_FILE, PREDICTIONS_SAMPLE_FILE, DECISIONS_FILE, "load_report.json", "predictions.json")
 TERMINAL = ("FINISHED", "FAILED", "KILLED")
@@ -162,7 +163,7 @@ class RunRecord(dict):
                            run_dir=str(run_dir), overrides=self.get("overrides", ""),
                            cpu_model=self.get("cpu_model"), random_head=self.get("random_head") or None,
                            tracking_error=self.get("tracking_error"), refused=self.get("refused"),
-                           race=self.get("race"), reused_run=self.get("resumed_from"))
+                           reused_run=self.get("resumed_from"), **race_fields(self.get("race")))
 
 
 # the shape a results.json must have for anything to trust it: key -> accepted types
@@ -221,7 +222,8 @@ COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "th
            "throughput_ci_high", "speedup", "speedup_ci_low", "speedup_ci_high", "noise", "agreement_vs_baseline",
            "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
            "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct", "status",
-           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id", "reused_run"]
+           "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id", "reused_run",
+           "rounds", "stopped"]
 _ROW_METRICS = ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
                 "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct",
                 "timed_equals_evaluated")
@@ -251,6 +253,19 @@ def summary_row(job: str, status: str, task: Optional[str], stack: str, precisio
     row.update(extra)
     row["stack_requested"] = row.get("stack_requested") or row["stack"]
     return row
+
+
+def race_fields(race: Any) -> Dict[str, Any]:
+    """A raced job's per-round throughputs (race round -> rows/s, what paired speedups are taken from) and why its
+    race ended; nothing for a job timed alone."""
+    if not isinstance(race, dict):
+        return {}
+    rounds = race.get("throughputs") if isinstance(race.get("throughputs"), dict) else {}
+    try:
+        per_round = {int(k): float(v) for k, v in rounds.items()}
+    except (TypeError, ValueError):
+        per_round = {}
+    return {"race_rounds": per_round or None, "stopped": race.get("stopped"), "rounds": race.get("rounds")}
 
 
 def row_of_run(run: Any) -> Dict[str, Any]:

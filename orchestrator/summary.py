@@ -18,7 +18,7 @@ from rich.table import Table
 from . import verdict
 from .errors import describe, first_line
 from .config import SummaryConfig, TrackingConfig
-from .records import (COLUMNS, DECISIONS_FILE, EAGER, PARENT_RUN_FILE, TERMINAL, job_dirs, override_values, row_of_dir,
+from .records import (COLUMNS, DECISIONS_FILE, EAGER, RACE_FILE, PARENT_RUN_FILE, TERMINAL, job_dirs, override_values, row_of_dir,
                       row_of_run, task_class, tracking_of)
 
 log = logging.getLogger(__name__)
@@ -345,6 +345,13 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
         md.write_text(markdown(rows, f"{header}\n\n{recommendation}"))
         png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}"[:180])
         out["files"] = [p for p in (csv, md, png) if p is not None]
+    race = sweep_dir / RACE_FILE if sweep_dir is not None else None
+    if race is not None and race.is_file() and not race.is_symlink():
+        out["files"].append(race)  # the race's log (rounds, orders, eliminations, why it ended), for the parent
+        try:
+            out["race_stopped"] = str(json.loads(race.read_text()).get("stopped") or "")
+        except (OSError, ValueError, AttributeError):
+            pass
     if store is not None and parent_id:
         try:
             log_to_parent(store, parent_id, out, stopped)
@@ -371,6 +378,8 @@ def log_to_parent(client, parent_id: str, out: Dict[str, Any], stopped: Optional
     tags = [RunTag("recommendation", (out["recommendation"] or "")[:5000]), RunTag("summary.cpu", out["cpu"])]
     if stopped:
         tags.append(RunTag("error", stopped))
+    if out.get("race_stopped"):
+        tags.append(RunTag("race.stopped", out["race_stopped"][:5000]))
     client.log_batch(parent_id, metrics=[Metric("n_jobs", float(len(rows)), ts, 0),
                                          Metric("failed_jobs", float(out["failed"]), ts, 0),
                                          Metric("fallback_jobs", float(len(out["fell_back"])), ts, 0)], tags=tags)
