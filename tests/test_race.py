@@ -493,3 +493,71 @@ def test_no_recommendation_from_an_interval_wider_than_2x_either_way():
     assert by[1]["speedup_ci_low"] > 1.0  # beyond noise, but by how much is anyone's guess
     assert line.startswith("no recommendation: job 1 (jit/fp32) is the fastest that passes the gate but its "
                            "speedup ") and "spans more than 2x either way" in line
+
+
+def _start_race(tmp_path, tiny_encoder, sts_file, *extra):
+    from conftest import start_cli
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    from mlflow.tracking import MlflowClient
+
+    MlflowClient(uri).search_experiments()  # the store exists before anything polls it
+    proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                     "runtime.max_iterations=null", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                     *extra, cwd=tmp_path)
+    return proc, uri
+
+
+def _wait_for_round(tmp_path, proc, seconds=300):
+    """Until the race has started (job 1 prepared, then round 1 under way)."""
+    import time
+
+    deadline = time.time() + seconds
+    while time.time() < deadline and proc.poll() is None:
+        if (tmp_path / "sweep" / "1" / "decisions.json").exists():
+            time.sleep(6)  # job 1 is ready; the quick job's round is over, job 0 is in its long round
+            return
+        time.sleep(0.5)
+    raise AssertionError("the race did not start")
+
+
+def _children(uri):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+    return {r.data.tags["job_num"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
+
+
+def test_ctrl_c_in_a_race_ends_the_job_being_timed_and_the_race_goes_on(tmp_path, tiny_encoder, sts_file):
+    import json
+    import signal
+
+    from conftest import finish
+
+    # job 0 times 600 s rounds, job 1 quick ones: both eager fp32 of different settings, each its own reference
+    proc, uri = _start_race(tmp_path, tiny_encoder, sts_file, "runtime.min_duration_s=600,0")
+    _wait_for_round(tmp_path, proc)
+    proc.send_signal(signal.SIGINT)
+    done = finish(proc, 600)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out[-3000:]  # one job did not finish
+    assert "Ctrl-C: ending job 0 (KILLED)" in out
+    runs = _children(uri)
+    assert runs["0"].info.status == "KILLED" and runs["1"].info.status == "FINISHED"
+    log = json.loads((tmp_path / "sweep" / R.RACE_FILE).read_text())
+    assert log["jobs"]["0"]["stopped"].startswith("failed:") and log["jobs"]["1"]["rounds"] >= 6
+
+
+def test_sigterm_in_a_race_ends_every_job_killed(tmp_path, tiny_encoder, sts_file):
+    import signal
+
+    from conftest import finish
+
+    proc, uri = _start_race(tmp_path, tiny_encoder, sts_file, "runtime.min_duration_s=600,0")
+    _wait_for_round(tmp_path, proc)
+    proc.send_signal(signal.SIGTERM)
+    done = finish(proc, 600)
+    assert done.returncode != 0
+    assert "SIGTERM: ending the sweep's jobs (KILLED)" in done.stdout + done.stderr
+    assert sorted(r.info.status for r in _children(uri).values()) == ["KILLED", "KILLED"]
