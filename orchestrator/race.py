@@ -422,7 +422,7 @@ class Race:
         return {"config": cfg, "order_seed": self.cfg.seed, "elimination_confidence": ELIMINATION_CONFIDENCE,
                 "rounds": [{**e, "throughputs": {str(k): v for k, v in e["throughputs"].items()},
                             "spans": {str(k): v for k, v in e["spans"].items()}} for e in self.rounds],
-                "groups": self.groups, "events": self.events, "jobs": jobs, "stop_reason": self.stop_reason(),
+                "groups": self.groups, "events": self.events, "jobs": jobs, "stopped": self.stop_reason(),
                 "elapsed_s": (self.clock() - self.started) if self.started is not None else 0.0}
 
 

@@ -1,0 +1,184 @@
+"""Racing vs timing one job after another, measured through the real CLI (issue 28).
+
+Three questions, each on this machine as it is (the CPU model and the load average are printed with every figure):
+
+- ``--aa N``   **false positives.** An A/A sweep holds one configuration twice (``race.replica=0,1``: a key that
+  changes nothing computed). N such sweeps raced (``race.mode=on``) and N timed one after another
+  (``race.mode=off``); how often each says the two identical jobs differ beyond noise (the 95 % speedup interval
+  excludes 1.0; under the race, also a job eliminated as slower). ``--hog`` runs a CPU hog (one busy process per
+  core minus one... or ``--hog-procs``) in the background throughout, as a neighbour would.
+- **interval width at equal wall time**, from the same sweeps: the mean relative half-width of the speedup interval
+  and the mean timing wall time of each way, and the width scaled to equal wall time (width x sqrt(wall / wall of
+  the other way): an interval narrows with the square root of the rounds it has).
+- ``--engines``  **time to answer** of ``sweep=engines experiment=sst2_minilm`` (needs ../shared): raced vs
+  exhaustive sequential (``race.mode=off runtime.repeats=<race.max_rounds>``): wall time and the winner of each.
+
+    python benchmarks/race.py --aa 20 experiment=sst2_minilm dataset.max_samples=128
+    python benchmarks/race.py --aa 20 --hog experiment=sst2_minilm dataset.max_samples=128
+    python benchmarks/race.py --engines
+
+Extra arguments are overrides for every sweep. Results: one line per sweep on stderr, a table at the end, and
+``--out FILE.json`` for the raw figures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from orchestrator import cpu, stats, verdict  # noqa: E402
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"load {one:.1f}/{five:.1f}/{fifteen:.1f} on {os.cpu_count()} cpus"
+
+
+def sweep(workdir: Path, args: List[str]) -> Dict[str, Any]:
+    """Run one sweep; its jobs' results.json, race.json (if raced) and wall time."""
+    sweep_dir = workdir / f"sweep-{time.time_ns()}"
+    cmd = [sys.executable, "-m", "orchestrator", "-m", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
+           "runtime.progress=false", f"hydra.sweep.dir={sweep_dir}", *args]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    jobs = {}
+    for res in sorted(sweep_dir.glob("*/results.json")):
+        jobs[int(res.parent.name)] = json.loads(res.read_text())
+    race = json.loads((sweep_dir / "race.json").read_text()) if (sweep_dir / "race.json").is_file() else None
+    return {"rc": proc.returncode, "wall_s": wall, "jobs": jobs, "race": race,
+            "error": proc.stderr.strip().splitlines()[-1:] if proc.returncode else None}
+
+
+def row(res: Dict[str, Any]) -> Dict[str, Any]:
+    m = res.get("metrics", {})
+    race = res.get("race") or {}
+    return {"throughput": m.get("throughput"), "throughput_ci_low": m.get("throughput_ci_low"),
+            "throughput_ci_high": m.get("throughput_ci_high"), "race_rounds": race.get("throughputs"),
+            "timing_wall_s": m.get("timing_wall_s", 0.0), "stopped": race.get("stopped")}
+
+
+def aa_verdict(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
+    """Job 1 over job 0 (identical): speedup, interval, method, and whether it claims a difference."""
+    if set(result["jobs"]) < {0, 1}:
+        return None
+    a, b = row(result["jobs"][1]), row(result["jobs"][0])
+    s = verdict.paired(a, b)
+    method = "paired"
+    if s is None:
+        method = "unpaired"
+        s = stats.speedup_interval((a["throughput"], a["throughput_ci_low"], a["throughput_ci_high"]),
+                                   (b["throughput"], b["throughput_ci_low"], b["throughput_ci_high"]))
+    if s is None or s[1] is None:
+        return None
+    eliminated = any(str(r.get("stopped") or "").startswith("eliminated") for r in (a, b))
+    return {"speedup": s[0], "low": s[1], "high": s[2], "method": method,
+            "claims_difference": (not stats.within_noise(s[1], s[2])) or eliminated,
+            "half_width": stats.half_width(s[1], s[2]),
+            "timing_s": (a["timing_wall_s"] or 0.0) + (b["timing_wall_s"] or 0.0), "wall_s": result["wall_s"]}
+
+
+def start_hog(procs: int) -> List[subprocess.Popen]:
+    code = "while True: pass"
+    return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(procs)]
+
+
+def run_aa(trials: int, extra: List[str], workdir: Path) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for mode in ("on", "off"):
+        results = []
+        for t in range(trials):
+            res = sweep(workdir, ["race.replica=0,1", f"race.mode={mode}", f"race.seed={t}", *extra])
+            v = aa_verdict(res)
+            print(f"A/A race.mode={mode} trial {t + 1}/{trials}: "
+                  + (f"{v['speedup']:.3f}x [{v['low']:.3f}-{v['high']:.3f}] {v['method']}"
+                     f"{' DIFFERENCE CLAIMED' if v['claims_difference'] else ''}, sweep {v['wall_s']:.0f} s"
+                     if v else f"no verdict (rc {res['rc']}: {res['error']})") + f"; {load()}",
+                  file=sys.stderr, flush=True)
+            if v:
+                results.append(v)
+        out[mode] = results
+    return out
+
+
+def summarize_aa(out: Dict[str, Any]) -> List[str]:
+    lines = []
+    widths = {}
+    for mode, results in out.items():
+        if not results:
+            lines.append(f"race.mode={mode}: no verdicts")
+            continue
+        claims = sum(v["claims_difference"] for v in results)
+        hw = statistics.mean(v["half_width"] for v in results)
+        timing = statistics.mean(v["timing_s"] for v in results)
+        wall = statistics.mean(v["wall_s"] for v in results)
+        widths[mode] = (hw, timing)
+        lines.append(f"race.mode={mode}: 'within noise' in {len(results) - claims}/{len(results)} A/A sweeps "
+                     f"({100 * (len(results) - claims) / len(results):.0f} %); mean half-width +-{100 * hw:.1f} %, "
+                     f"timing {timing:.0f} s of {wall:.0f} s per sweep")
+    if len(widths) == 2:
+        (hw_on, t_on), (hw_off, t_off) = widths["on"], widths["off"]
+        scaled = hw_on * math.sqrt(t_on / t_off) if t_off > 0 else float("nan")
+        lines.append(f"equal wall time: the race's half-width scaled to sequential's timing time "
+                     f"+-{100 * scaled:.1f} % vs sequential +-{100 * hw_off:.1f} %")
+    return lines
+
+
+def winner(result: Dict[str, Any]) -> Optional[str]:
+    done = {j: r for j, r in result["jobs"].items() if r.get("status") == "FINISHED"}
+    if not done:
+        return None
+    best = max(done.items(), key=lambda kv: kv[1].get("metrics", {}).get("throughput") or 0.0)
+    return f"job {best[0]} ({best[1].get('stack')}/{best[1].get('precision')})"
+
+
+def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
+    lines = []
+    for label, args in (("raced", ["race.mode=on"]),
+                        ("exhaustive sequential", ["race.mode=off", f"runtime.repeats={max_rounds}"])):
+        res = sweep(workdir, ["sweep=engines", "experiment=sst2_minilm", *args, *extra])
+        lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}")
+        print(lines[-1], file=sys.stderr, flush=True)
+    return lines
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--aa", type=int, default=0, help="A/A sweeps per mode")
+    ap.add_argument("--hog", action="store_true", help="a CPU hog in the background throughout")
+    ap.add_argument("--hog-procs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--engines", action="store_true", help="time to answer of sweep=engines experiment=sst2_minilm")
+    ap.add_argument("--out", type=Path)
+    args, extra = ap.parse_known_args()
+    print(f"CPU: {cpu.describe()}; {load()}", file=sys.stderr)
+    hog = start_hog(args.hog_procs) if args.hog else []
+    report: Dict[str, Any] = {"cpu": cpu.describe(), "hog_procs": len(hog), "extra": extra}
+    lines = [f"CPU {cpu.describe()}; hog: {len(hog)} busy process(es); overrides: {' '.join(extra) or '-'}"]
+    try:
+        with tempfile.TemporaryDirectory(prefix="race-bench-") as tmp:
+            if args.aa:
+                report["aa"] = run_aa(args.aa, extra, Path(tmp))
+                lines += summarize_aa(report["aa"])
+            if args.engines:
+                lines += run_engines(extra, Path(tmp), 20)
+    finally:
+        for p in hog:
+            p.kill()
+    lines.append(f"at the end: {load()}")
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text(json.dumps({**report, "lines": lines}, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
