@@ -20,12 +20,14 @@ its config schema (registered as ``optimization/<name>``: the one place its defa
    ``model_size_mb`` entry stands in for the run's ``model_size_mb`` when the result holds no torch parameters);
    ``artifacts()`` -> files logged under ``plugins/<name>/`` (an exported graph); ``compute_precision()`` -> the
    unit the work runs on (``fp32``/``bf16``/``int8``), used for the peak-FLOPs figure.
-5. ``process_state(stack)`` (classmethod context manager) is entered around **every** run in this process,
-   whether the plugin is in the stack or not: a plugin whose package changes process-wide state (fusion passes
-   registered for the whole process) keeps other runs free of it there; it yields a function ``applied -> tags`` or None.
+5. ``process_state(stack)`` (classmethod context manager) is entered around a run whose stack names the plugin;
+   with ``process_wide = True`` around **every** run in this process, whether the plugin is in the stack or not: a
+   plugin whose package changes process-wide state (fusion passes registered for the whole process) keeps other
+   runs free of it there. It yields a function ``applied -> tags`` or None. :func:`process_states` lists them.
 
 Plugins import heavy or optional packages inside ``check``/``apply`` only, so choosing a stack without them
-(or importing ``orchestrator``) never touches those packages.
+(or importing ``orchestrator``) never touches those packages. What a plugin may import from the orchestrator is
+in :mod:`orchestrator.plugin_api`.
 """
 from __future__ import annotations
 
@@ -93,6 +95,8 @@ class Plugin:
     Options: ClassVar[type] = NoOptions
     # distributions whose versions the run records (tags version.<name>) when this plugin is in the stack
     packages: ClassVar[tuple] = ()
+    # True: process_state is entered around every run in the process, not only runs whose stack names the plugin
+    process_wide: ClassVar[bool] = False
 
     def __init__(self, options: Any = None):
         self.options = options if options is not None else self.Options()
@@ -140,7 +144,8 @@ class Plugin:
     @classmethod
     @contextlib.contextmanager
     def process_state(cls, stack: List[str]) -> Iterator[Optional[Callable[[List[str]], Dict[str, str]]]]:
-        """Entered around every run in this process (see the module docstring); nothing to do by default."""
+        """Entered around a run whose stack names this plugin, or around every run when ``process_wide`` (see the
+        module docstring); nothing to do by default."""
         yield None
 
     def unavailable(self, reason: str) -> PluginUnavailable:
@@ -155,3 +160,29 @@ class Plugin:
     def require_choice(cls, key: str, value: Any, choices: tuple) -> None:
         if value not in choices:
             raise ConfigError(f"optimization.{cls.name}.{key}={value!r}: valid: {', '.join(choices)}")
+
+
+def process_states(stack: List[str]) -> List[Any]:
+    """The ``process_state(stack)`` context managers to enter around a run of ``stack``: those of the plugins in
+    the stack, and of every loadable plugin class that set ``process_wide``, each once, in registry order."""
+    from .registry import plugins
+
+    out = []
+    for name, cls in plugins.loadable().items():
+        if name in stack or getattr(cls, "process_wide", False):
+            out.append(cls.process_state(list(stack)))
+    return out
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers at error level for the block, then back to the caller's level: loading prints a multi-line
+    LOAD REPORT, and tracing/exporting calls the loss setup, which warns about ``loss_type=None`` every time."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)

@@ -5,6 +5,7 @@ Built-ins are registered through the same entry-point groups as third-party pack
 """
 from __future__ import annotations
 
+import importlib
 from importlib.metadata import entry_points
 from typing import Callable, Dict, List, Optional
 
@@ -12,9 +13,12 @@ from .errors import ConfigError
 
 
 class Registry:
-    def __init__(self, group: str, kind: str):
+    def __init__(self, group: str, kind: str, base: Optional[str] = None):
         self.group = group
         self.kind = kind
+        # "module:Class" every registered class must derive from (resolved on first use: importing the registry
+        # must not import torch)
+        self.base = base
         self._eps: Dict[str, object] | None = None
         self._loaded: Dict[str, type] = {}
 
@@ -25,6 +29,7 @@ class Registry:
 
     def register(self, name: str, cls: type) -> None:
         """Register in-process (tests, notebooks); entry points are the normal route."""
+        self._check_class(name, cls, "the registered object")
         self._loaded[name] = cls
 
     def names(self) -> List[str]:
@@ -49,8 +54,23 @@ class Registry:
         if ep is None:
             raise ConfigError(f"unknown {self.kind} '{name}'; valid: {', '.join(self.names())}")
         cls = ep.load()  # type: ignore[attr-defined]
+        self._check_class(name, cls, f"entry point {self.group}:{name} = {ep.value}")  # type: ignore[attr-defined]
         self._loaded[name] = cls
         return cls
+
+    def _check_class(self, name: str, cls: object, where: str) -> None:
+        """An entry point must name a class of the contract: anything else (a function, a module, an unrelated
+        class) would fail later, somewhere far from the package that registered it."""
+        if self.base is None:
+            return
+        module, _, attr = self.base.partition(":")
+        base = getattr(importlib.import_module(module), attr)
+        if not (isinstance(cls, type) and issubclass(cls, base)):
+            what = f"class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else \
+                f"{type(cls).__name__} {getattr(cls, '__qualname__', repr(cls))}"
+            raise ConfigError(f"{self.kind} '{name}': {where} is a {what}, not a subclass of "
+                              f"{module.replace('.plugin', '.plugin_api')}.{attr}; fix or uninstall the package "
+                              f"that registers it")
 
 
 class PluginRegistry(Registry):
@@ -89,6 +109,6 @@ class PluginRegistry(Registry):
         return hint + (f"; {', '.join(sorted(alone))} run alone)" if alone else ")")
 
 
-plugins = PluginRegistry("orchestrator.plugins", "optimization plugin")
-tasks = Registry("orchestrator.tasks", "task")
+plugins = PluginRegistry("orchestrator.plugins", "optimization plugin", base="orchestrator.plugin:Plugin")
+tasks = Registry("orchestrator.tasks", "task", base="orchestrator.tasks.base:Task")
 scenarios = Registry("orchestrator.scenarios", "scenario")

@@ -29,8 +29,7 @@ import torch
 from torch import nn
 
 from orchestrator_plugins.activations import probe_activation
-from orchestrator.errors import first_line
-from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_TRANSFORM, Plugin, PluginContext, first_line
 
 
 @dataclass

@@ -15,11 +15,11 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import torch
 
-from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_CAPTURE, Plugin, PluginContext, shape_variants
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -39,19 +39,6 @@ class CompileOptions:
     # with dynamic=null: mark batch and sequence dimensions dynamic on the first call, so one symbolic graph
     # serves every width of length-sorted batches (no static compile first, no recompile at the next width)
     mark_dynamic: bool = True
-
-
-def _variants(batch: Dict[str, torch.Tensor], dynamic: Optional[bool]) -> List[Dict[str, torch.Tensor]]:
-    """The example batch, and when shapes may change, the same rows one token shorter and one row fewer."""
-    out = [batch]
-    if dynamic is False:
-        return out
-    b, n = batch["input_ids"].shape[:2]
-    if n > 2:
-        out.append({k: (v[:, :n - 1] if v.dim() > 1 else v).contiguous() for k, v in batch.items()})
-    if b > 1:  # contiguous like the runner's batches, or the stride guards fail and it compiles again
-        out.append({k: v[:b - 1].contiguous() for k, v in batch.items()})
-    return out
 
 
 def _marked(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
@@ -104,7 +91,7 @@ class CompilePlugin(Plugin):
 
         compiled = torch.compile(model, backend="inductor", fullgraph=o.fullgraph, dynamic=o.dynamic,
                                  options=self._compile_options())
-        shapes = _variants(ctx.example_batch, o.dynamic) if o.warm_shapes else [ctx.example_batch]
+        shapes = shape_variants(ctx.example_batch, o.dynamic) if o.warm_shapes else [ctx.example_batch]
         marked = o.dynamic is None and o.mark_dynamic
         if marked:
             shapes[0] = _marked(ctx.example_batch)

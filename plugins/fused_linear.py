@@ -30,8 +30,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import nn
 
-from orchestrator.errors import describe
-from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_TRANSFORM, Plugin, PluginContext, describe
 from orchestrator_plugins.activations import probe_activation
 
 # (linear attribute, activation attribute) pairs where the activation is applied right after that Linear

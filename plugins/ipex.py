@@ -37,8 +37,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from orchestrator.errors import first_line
-from orchestrator.plugin import STAGE_PREPARE, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_PREPARE, Plugin, PluginContext, first_line
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +178,8 @@ class IpexPlugin(Plugin):
     stage = STAGE_PREPARE
     Options = IpexOptions
     packages = ("intel-extension-for-pytorch",)
+    # importing IPEX changes the whole process (see process_state): guard every run, not only ipex ones
+    process_wide = True
 
     def compute_precision(self, ctx: PluginContext) -> Optional[str]:
         return "int8" if self.options.int8 != "none" else None

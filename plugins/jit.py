@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from orchestrator.pipeline import quiet_transformers
-from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_CAPTURE, Plugin, PluginContext, quiet_transformers
 
 
 @dataclass

@@ -23,11 +23,9 @@ from typing import Dict, List, Optional
 
 import torch
 
-from orchestrator.pipeline import quiet_transformers
-from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
-
-from .engine import (EngineModel, Stopwatch, TupleOutputs, calibration_inputs, export_example, file_mb, output_names,
-                     quiet_loggers)
+from orchestrator.plugin_api import (STAGE_CAPTURE, ConfigError, EngineModel, Plugin, PluginContext, Stopwatch,
+                                     TupleOutputs, calibration_inputs, export_example, export_step, file_mb,
+                                     output_names, quiet_loggers, quiet_transformers)
 
 
 class Exporter(StrEnum):
@@ -82,8 +80,6 @@ class OnnxRuntimePlugin(Plugin):
 
     @classmethod
     def validate_options(cls, o) -> None:
-        from orchestrator.errors import ConfigError
-
         if not 14 <= o.opset <= 23:
             raise ConfigError(f"optimization.onnxruntime.opset={o.opset}: valid: 14..23")
         cls.require_at_least("calibration_batches", o.calibration_batches, 1)
@@ -119,11 +115,14 @@ class OnnxRuntimePlugin(Plugin):
         outputs = output_names(model, example)
         watch = Stopwatch()
         path = out_dir / "model.onnx"
-        with watch("export"):
+        # the exporters print progress, per-op warnings and, when they fail, a graph dump: into the run's
+        # <plugin>_export.log, and a failure is one line naming the cause
+        step = "torch.onnx.export" + (" (dynamo)" if o.exporter == Exporter.dynamo else " (torchscript)")
+        with watch("export"), export_step(self, ctx, step):
             self._export(TupleOutputs(model, inputs, outputs).eval(), example, inputs, outputs, path)
         fp32_mb = file_mb(path, Path(f"{path}.data"))
         if o.int8 != Int8.none:
-            with watch("quantize"):
+            with watch("quantize"), export_step(self, ctx, f"onnxruntime.quantization ({o.int8})"):
                 path = self._quantize(path, ctx, inputs)
         so = ort.SessionOptions()
         so.graph_optimization_level = getattr(ort.GraphOptimizationLevel, _LEVELS[o.graph_optimization_level])

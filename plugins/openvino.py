@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import importlib.util
 import logging
-import warnings
+import re
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -29,12 +29,9 @@ from typing import Optional
 
 import torch
 
-from orchestrator import cpu
-from orchestrator.pipeline import quiet_transformers
-from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
-
-from .engine import EngineModel, Stopwatch, TupleOutputs, calibration_inputs, export_example, file_mb, output_names, \
-    quiet_loggers
+from orchestrator.plugin_api import (STAGE_CAPTURE, EngineModel, Plugin, PluginContext, Stopwatch, TupleOutputs,
+                                     calibration_inputs, cpu, export_example, export_step, file_mb, output_names,
+                                     quiet_loggers, quiet_transformers)
 
 
 class Hint(StrEnum):
@@ -58,6 +55,27 @@ class OpenVinoOptions:
     calibration_batches: int = 8
     # log the IR (model.xml/model.bin) as an MLflow artifact (it is written to the run directory either way)
     log_model: bool = True
+
+
+# the frontend's report: "Summary: -- Conversion is failed for: SequenceMark, aten::cat", above it the checks that
+# failed ("Axis -2 out of the tensor rank range [-1, 0].")
+_UNCONVERTED = re.compile(r"Conversion is failed for:\s*([^\n]+)")
+_NOT_DETAIL = ("Check '", "While validating", "Exception happened", "FrontEnd API", "Model wasn't", "--", "Summary",
+               "This is OpenVINO")
+
+
+def unconverted_ops(error: BaseException) -> Optional[str]:
+    """The operations OpenVINO's PyTorch frontend could not convert, and the first check that failed."""
+    text = str(error)
+    found = _UNCONVERTED.search(text)
+    if not found:
+        return None
+    # SequenceMark is the frontend's own bookkeeping type around a list input, not an operation of the model
+    names = [n.strip() for n in found.group(1).split(",") if n.strip()]
+    shown = ", ".join(n for n in names if n != "SequenceMark") or ", ".join(names)
+    details = [ln.strip() for ln in text.split("Summary:")[0].splitlines()
+               if ln.strip() and not ln.strip().startswith(_NOT_DETAIL)]
+    return f"unconverted operations: {shown}" + (f" ({details[0]})" if details else "")
 
 
 _PRECISIONS = {"f32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "f16": "fp16"}
@@ -119,16 +137,19 @@ class OpenVinoPlugin(Plugin):
         inputs = list(example)
         outputs = output_names(model, example)
         watch = Stopwatch()
-        with watch("convert"), warnings.catch_warnings(), quiet_loggers("torch", "openvino"), quiet_transformers():
-            warnings.simplefilter("ignore")
-            ov_model = ov.convert_model(TupleOutputs(model, inputs, outputs).eval(), example_input=tuple(example[k] for k in inputs))
+        # the converter prints warnings and, when it fails, a report of every operation it could not convert: into
+        # the run's openvino_export.log, and the failure is one line naming those operations
+        with watch("convert"), export_step(self, ctx, "openvino.convert_model", explain=unconverted_ops), \
+                quiet_loggers("torch", "openvino"), quiet_transformers():
+            ov_model = ov.convert_model(TupleOutputs(model, inputs, outputs).eval(),
+                                        example_input=tuple(example[k] for k in inputs))
         # positional example inputs come out named input.1...; the runner feeds by the tokenizer's names
         for port, name in zip(ov_model.inputs, inputs):
             port.get_tensor().set_names({name})
         for port, name in zip(ov_model.outputs, outputs):
             port.get_tensor().set_names({name})
         if o.int8 != Int8.none:
-            with watch("quantize"):
+            with watch("quantize"), export_step(self, ctx, f"nncf ({o.int8})"):
                 ov_model = self._quantize(ov_model, ctx, inputs)
         xml = out_dir / "model.xml"
         ov.save_model(ov_model, str(xml), compress_to_fp16=False)

@@ -22,19 +22,14 @@ import contextlib
 import importlib.util
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Optional
 
 import torch
 
-from orchestrator import cpu
-from orchestrator.pipeline import quiet_transformers
-from orchestrator.plugin import STAGE_CAPTURE, Plugin, PluginContext
-
-from .compile import _variants
-from .engine import calibration_inputs, export_example, quiet_loggers
+from orchestrator.plugin_api import (STAGE_CAPTURE, Plugin, PluginContext, calibration_inputs, cpu, export_example,
+                                     export_step, quiet_loggers, quiet_transformers, shape_variants)
 
 
 class Mode(StrEnum):
@@ -102,15 +97,17 @@ class Pt2ePlugin(Plugin):
         o = self.options
         example = export_example(ctx.example_batch)
         seconds = {}
-        with warnings.catch_warnings(), quiet_loggers("torch.export", "torch._dynamo", "torchao"), \
+        # torch.export prints a graph dump when it fails, inductor its C++ errors: into the run's pt2e_export.log,
+        # and a failure is one line naming the step and the cause
+        with export_step(self, ctx, "torch.export") as step, quiet_loggers("torch.export", "torch._dynamo", "torchao"), \
                 quiet_transformers():
-            warnings.simplefilter("ignore")
             t0 = time.perf_counter()
             # AUTO: export finds the range itself (the sequence is bounded by the position embeddings)
             auto = torch.export.Dim.AUTO
             exported = torch.export.export(model, (), kwargs=dict(example), strict=False,
                                            dynamic_shapes={k: {0: auto, 1: auto} for k in example}).module()
             seconds["export_s"] = time.perf_counter() - t0
+            step.now(f"prepare_pt2e/convert_pt2e ({o.mode})")
             t0 = time.perf_counter()
             quantizer = xiq.X86InductorQuantizer().set_global(
                 xiq.get_default_x86_inductor_quantization_config(is_dynamic=o.mode == Mode.dynamic))
@@ -124,9 +121,10 @@ class Pt2ePlugin(Plugin):
             converted = convert_pt2e(prepared)
             seconds["quantize_s"] = time.perf_counter() - t0
             inductor_config.freezing = True  # restored by process_state after the run
+            step.now("torch.compile (inductor)")
             compiled = torch.compile(converted, backend="inductor", dynamic=True)
             t0 = time.perf_counter()
-            shapes = _variants(ctx.example_batch, None)
+            shapes = shape_variants(ctx.example_batch)
             with torch.inference_mode():
                 for b in shapes:
                     compiled(**b)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_TRANSFORM, Plugin, PluginContext
 
 class Backend(StrEnum):
     ao_dynamic = "ao_dynamic"

@@ -198,3 +198,115 @@ def test_the_job_config_gets_the_configs_own_words(compose_with):
 
     with pytest.raises(ConfigError, match=r"^model._target_='os.system': _target_ is not accepted in user config"):
         compose_with("{}\n", "+model._target_=os.system")
+
+
+# -- item 8: an engine on a model it cannot export ----------------------------------------------------------------------
+
+def make_tiny_longformer(dest: Path) -> Path:
+    """torch.export cannot export Longformer's sliding-window chunking (a data-dependent view in ``_chunk``)."""
+    import torch
+    from transformers import LongformerConfig, LongformerModel
+
+    from conftest import VOCAB, make_tokenizer
+
+    torch.manual_seed(0)
+    LongformerModel(LongformerConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=80, attention_window=[8],
+                                     pad_token_id=0)).save_pretrained(dest)
+    make_tokenizer(dest)
+    return dest
+
+
+def make_tiny_gpt2(dest: Path) -> Path:
+    """OpenVINO's PyTorch frontend cannot convert GPT-2's attention cache concatenation (aten::cat)."""
+    import torch
+    from transformers import GPT2Config, GPT2Model
+
+    from conftest import VOCAB, make_tokenizer
+
+    torch.manual_seed(0)
+    GPT2Model(GPT2Config(vocab_size=len(VOCAB), n_positions=64, n_embd=32, n_layer=1, n_head=2, bos_token_id=2,
+                         eos_token_id=3)).save_pretrained(dest)
+    make_tokenizer(dest)
+    return dest
+
+
+ENGINE_FAILURES = {
+    # engine: (model maker, the start of the one line after "unavailable: ", what the full log holds)
+    "onnxruntime": (make_tiny_longformer, "torch.onnx.export (dynamo) failed in step 1/3 (torch.export): "
+                    "GuardOnDataDependentSymNode: Could not guard on data-dependent expression",
+                    "The following call raised this error"),
+    "pt2e": (make_tiny_longformer, "torch.export failed: GuardOnDataDependentSymNode: Could not guard on "
+             "data-dependent expression", "The following call raised this error"),
+    "openvino": (make_tiny_gpt2, "openvino.convert_model failed: unconverted operations: aten::cat (Axis -2 out of "
+                 "the tensor rank range", "Conversion is failed for: SequenceMark, aten::cat"),
+}
+HAS_ENGINE = {"onnxruntime": ("onnxruntime", "onnx", "onnxscript"), "pt2e": ("torchao",), "openvino": ("openvino",)}
+
+
+def needs_engine(name):
+    import importlib.util
+
+    missing = [m for m in HAS_ENGINE[name] if importlib.util.find_spec(m) is None]
+    return pytest.mark.skipif(bool(missing), reason=f"{', '.join(missing)} not installed (pip install -e '.[{name}]')")
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_engine(n)) for n in ENGINE_FAILURES])
+def test_an_export_failure_is_one_line_with_its_cause_and_a_log_file(tmp_path, capfd, name):
+    import torch
+    from transformers import AutoModel
+
+    from orchestrator.errors import PluginUnavailable
+    from orchestrator.pipeline import build_plugins
+    from orchestrator.plugin_api import EXPORT_LOG
+    from test_plugins import ctx_for, padded_batch
+
+    make, line, in_log = ENGINE_FAILURES[name]
+    model = AutoModel.from_pretrained(make(tmp_path / "model")).eval()
+    batch = padded_batch([12, 5, 9, 3], seed=1)
+    batch.pop("token_type_ids")
+    plugin = build_plugins({name: {}})[0]
+    ctx = ctx_for(batch)
+    ctx.run_dir, ctx.threads = tmp_path / "run", 2
+    plugin.check(ctx)
+    with torch.inference_mode():
+        model(**batch)  # transformers' one-time warnings of the eager model are not the exporter's
+    capfd.readouterr()
+    with pytest.raises(PluginUnavailable) as e:
+        plugin.apply(model, ctx)
+    message = str(e.value)
+    assert "\n" not in message and len(message) <= 300, message
+    assert message.startswith(f"optimization plugin '{name}' is unavailable: {line}"), message
+    assert message.endswith(f"; full log: {name}_export.log in the run folder")
+    log = ctx.run_dir / EXPORT_LOG.format(plugin=name)
+    text = log.read_text()
+    assert in_log in text and "Traceback (most recent call last)" in text
+    out, err = capfd.readouterr()
+    assert err == "" and out == "", (out + err)[-2000:]  # the graph dump and the report went to the log only
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_engine(n)) for n in ENGINE_FAILURES])
+def test_an_engine_on_a_model_it_cannot_export_through_the_cli(tmp_path, sts_file, name):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    make, line, in_log = ENGINE_FAILURES[name]
+    model = make(tmp_path / "model")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    # padding to a multiple of Longformer's window keeps transformers' own padding notice off stderr
+    proc = run_cli(f"model.name_or_path={model}", "dataset.path=csv", f"dataset.data_files={sts_file}", "runtime=quick",
+                   f"tracking.uri={uri}", f"optimization=[{name}]", "runtime.max_length=64", "runtime.padding=max_length",
+                   cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: optimization plugin '{name}' is unavailable: {line}"), \
+        proc.stderr[-3000:]
+    run_dir = next((tmp_path / "outputs" / "runs").glob("*/*"))
+    assert in_log in (run_dir / f"{name}_export.log").read_text()
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["status"] == "FAILED" and f"full log: {name}_export.log" in results["error"]
+    client = MlflowClient(uri)
+    [run] = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+    assert run.info.status == "FAILED"
