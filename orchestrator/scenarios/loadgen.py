@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import json
 import queue
+import random
 import re
 import threading
 import time
@@ -38,6 +39,10 @@ def require(what: str):
 
 
 # -- a first estimate, before LoadGen runs ------------------------------------------------------------------------
+# rows the estimate draws its batches from
+ESTIMATE_ROWS = 256
+
+
 class Estimate(NamedTuple):
     """Seconds for one row alone and rows/s at the largest batch, from a few untimed-by-LoadGen batches: LoadGen's
     hints (expected latency, expected QPS, the server search's first rate) come from it."""
@@ -53,14 +58,22 @@ def estimate(step: Callable, rows: Sequence[dict], make_batches: Callable, max_b
     n = len(rows)
     if n == 0:
         raise DatasetError("the dataset has no rows for LoadGen to serve")
-    full = make_batches(list(rows[:max(1, min(n, max_batch or n))]), max_batch)[0]
-    one = make_batches([rows[0]], 1)[0]
+    # a seeded sample, and of its batches the one of median width: the first rows or a length-sorted first
+    # batch would time the short end of the data
+    sample = [rows[i] for i in sorted(random.Random(0).sample(range(n), min(n, ESTIMATE_ROWS)))]
+    batches = sorted(make_batches(sample, max_batch), key=lambda b: (b.size, b.inputs["input_ids"].shape[1]))
+    full = _median([b for b in batches if b.size == batches[-1].size])
+    one = _median(make_batches(sample, 1))
     for _ in range(warmup_batches):
         step(full.inputs)
         step(one.inputs)
     latency = _best_of(step, one.inputs, 3)
     full_s = _best_of(step, full.inputs, 2)
     return Estimate(latency, full.size / full_s if full_s > 0 else float("inf"), full.size)
+
+
+def _median(batches: List[Any]):
+    return sorted(batches, key=lambda b: b.inputs["input_ids"].shape[1])[len(batches) // 2]
 
 
 def _best_of(step: Callable, inputs, k: int) -> float:
@@ -155,6 +168,8 @@ class BatchingSut:
             if self._abort.is_set() or self.error is not None:
                 raise _Skip()
             for b, offset in self._batches(items):
+                if self._abort.is_set():
+                    raise _Skip()
                 out = self.step(b.inputs)
                 keep, responses = [], []
                 for r, k in enumerate(b.rows):
@@ -174,7 +189,6 @@ class BatchingSut:
             rest = [lg.QuerySampleResponse(items[k][0], 0, 0) for k in range(len(items)) if k not in done]
             if rest:
                 lg.QuerySamplesComplete(rest)
-
 
     def _batches(self, items: List[tuple]):
         """``(batch, offset of its rows in items)``, collated a chunk at a time: an Offline query's first
@@ -196,7 +210,7 @@ class _Skip(Exception):
 
 # -- one LoadGen test ---------------------------------------------------------------------------------------------
 @dataclass
-class TestRun:
+class LoadgenRun:
     log_dir: Path
     detail: Dict[str, Any]
     errors: List[str]
@@ -229,7 +243,7 @@ ABORT_WAIT_S = 5.0
 
 
 def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: Callable, max_batch: Optional[int],
-             batch_timeout_s: float, performance_sample_count: int, log_dir: Path) -> TestRun:
+             batch_timeout_s: float, performance_sample_count: int, log_dir: Path) -> LoadgenRun:
     """One ``StartTest`` with its logs in ``log_dir``. LoadGen runs in a helper thread so that the main thread
     keeps taking signals (Ctrl-C, SIGTERM, runtime.timeout_s): on one the SUT stops computing and the interrupt
     propagates; LoadGen's thread then finishes on its own (a daemon, it never holds the process)."""
@@ -276,7 +290,7 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
     if sut.error is not None:
         raise sut.error
     detail, errors = parse_detail(log_dir / "mlperf_log_detail.txt")
-    return TestRun(log_dir, detail, errors, dict(sut.shapes), list(sut.batch_sizes), wall,
+    return LoadgenRun(log_dir, detail, errors, dict(sut.shapes), list(sut.batch_sizes), wall,
                    str(detail.get("effective_scenario", "")))
 
 
@@ -377,10 +391,10 @@ class Outcome:
     metrics: Dict[str, float]
     details: Dict[str, str]
     artifacts: List[Path] = field(default_factory=list)
-    run: Optional[TestRun] = None
+    run: Optional[LoadgenRun] = None
 
 
-def outcome(run: TestRun) -> Outcome:
+def outcome(run: LoadgenRun) -> Outcome:
     d = run.detail
     metrics = metrics_from(d)
     metrics["loadgen_wall_s"] = run.wall_s

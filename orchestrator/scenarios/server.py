@@ -220,9 +220,17 @@ class Server(Scenario):
             result = self.result(o, lowest.outcome, estimate, extra)
             result.valid = False
             fastest = lowest.outcome.metrics.get("loadgen_latency_min_ms", float("nan"))
+            parts = [f"target_qps {lowest.qps:.4g}", f"scenario.latency_bound_ms={o.latency_bound_ms:g}",
+                     f"fastest query {fastest:.3g} ms"]
+            if lowest.p99_ms <= o.latency_bound_ms:  # within the bound, INVALID for another reason: say which
+                parts.append(f"INVALID: {lowest.outcome.reason.split(';')[0]}")
+            verifying = [t for t in trials if t.verifying]
+            if verifying:
+                parts.append("verifying runs INVALID at " + ", ".join(f"{t.qps:.4g} QPS (p99 {t.p99_ms:.3g} ms)"
+                                                                      for t in verifying))
+            parts.append(f"{len(trials)} run(s) in {search_s:.0f} s")
             result.reason = (f"no VALID rate: p99 at the lowest QPS tried was {lowest.p99_ms:.3g} ms "
-                             f"(target_qps {lowest.qps:.4g}; scenario.latency_bound_ms={o.latency_bound_ms:g}; "
-                             f"fastest query {fastest:.3g} ms; {len(trials)} run(s) in {search_s:.0f} s)")
+                             f"({'; '.join(parts)})")
             result.details["loadgen.invalid_reason"] = result.reason
         result.artifacts = artifacts
         result.figure = Figure(result.figure.name, extra["server_max_qps"], result.figure.unit,
