@@ -18,7 +18,7 @@ from typing import Any, Optional
 import hydra
 from omegaconf import DictConfig
 
-from . import allowlist
+from . import hydra_patches
 from .config import register_configs
 from .errors import OrchestratorError, describe, first_line
 from .interrupts import DoubleInterrupt, restore_sigint
@@ -134,15 +134,13 @@ def _task(cfg: DictConfig) -> Any:
 
 
 def main() -> None:
-    import hydra._internal.utils as hydra_utils
-
     restore_sigint()  # started with SIGINT ignored (nohup, a backgrounded script), kill -INT must still stop it
     register_configs()
-    # hydra.callbacks / logging configs can name any callable: only the allowlisted ones run (orchestrator/allowlist.py)
-    allowlist.install()
+    # every composed config through the allowlist, and one-line errors: all Hydra patches, version-checked, in
+    # orchestrator/hydra_patches.py
+    hydra_patches.install(report_error)
     # conf/hydra/launcher/submitit_slurm.yaml extends the submitit plugin's schema of the same name on purpose
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
-    hydra_utils.run_and_report = report_error  # hydra-core is pinned (1.3.8): this private name is stable
     app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)
     from . import sweep
 
