@@ -50,7 +50,9 @@ def sweep(workdir: Path, args: List[str]) -> Dict[str, Any]:
     cmd = [sys.executable, "-m", "orchestrator", "-m", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
            "runtime.progress=false", f"hydra.sweep.dir={sweep_dir}", *args]
     t0 = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    # presets name ../shared relative to the checkout; the sweeps run in a scratch folder
+    env = {**os.environ, "ORCH_SHARED_DIR": os.environ.get("ORCH_SHARED_DIR", str(REPO.parent / "shared"))}
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
     wall = time.perf_counter() - t0
     jobs = {}
     for res in sorted(sweep_dir.glob("*/results.json")):

@@ -382,7 +382,8 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "optimization=[],[jit]", "runtime.batch_size=8,16", f"tracking.uri={uri}",
-                   f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=900)
+                   "race.max_alive=3", "race.max_rounds=8", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+                   timeout=900)
     out = proc.stdout + proc.stderr
     assert "raced in interleaved timing rounds" in out, out[-3000:]
     log = json.loads((sweep_dir / R.RACE_FILE).read_text())
@@ -393,7 +394,11 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
     assert log["jobs"]["1"]["reference_job"] == 1 and log["jobs"]["3"]["reference_job"] == 1
     assert log["jobs"]["2"]["reference_job"] == 0
     for job in log["jobs"].values():
-        assert job["rounds"] >= 6 and job["stopped"]
+        assert 6 <= job["rounds"] and job["stopped"]
+    # three processes at most: the eager fp32 jobs (prepared first) and job 2, then job 3 with the references
+    assert log["groups"] == [[0, 1, 2], [0, 1, 3]] and log["max_alive"] == 3
+    assert min(map(int, log["jobs"]["3"]["throughputs"])) > max(map(int, log["jobs"]["2"]["throughputs"]))
+    assert set(log["jobs"]["0"]["throughputs"]) >= set(log["jobs"]["3"]["throughputs"])
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
     children = {r.data.tags["job_num"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
@@ -407,6 +412,7 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
         assert res["metrics"]["race_rounds"] == log["jobs"][num]["rounds"]
 
 
+@pytest.mark.slow
 def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_file):
     """kill -9 of the sweep process: its jobs (own sessions, one waiting for its round, one in a long round) get the
     parent-death signal and end; none runs on as an orphan."""
@@ -529,6 +535,7 @@ def _children(uri):
     return {r.data.tags["job_num"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_race_ends_the_job_being_timed_and_the_race_goes_on(tmp_path, tiny_encoder, sts_file):
     import json
     import signal
@@ -549,6 +556,7 @@ def test_ctrl_c_in_a_race_ends_the_job_being_timed_and_the_race_goes_on(tmp_path
     assert log["jobs"]["0"]["stopped"].startswith("failed:") and log["jobs"]["1"]["rounds"] >= 6
 
 
+@pytest.mark.slow
 def test_sigterm_in_a_race_ends_every_job_killed(tmp_path, tiny_encoder, sts_file):
     import signal
 
