@@ -268,6 +268,8 @@ def optimize(checked: Checked, loaded: Loaded, prepared: Prepared, rec: Recorder
             rec.tracker.log_artifact(Path(path), f"plugins/{name}")
     compute = next((c for c in reversed(stack.compute) if c), None) or \
         ("bf16" if torch.bfloat16 in (ctx.dtype, autocast) else "fp32")
+    rec.results["compute"] = compute
+    rec.tag({"precision.compute": compute})
     return Optimized(model, measure.forward_fn(model, prepared.task.head, autocast), compute, stack.applied,
                      fallbacks)
 

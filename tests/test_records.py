@@ -121,3 +121,11 @@ def test_run_refuses_a_run_dir_that_holds_a_run(tmp_path, compose):
     with pytest.raises(ConfigError, match="already holds a run"):
         run(compose("tracking=off"), JobContext(run_dir=tmp_path))
     assert json.loads((tmp_path / "results.json").read_text()) == {"status": "FINISHED"}
+
+
+def test_a_row_names_the_precision_that_ran():
+    from orchestrator.records import shown_precision
+
+    assert shown_precision("fp32", "int8") == "int8"  # recipe=openvino_int8: int8 arithmetic on fp32 weights
+    assert shown_precision("fp32", "fp32") == "fp32" and shown_precision("fp32", None) == "fp32"
+    assert shown_precision("bf16_autocast", "bf16") == "bf16_autocast"
