@@ -286,7 +286,8 @@ def check_config(cfg: Any, overrides: Sequence[str] = ()) -> None:
 
 
 def install() -> None:
-    """Kept for callers of the former name: the checks are installed with the other Hydra patches."""
-    from . import hydra_patches
+    """Temporary, for orchestrator/cli.py until it calls ``hydra_patches.install(report_error)``; then delete it.
+    hydra_patches imports this module, so the way back goes by name (a static import would be a cycle)."""
+    import importlib
 
-    hydra_patches.install_checks()
+    importlib.import_module("orchestrator.hydra_patches").install_checks()

@@ -23,7 +23,8 @@ its config schema (registered as ``optimization/<name>``: the one place its defa
 5. ``process_state(stack)`` (classmethod context manager) is entered around a run whose stack names the plugin;
    with ``process_wide = True`` around **every** run in this process, whether the plugin is in the stack or not: a
    plugin whose package changes process-wide state (fusion passes registered for the whole process) keeps other
-   runs free of it there. It yields a function ``applied -> tags`` or None. :func:`process_states` lists them.
+   runs free of it there. It yields a function ``applied -> tags`` or None. :func:`process_states` (through
+   ``orchestrator.registry.plugins.process_states(stack)``) lists the ones to enter.
 
 Plugins import heavy or optional packages inside ``check``/``apply`` only, so choosing a stack without them
 (or importing ``orchestrator``) never touches those packages. What a plugin may import from the orchestrator is
@@ -34,7 +35,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Iterator, List, Optional
+from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional
 
 import torch
 
@@ -162,14 +163,13 @@ class Plugin:
             raise ConfigError(f"optimization.{cls.name}.{key}={value!r}: valid: {', '.join(choices)}")
 
 
-def process_states(stack: List[str]) -> List[Any]:
-    """The ``process_state(stack)`` context managers to enter around a run of ``stack``: those of the plugins in
-    the stack, and of every loadable plugin class that set ``process_wide``, each once, in registry order."""
-    from .registry import plugins
-
+def process_states(stack: List[str], classes: Iterable[type]) -> List[Any]:
+    """The ``process_state(stack)`` context managers to enter around a run of ``stack``: those of the plugin
+    ``classes`` in the stack, and of those that set ``process_wide``, each once, in the order given
+    (``orchestrator.registry.plugins.process_states(stack)`` passes every loadable plugin class)."""
     out = []
-    for name, cls in plugins.loadable().items():
-        if name in stack or getattr(cls, "process_wide", False):
+    for cls in classes:
+        if cls.name in stack or getattr(cls, "process_wide", False):
             out.append(cls.process_state(list(stack)))
     return out
 

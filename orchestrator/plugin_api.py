@@ -5,7 +5,7 @@ all they do. Names not listed in ``__all__`` are private and may change.
 - The contract: :class:`Plugin`, :class:`PluginContext`, :class:`NoOptions`, the stages, the errors a plugin raises
   (:class:`ConfigError` from ``validate_options``, :class:`PluginUnavailable` from ``check``/``apply``).
 - Helpers: :func:`quiet_transformers`, :func:`first_line`/:func:`describe` (one-line messages), :mod:`cpu`
-  capabilities (``cpu.has("amx")``).
+  capabilities (``cpu.has("amx")``), :func:`stack_label` (how a run names a stack: ``a+b``, the empty one).
 - Engines (the whole model in another runtime, or exported first): :class:`EngineModel`, :class:`TupleOutputs`,
   :func:`export_example`, :func:`output_names`, :func:`shape_variants`, :class:`Stopwatch`, :func:`file_mb`,
   :func:`calibration_inputs`, :class:`quiet_loggers`, :class:`export_step` (exporter output into
@@ -26,11 +26,12 @@ from .engines import (EXPORT_LOG, EngineModel, Stopwatch, TupleOutputs, calibrat
 from .errors import ConfigError, OrchestratorError, PluginUnavailable, RunInterrupted, describe, first_line
 from .plugin import (STAGE_CAPTURE, STAGE_PREPARE, STAGE_TRANSFORM, NoOptions, Plugin, PluginContext,
                      quiet_transformers)
+from .records import stack_label
 
 __all__ = [
     "Plugin", "PluginContext", "NoOptions", "STAGE_PREPARE", "STAGE_TRANSFORM", "STAGE_CAPTURE",
     "ConfigError", "OrchestratorError", "PluginUnavailable", "RunInterrupted", "describe", "first_line",
-    "quiet_transformers", "cpu",
+    "quiet_transformers", "cpu", "stack_label",
     "EngineModel", "TupleOutputs", "export_example", "output_names", "shape_variants", "Stopwatch", "file_mb",
     "calibration_inputs", "quiet_loggers", "export_step", "failure_cause", "EXPORT_LOG",
     "check_plugin", "PluginContractError",

@@ -97,6 +97,13 @@ class PluginRegistry(Registry):
             if b.stage < a.stage:
                 raise ConfigError(f"{shown}: '{b.name}' must come before '{a.name}'; valid order: {self.order_hint()}")
 
+    def process_states(self, stack: List[str]) -> list:
+        """The ``process_state`` context managers to enter around a run of ``stack`` (plugins in the stack and those
+        that opted in with ``process_wide``; see orchestrator.plugin.process_states)."""
+        from .plugin import process_states
+
+        return process_states(stack, self.loadable().values())
+
     def order_hint(self) -> str:
         by_stage: Dict[int, List[str]] = {}
         alone = []

@@ -37,7 +37,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from orchestrator.plugin_api import STAGE_PREPARE, Plugin, PluginContext, first_line
+from orchestrator.plugin_api import STAGE_PREPARE, Plugin, PluginContext, first_line, stack_label
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def environment_problem() -> Optional[str]:
 
 def _fusion_tags(state: str, applied: List[str]) -> dict:
     """Tags (and a log line) saying whether IPEX's process-wide passes touched a run without ipex."""
-    stack = "+".join(applied) or "eager"
+    stack = stack_label(applied)
     if state == "off":
         log.info("intel_extension_for_pytorch was imported earlier in this process: its TorchScript fusion passes "
                  "are off for this run (%s)", stack)

@@ -20,8 +20,8 @@ from conftest import make_tiny_model, needs_bf16, tiny_sts_overrides
 from orchestrator.errors import ConfigError, PluginUnavailable
 from orchestrator.runner import run
 from test_plugins import ctx_for, forward, padded_batch
-from test_question_answering import qa_overrides, small_squad, tiny_qa_model  # noqa: F401 (fixtures)
-from test_token_classification import conll_file, ner_overrides, tiny_ner  # noqa: F401 (fixtures)
+from test_question_answering import qa_overrides, small_squad  # noqa: F401 (fixtures)
+from test_token_classification import conll_file, ner_overrides  # noqa: F401 (fixtures)
 
 HAS_ORT = all(importlib.util.find_spec(m) for m in ("onnxruntime", "onnx", "onnxscript"))
 HAS_OV = all(importlib.util.find_spec(m) for m in ("openvino", "nncf"))

@@ -83,3 +83,147 @@ def test_builtin_data_resolves_in_any_installed_package(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     assert builtin_path("sample_data_pkg/rows.tsv") == pkg / "rows.tsv"
     assert builtin_path("sts_smoke.tsv").name == "sts_smoke.tsv" and builtin_path("sts_smoke.tsv").is_file()
+
+
+# -- the public plugin API (orchestrator.plugin_api) ----------------------------------------------------------------------
+
+def test_builtins_import_nothing_private_from_the_orchestrator():
+    """What a built-in plugin uses, an out-of-tree one can import: orchestrator.plugin_api and nothing else."""
+    import ast
+
+    for path in sorted((REPO / "plugins").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else []
+            for name in names:
+                if name == "orchestrator" or name.startswith("orchestrator."):
+                    assert name == "orchestrator.plugin_api", f"plugins/{path.name} imports {name}"
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("orchestrator_plugins."):
+                assert all(not a.name.startswith("_") for a in node.names), f"plugins/{path.name}: private import"
+    from orchestrator import plugin_api
+
+    assert all(hasattr(plugin_api, n) for n in plugin_api.__all__)
+
+
+def test_the_example_plugins_conformance_test_passes(tmp_path, monkeypatch):
+    import importlib
+
+    monkeypatch.syspath_prepend(str(EXAMPLE))
+    module = importlib.import_module("test_orchestrator_attention")
+    module.test_the_class_keeps_the_contract()
+    module.test_check_apply_and_what_it_reports_keep_the_contract(tmp_path)
+
+
+def test_every_builtin_keeps_the_contract_as_a_class():
+    from orchestrator.plugin_api import check_plugin
+    from orchestrator.registry import plugins
+
+    for name in plugins.names():
+        check_plugin(plugins.get(name))
+
+
+def test_check_plugin_lists_every_breach(tmp_path, tiny_encoder):
+    import dataclasses
+
+    import torch
+    from transformers import AutoModel
+
+    from orchestrator.plugin_api import Plugin, PluginContractError, check_plugin
+
+    class NotAPlugin:
+        name = "x"
+
+    with pytest.raises(PluginContractError, match="is not a subclass of orchestrator.plugin_api.Plugin"):
+        check_plugin(NotAPlugin)
+
+    @dataclasses.dataclass
+    class Opts:
+        level: int = -1
+
+    class Sloppy(Plugin):
+        name = "Sloppy Plugin"
+        conflicts = "jit"
+        Options = Opts
+
+        @classmethod
+        def validate_options(cls, o):
+            cls.require_at_least("level", o.level, 0)
+
+    with pytest.raises(PluginContractError) as e:
+        check_plugin(Sloppy)
+    lines = str(e.value).splitlines()
+    assert lines[0].endswith("Sloppy breaks the orchestrator plugin contract:")
+    assert "- name='Sloppy Plugin': must be a lower-case identifier (what users type in optimization=[...])" in lines
+    assert "- conflicts='jit': must be a tuple of names" in lines
+    assert "- Options: the defaults must make a valid config schema and pass validate_options " \
+           "(optimization.Sloppy Plugin.level=-1: must be >= 0)" in lines
+    assert "- apply: not implemented" in lines
+
+    class Tuples(Plugin):
+        name = "tuples"
+
+        def apply(self, model, ctx):
+            return lambda **inputs: (model(**inputs).last_hidden_state,)
+
+    model = AutoModel.from_pretrained(tiny_encoder).eval()
+    batch = {"input_ids": torch.tensor([[2, 7, 8, 3], [2, 9, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1],
+                                                                                                     [1, 1, 1, 0]])}
+    with pytest.raises(PluginContractError, match="the optimized model returned tuple: it must return a mapping"):
+        check_plugin(Tuples, model, batch, run_dir=tmp_path)
+
+
+def test_the_registry_refuses_an_entry_point_that_is_no_plugin_in_one_line():
+    from orchestrator.errors import ConfigError
+    from orchestrator.registry import Registry
+
+    class EP:
+        name, value = "oops", "some_pkg.module:helper"
+
+        @staticmethod
+        def load():
+            def helper():
+                pass
+            return helper
+
+    registry = Registry("orchestrator.plugins", "optimization plugin", base="orchestrator.plugin:Plugin")
+    registry._eps = {"oops": EP}
+    with pytest.raises(ConfigError) as e:
+        registry.get("oops")
+    assert str(e.value) == ("optimization plugin 'oops': entry point orchestrator.plugins:oops = "
+                            "some_pkg.module:helper is a function "
+                            "test_the_registry_refuses_an_entry_point_that_is_no_plugin_in_one_line.<locals>.EP.load."
+                            "<locals>.helper, not a subclass of orchestrator.plugin_api.Plugin; fix or uninstall the "
+                            "package that registers it")
+    with pytest.raises(ConfigError, match=r"^task 'x': the registered object is a class builtins.dict, not a subclass "
+                                          r"of orchestrator.tasks.base.Task"):
+        Registry("orchestrator.tasks", "task", base="orchestrator.tasks.base:Task").register("x", dict)
+
+
+def test_process_state_is_entered_for_the_stack_and_for_plugins_that_opt_in(monkeypatch):
+    import contextlib
+
+    from orchestrator.plugin import Plugin
+    from orchestrator.registry import plugins
+
+    entered = []
+
+    def make(name, wide):
+        class P(Plugin):
+            process_wide = wide
+
+            @classmethod
+            @contextlib.contextmanager
+            def process_state(cls, stack):
+                entered.append(cls.name)
+                yield None
+
+        P.name = name
+        return P
+
+    monkeypatch.setattr(plugins, "_loaded", {**plugins._loaded, "in_stack": make("in_stack", False),
+                                             "bystander": make("bystander", False), "global": make("global", True)})
+    with contextlib.ExitStack() as stack:
+        for cm in plugins.process_states(["in_stack"]):
+            stack.enter_context(cm)
+    assert sorted(entered) == ["global", "in_stack"]
+    assert plugins.get("ipex").process_wide and not plugins.get("pt2e").process_wide

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import StrEnum
 
-from orchestrator.plugin import STAGE_TRANSFORM, Plugin, PluginContext
+from orchestrator.plugin_api import STAGE_TRANSFORM, Plugin, PluginContext, first_line
 
 
 class Implementation(StrEnum):
@@ -43,6 +43,6 @@ class AttentionPlugin(Plugin):
             model.set_attn_implementation(str(self.options.implementation))
         except (ValueError, AttributeError) as e:
             raise self.unavailable(f"{type(model).__name__} cannot use attention {self.options.implementation}: "
-                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}")
+                                   f"{first_line(e)}")
         self._details = {"implementation": str(self.options.implementation), "was": str(before)}
         return model
