@@ -23,8 +23,8 @@ its config schema (registered as ``optimization/<name>``: the one place its defa
 5. ``process_state(stack)`` (classmethod context manager) is entered around a run whose stack names the plugin;
    with ``process_wide = True`` around **every** run in this process, whether the plugin is in the stack or not: a
    plugin whose package changes process-wide state (fusion passes registered for the whole process) keeps other
-   runs free of it there. It yields a function ``applied -> tags`` or None. :func:`process_states` (through
-   ``orchestrator.registry.plugins.process_states(stack)``) lists the ones to enter.
+   runs free of it there. It yields a function ``applied -> tags`` or None. :func:`process_states` lists the ones
+   to enter.
 
 Plugins import heavy or optional packages inside ``check``/``apply`` only, so choosing a stack without them
 (or importing ``orchestrator``) never touches those packages. What a plugin may import from the orchestrator is
@@ -163,12 +163,14 @@ class Plugin:
             raise ConfigError(f"optimization.{cls.name}.{key}={value!r}: valid: {', '.join(choices)}")
 
 
-def process_states(stack: List[str], classes: Iterable[type]) -> List[Any]:
+def process_states(stack: List[str], classes: Optional[Iterable[type]] = None) -> List[Any]:
     """The ``process_state(stack)`` context managers to enter around a run of ``stack``: those of the plugin
-    ``classes`` in the stack, and of those that set ``process_wide``, each once, in the order given
-    (``orchestrator.registry.plugins.process_states(stack)`` passes every loadable plugin class)."""
+    classes in the stack, and of those that set ``process_wide``, each once, in registry order (``classes``:
+    every loadable registered plugin class unless given)."""
+    from .registry import plugins
+
     out = []
-    for cls in classes:
+    for cls in (plugins.loadable().values() if classes is None else classes):
         if cls.name in stack or getattr(cls, "process_wide", False):
             out.append(cls.process_state(list(stack)))
     return out

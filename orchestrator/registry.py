@@ -58,13 +58,17 @@ class Registry:
         self._loaded[name] = cls
         return cls
 
+    def _base_module(self):
+        """The module defining the contract (by name: the contract's module uses the registry, not the other way)."""
+        return importlib.import_module(str(self.base).partition(":")[0])
+
     def _check_class(self, name: str, cls: object, where: str) -> None:
         """An entry point must name a class of the contract: anything else (a function, a module, an unrelated
         class) would fail later, somewhere far from the package that registered it."""
         if self.base is None:
             return
         module, _, attr = self.base.partition(":")
-        base = getattr(importlib.import_module(module), attr)
+        base = getattr(self._base_module(), attr)
         if not (isinstance(cls, type) and issubclass(cls, base)):
             what = f"class {cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else \
                 f"{type(cls).__name__} {getattr(cls, '__qualname__', repr(cls))}"
@@ -88,21 +92,13 @@ class PluginRegistry(Registry):
             for other in cls.conflicts:
                 if other in stack:
                     raise ConfigError(f"{shown}: '{cls.name}' and '{other}' cannot be combined; choose one")
-        from .plugin import STAGE_CAPTURE
-
-        capturers = [c.name for c in classes if c.stage >= STAGE_CAPTURE]
+        capture = self._base_module().STAGE_CAPTURE
+        capturers = [c.name for c in classes if c.stage >= capture]
         if len(capturers) > 1:
             raise ConfigError(f"{shown}: {' and '.join(capturers)} both capture a graph; use one of them, last")
         for a, b in zip(classes, classes[1:]):
             if b.stage < a.stage:
                 raise ConfigError(f"{shown}: '{b.name}' must come before '{a.name}'; valid order: {self.order_hint()}")
-
-    def process_states(self, stack: List[str]) -> list:
-        """The ``process_state`` context managers to enter around a run of ``stack`` (plugins in the stack and those
-        that opted in with ``process_wide``; see orchestrator.plugin.process_states)."""
-        from .plugin import process_states
-
-        return process_states(stack, self.loadable().values())
 
     def order_hint(self) -> str:
         by_stage: Dict[int, List[str]] = {}

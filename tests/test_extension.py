@@ -202,7 +202,7 @@ def test_the_registry_refuses_an_entry_point_that_is_no_plugin_in_one_line():
 def test_process_state_is_entered_for_the_stack_and_for_plugins_that_opt_in(monkeypatch):
     import contextlib
 
-    from orchestrator.plugin import Plugin
+    from orchestrator.plugin import Plugin, process_states
     from orchestrator.registry import plugins
 
     entered = []
@@ -223,7 +223,7 @@ def test_process_state_is_entered_for_the_stack_and_for_plugins_that_opt_in(monk
     monkeypatch.setattr(plugins, "_loaded", {**plugins._loaded, "in_stack": make("in_stack", False),
                                              "bystander": make("bystander", False), "global": make("global", True)})
     with contextlib.ExitStack() as stack:
-        for cm in plugins.process_states(["in_stack"]):
+        for cm in process_states(["in_stack"]):
             stack.enter_context(cm)
     assert sorted(entered) == ["global", "in_stack"]
     assert plugins.get("ipex").process_wide and not plugins.get("pt2e").process_wide
