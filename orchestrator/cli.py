@@ -82,11 +82,14 @@ def report_error(func: Any) -> Any:
 
 
 def exit_code(ex: BaseException) -> int:
-    """2 for input the user can fix (config, data, model, plugin choice); 1 for anything else."""
+    """2 for input the user can fix (config, data, model, plugin choice); an error's own ``exit_status`` where it
+    has one (a measured failure 1, SIGTERM 143); 1 for anything else."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    return 2 if isinstance(ex, (OrchestratorError, HydraException, OmegaConfBaseException)) else 1
+    if isinstance(ex, OrchestratorError):
+        return int(ex.exit_status)
+    return 2 if isinstance(ex, (HydraException, OmegaConfBaseException)) else 1
 
 
 _interrupts = DoubleInterrupt()

@@ -155,6 +155,10 @@ class RunConfig:
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
+    # how queries reach the model and what the run is judged by, through MLPerf's LoadGen (orchestrator/scenarios):
+    # scenario=offline|single_stream|multi_stream|server, typed by the scenario's own Options; {} (no scenario):
+    # the closed-loop timing pass over runtime.* settings
+    scenario: Dict[str, Any] = field(default_factory=dict)
     # how a multirun times its jobs: interleaved, paired rounds across the jobs' processes (orchestrator/race.py)
     race: RaceConfig = field(default_factory=RaceConfig)
     # skip a job whose identical config (same digest) already FINISHED in the tracking store
@@ -177,6 +181,9 @@ def register_configs() -> None:
     # `dataset.task_options.<key>=...` is typed and its defaults live only in the task's Options dataclass
     _store_schemas(cs, tasks, "dataset/task_options", lambda name: "dataset.task_options")
     _store_schemas(cs, plugins, "optimization", lambda name: f"optimization.{name}")
+    from .scenarios import register_configs as register_scenarios
+
+    register_scenarios(cs)
 
 
 def _store_schemas(cs: ConfigStore, registry, group: str, package) -> None:
@@ -311,6 +318,10 @@ def validated(cfg: DictConfig | RunConfig) -> Tuple[RunConfig, Any, List[Any]]:
     # every option of every component, before anything loads: a typo never costs a model load
     task_cls = tasks.get(d.task)
     task_cls.parse_options(d.task_options)
+    if rc.scenario:
+        from .scenarios import get as scenario_class
+
+        scenario_class(str(rc.scenario.get("name"))).parse_options(rc.scenario)
     from .pipeline import build_plugins
 
     return rc, task_cls, build_plugins(rc.optimization)

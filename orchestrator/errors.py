@@ -3,7 +3,9 @@ from __future__ import annotations
 
 
 class OrchestratorError(Exception):
-    """A user-facing failure: the CLI prints ``error: <message>`` and nothing more, and exits 2."""
+    """A user-facing failure: the CLI prints ``error: <message>`` and nothing more, and exits ``exit_status``
+    (2: input the user can fix)."""
+    exit_status = 2
 
 
 class ConfigError(OrchestratorError):
@@ -28,7 +30,18 @@ class DatasetError(OrchestratorError):
 
 
 class RunInterrupted(OrchestratorError):
-    """The run was stopped from outside (SIGTERM/SIGINT) or by runtime.timeout_s; it ends KILLED."""
+    """The run was stopped from outside (SIGTERM/SIGINT) or by runtime.timeout_s; it ends KILLED. Exit status
+    128 + the signal's number for a signal (143 for SIGTERM, as a shell reports it), 1 for the timeout."""
+
+    def __init__(self, message: str, signum: int = 0):
+        super().__init__(message)
+        self.exit_status = 128 + signum if signum else 1
+
+
+class MeasuredFailure(OrchestratorError):
+    """The run measured what it was asked to and the answer is a failure (e.g. a LoadGen scenario with no VALID
+    rate under its latency bound): recorded in full, one line, exit status 1."""
+    exit_status = 1
 
 
 _ANSI = None

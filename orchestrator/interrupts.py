@@ -81,7 +81,7 @@ def interruptible(timeout_s: Optional[float]):
         return
 
     def on_term(signum, frame):
-        deliver(RunInterrupted(f"terminated by signal {signal.Signals(signum).name}"))
+        deliver(RunInterrupted(f"terminated by signal {signal.Signals(signum).name}", signum))
 
     def on_alarm(signum, frame):
         deliver(RunInterrupted(f"runtime.timeout_s={timeout_s:g} exceeded"))

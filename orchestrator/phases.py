@@ -27,7 +27,7 @@ from . import cpu, data, devdata, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, validated
 from .context import JobContext
 from .environment import available_cpus, pkg_version
-from .errors import RunInterrupted
+from .errors import MeasuredFailure, RunInterrupted
 from .errors import describe as describe_error
 from .plugin import Plugin, PluginContext
 from .records import DECISIONS_FILE, RunRecord, stack_label
@@ -75,6 +75,8 @@ class Checked:
     plugins: List[Plugin]
     early_fallbacks: Dict[str, str]  # plugins dropped by check() under on_plugin_error=fallback, with why
     thread_metrics: Dict[str, float]
+    scenario: Any = None  # the chosen LoadGen scenario (an instance) and its parsed options, or None
+    scenario_options: Any = None
 
     def batches_of(self, rows, pad_id: int, sort: bool) -> List[measure.Batch]:
         r = self.rc.runtime
@@ -159,7 +161,14 @@ def preflight(rc: RunConfig) -> Checked:
                            **({"dataset.calibration_data_files": rc.dataset.calibration_data_files}
                               if calibrates else {})})
     warn_hardware(rc, plugins, ctx)
-    return Checked(rc, task_cls, plugins, early_fallbacks, thread_metrics)
+    scenario, options = None, None
+    if rc.scenario:
+        from . import scenarios
+
+        cls = scenarios.get(str(rc.scenario.get("name")))
+        cls.check()  # LoadGen installed: one line naming the extra otherwise
+        scenario, options = cls(), cls.parse_options(rc.scenario)
+    return Checked(rc, task_cls, plugins, early_fallbacks, thread_metrics, scenario, options)
 
 
 def load(checked: Checked, rec: Recorder) -> Loaded:
@@ -289,8 +298,16 @@ def evaluate(checked: Checked, prepared: Prepared, opt: Optimized, rec: Recorder
     m = rec.results["metrics"]
     log.info("accuracy pass: %d features in %d batches", len(prepared.features), len(prepared.batches))
     t0 = time.perf_counter()
-    outputs, lat = measure.run_all(opt.step, prepared.batches, len(prepared.features), desc="accuracy pass",
-                                   progress=checked.rc.runtime.progress)
+    if checked.scenario is not None:
+        # LoadGen's accuracy mode is the evaluation: every row served once, in the scenario's query pattern
+        acc = checked.scenario.accuracy(opt.step, prepared.features.rows, _collate(checked, prepared),
+                                        checked.scenario_options, rec.run_dir / "loadgen")
+        outputs, lat = acc.outputs, [acc.metrics.get("loadgen_accuracy_wall_s", time.perf_counter() - t0)]
+        rec.record(acc.metrics)
+        _log_loadgen(rec, acc.artifacts)
+    else:
+        outputs, lat = measure.run_all(opt.step, prepared.batches, len(prepared.features), desc="accuracy pass",
+                                       progress=checked.rc.runtime.progress)
     forward_s = sum(lat)
     t1 = time.perf_counter()
     task_metrics, predictions = prepared.task.evaluate(prepared.dataset, prepared.features, outputs)
@@ -318,10 +335,54 @@ def write_decisions(checked: Checked, evaluated: Optional[Evaluated], run_dir: P
     (run_dir / DECISIONS_FILE).write_text(json.dumps(decisions, default=str))
 
 
+def _collate(checked: Checked, prepared: Prepared) -> Callable:
+    from . import scenarios
+
+    return scenarios.collate_with(prepared.pad_id, checked.rc.runtime)
+
+
+def _log_loadgen(rec: Recorder, paths) -> None:
+    """LoadGen's logs as run artifacts, each under the folder of the LoadGen run it belongs to."""
+    root = rec.run_dir / "loadgen"
+    for p in paths:
+        p = Path(p)
+        try:
+            sub = p.parent.relative_to(root).as_posix()
+        except ValueError:
+            sub = ""
+        rec.tracker.log_artifact(p, f"loadgen/{sub}".rstrip("/."))
+
+
+class ScenarioInvalid(MeasuredFailure):
+    """The scenario's LoadGen result is not VALID (e.g. no rate meets the latency bound): measured, not a crash."""
+
+
+def run_scenario(checked: Checked, prepared: Prepared, opt: Optimized, rec: Recorder, job: JobContext) -> None:
+    """The timing pass as a LoadGen scenario: its figure of merit, LoadGen's verdict and logs. A result that is not
+    VALID is recorded in full, then ends the run in one line (exit status 1)."""
+    sc = checked.scenario
+    if job.race is not None:  # LoadGen times a scenario job alone: it takes no part in the sweep's rounds
+        job.race.abort(f"scenario={sc.name} is timed by LoadGen, alone")
+    log.info("timing pass: scenario %s through MLPerf LoadGen", sc.name)
+    result = sc.run(opt.step, prepared.features.rows, _collate(checked, prepared), checked.scenario_options,
+                    rec.run_dir / "loadgen")
+    rec.record(result.metrics)
+    rec.tag({**result.details, "scenario": sc.name, "scenario.valid": str(result.valid).lower()})
+    rec.results["scenario"] = {"name": result.scenario, "figure": result.figure._asdict(), "valid": result.valid,
+                               "reason": result.reason, "compliant": result.compliant}
+    _log_loadgen(rec, result.artifacts)
+    if not result.valid:
+        raise ScenarioInvalid(f"scenario={sc.name}: {result.reason}")
+
+
 def time_step(checked: Checked, prepared: Prepared, opt: Optimized, evaluated: Evaluated, rec: Recorder,
-              job: JobContext, rss_mb: Callable[[], float]) -> measure.TimingResult:
-    """The timing pass: alone (runtime.repeats rounds), or raced against the sweep's other jobs when the launcher
-    races them (job.race); then the check that what was timed is what was evaluated."""
+              job: JobContext, rss_mb: Callable[[], float]) -> Optional[measure.TimingResult]:
+    """The timing pass: a LoadGen scenario when one is chosen; else alone (runtime.repeats rounds), or raced
+    against the sweep's other jobs when the launcher races them (job.race), then the check that what was timed is
+    what was evaluated."""
+    if checked.scenario is not None:
+        run_scenario(checked, prepared, opt, rec, job)
+        return None
     r = checked.rc.runtime
     audit = measure.TimedOutputs(prepared.batches, TEST01_BATCHES, r.seed)
     step = audit.wrap(opt.step)
@@ -376,9 +437,9 @@ def timed_equals_evaluated(prepared: Prepared, evaluated: Evaluated, audit: meas
         log.error("%s", reason)
 
 
-def count_flops(prepared: Prepared, ref: Reference, opt: Optimized, timing: measure.TimingResult,
+def count_flops(prepared: Prepared, ref: Reference, opt: Optimized, timing: Optional[measure.TimingResult],
                 rec: Recorder) -> None:
-    if ref.flop_coef is None:
+    if ref.flop_coef is None or timing is None:
         return
     flop_metrics, peak_note = _flop_metrics(ref.flop_coef, prepared.batches, timing, opt.compute)
     rec.record(flop_metrics)
