@@ -1,10 +1,9 @@
 """Server: one-sample queries with Poisson arrivals at a target rate; the SUT batches what has arrived (up to
 ``max_batch``, waiting at most ``batch_timeout_ms``). The figure is the highest target QPS whose run LoadGen finds
 VALID with p99 <= ``latency_bound_ms``, searched the way MLPerf submitters do: short runs bracket the rate
-(double or halve it) and bisect to ``tolerance``, judged by the latency bound alone (a short run has too few
-queries for early stopping); then a verifying run at the rate found, at the full (possibly compliant) length,
-must be VALID in every respect.
-The search is bounded by ``search_budget_s`` and ``max_runs``; a bound no rate meets is a result (valid false:
+(double or halve it) and bisect to ``tolerance``, judged by the latency bound and by LoadGen's early-stopping
+rule projected onto the verifying run's query count (a short run has too few queries for it itself); then a
+verifying run at the rate found, at the full (possibly compliant) length, must be VALID in every respect. The search is bounded by ``search_budget_s`` and ``max_runs``; a bound no rate meets is a result (valid false:
 "no VALID rate: ..."), not an error.
 """
 from __future__ import annotations
@@ -35,7 +34,8 @@ class ServerOptions(ScenarioOptions):
     # queries in the verifying run. LoadGen's early stopping lets a run keep a few queries over the bound only
     # when it has enough of them: with fewer than ~660, one query over the bound makes it INVALID
     min_query_count: int = 1024
-    # queries in each search run (judged by p99 <= bound; early stopping is the verifying run's business)
+    # queries in each search run: judged by p99 <= bound, and by whether the share of queries over the bound would
+    # pass early stopping in a run of min_query_count queries
     search_min_query_count: int = 256
     # false: one run at target_qps (no search)
     search: bool = True
@@ -54,13 +54,20 @@ class Trial:
     outcome: "loadgen.Outcome"
     verifying: bool = False
 
+    verify_queries: int = 0
+
     @property
     def ok(self) -> bool:
-        """Verifying: LoadGen's VALID. Searching: p99 within the bound over a run that was not cut short."""
+        """Verifying: LoadGen's VALID. Searching: p99 within the bound over a run that was not cut short, and the
+        share of queries over the bound low enough that the verifying run's early stopping would hold."""
         if self.verifying:
             return self.outcome.valid
         m = self.outcome.metrics
-        return m.get("loadgen_perf_constraints_met") == 1.0 and m.get("loadgen_min_queries_met") == 1.0
+        if not (m.get("loadgen_perf_constraints_met") == 1.0 and m.get("loadgen_min_queries_met") == 1.0):
+            return False
+        n = max(self.verify_queries, 1)
+        over = round(m.get("loadgen_overlatency_queries", 0.0) / max(m.get("loadgen_query_count", 1.0), 1.0) * n)
+        return early_stopping_holds(int(over), n)
 
     @property
     def p99_ms(self) -> float:
@@ -71,6 +78,14 @@ class Trial:
                 "p99_ms": self.p99_ms, "min_latency_ms": self.outcome.metrics.get("loadgen_latency_min_ms"),
                 "completed_qps": self.outcome.metrics.get("loadgen_completed_qps"), "reason": self.outcome.reason,
                 "log_dir": str(self.outcome.run.log_dir) if self.outcome.run else None}
+
+
+def early_stopping_holds(over: int, n: int, percentile: float = 0.99, confidence: float = 0.99) -> bool:
+    """LoadGen's early-stopping test for Server runs (its MinPassingQueriesFinder): with ``over`` of ``n`` queries
+    over the bound, is the ``percentile`` latency within it at ``confidence``? (No query over: n >= 459.)"""
+    from scipy.stats import binom
+
+    return over <= n and float(binom.cdf(over, n, 1.0 - percentile)) <= 1.0 - confidence
 
 
 class Server(Scenario):
@@ -126,7 +141,8 @@ class Server(Scenario):
                 settings.server_max_async_queries = int(math.ceil(4 * qps * o.latency_bound_ms / 1000.0)) + 64 + \
                     (o.max_batch or 1)
             label = f"{len(trials) + 1:02d}_{'verify' if verifying else 'search'}_qps_{qps:.4g}"
-            t = Trial(qps, self.perf_run(lg, sut_step, rows, make_batches, o, settings, out_dir / label), verifying)
+            t = Trial(qps, self.perf_run(lg, sut_step, rows, make_batches, o, settings, out_dir / label), verifying,
+                      o.min_query_count)
             trials.append(t)
             return t
 
