@@ -115,6 +115,25 @@ def test_the_server_search_brackets_bisects_then_verifies(monkeypatch, tmp_path)
     assert result.valid and result.figure.value == 975.0 and result.metrics["server_verify_runs"] == 1.0
 
 
+def test_a_failed_verifying_run_steps_the_rate_down(monkeypatch, tmp_path):
+    """Short runs pass up to 1000 QPS, full-length ones only up to 800 (a busier machine, a longer tail)."""
+    from orchestrator.scenarios import server as srv
+
+    def fake_run(self, lg, step, rows, make_batches, options, settings, out_dir):
+        qps, full = settings.server_target_qps, settings.min_query_count == 1024
+        ok = qps <= (800.0 if full else 1000.0)
+        metrics = {"loadgen_perf_constraints_met": float(ok), "loadgen_min_queries_met": 1.0,
+                   "loadgen_query_count": float(settings.min_query_count), "loadgen_overlatency_queries": 0.0,
+                   "loadgen_latency_p99_ms": 10.0 if ok else 500.0, "loadgen_latency_min_ms": 1.0}
+        return loadgen.Outcome(ok, False, "" if ok else "not met: latency bound", metrics, {})
+
+    monkeypatch.setattr(srv.Server, "perf_run", fake_run)
+    monkeypatch.setattr(loadgen, "estimate", lambda *a, **k: loadgen.Estimate(0.001, 600.0, 8))
+    result = srv.Server().run(None, [{}] * 10, None, {"latency_bound_ms": 50.0, "tolerance": 0.05}, tmp_path)
+    assert result.valid and result.figure.value == pytest.approx(975.0 * 0.9 * 0.9)  # two 10 % steps down
+    assert result.metrics["server_verify_runs"] == 3.0
+
+
 def test_the_search_projects_loadgens_early_stopping_rule():
     """Numbers from LoadGen 6.0.17's own logs: 'would need to run at least N more queries' for t over the bound."""
     from orchestrator.scenarios.server import early_stopping_holds
