@@ -7,9 +7,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import mlflow_store, run_cli, runs_of
 
 BATCH_SIZES = [1, 2, 4, 8, 16]
 
@@ -18,12 +17,11 @@ BATCH_SIZES = [1, 2, 4, 8, 16]
 def batch_sweep(tmp_path_factory, tiny_encoder, sts_file):
     """A five-job sweep over runtime.batch_size (in-process jobs: accounting and labels, not timing, are tested)."""
     tmp = tmp_path_factory.mktemp("batch-sweep")
-    uri = f"sqlite:///{tmp / 'store.db'}"
+    uri = mlflow_store(tmp / "store.db")
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    f"runtime.batch_size={','.join(map(str, BATCH_SIZES))}", "hydra/launcher=basic",
                    f"tracking.uri={uri}", cwd=tmp)
-    client = MlflowClient(uri)
-    runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
+    client, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("sweep") == "true")
     return proc, client, parent, [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
 
@@ -71,6 +69,7 @@ def test_run_names_carry_the_swept_values(batch_sweep):
     assert all("runtime.batch_size=" in r.data.tags["overrides"] for r in children)  # the full overrides stay
 
 
+@pytest.mark.slow
 def test_a_run_says_what_it_is_doing_and_warns_about_emulated_bf16(tmp_path, tiny_encoder, sts_file):
     """Status lines per phase before the progress bars; bf16 on a CPU without native bf16 gets one line (an AVX2
     cap of oneDNN stands in for an AVX2-only CPU on any machine)."""
@@ -87,6 +86,7 @@ def test_a_run_says_what_it_is_doing_and_warns_about_emulated_bf16(tmp_path, tin
     assert "p90 ms" in proc.stdout  # runtime=single_stream tells users to read it: every run shows it
 
 
+@pytest.mark.slow
 def test_int8_without_vnni_is_one_warning_line(tmp_path, tiny_encoder, sts_file):
     proc = run_cli(f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "optimization=[quantize]", "dataset.max_samples=8", "tracking=off", cwd=tmp_path,

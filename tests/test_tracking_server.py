@@ -1,57 +1,20 @@
 """A real `mlflow server` on loopback (sqlite backend, artifact folder): a sweep logs to it, MlflowClient reads it."""
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import MlflowServer, run_cli, runs_of
 
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def mlflow_server(tmp_path):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_ALLOW_FILE_STORE": "false"})
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            time.sleep(1)
-    else:
-        proc.kill()
-        pytest.fail("mlflow server did not answer /health within 120 s")
-    yield url, tmp_path / "server-artifacts"
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    server = MlflowServer(tmp_path / "server").start()  # its own folder: the client's must stay clean
+    yield server.url, server.artifacts
+    server.stop()
 
 
 def test_sweep_against_a_real_tracking_server(tmp_path, mlflow_server, tiny_encoder, sts_file):
@@ -59,9 +22,7 @@ def test_sweep_against_a_real_tracking_server(tmp_path, mlflow_server, tiny_enco
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "tracking=server", f"tracking.uri={url}", "optimization=[],[jit]", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client = MlflowClient(url)
-    exp = client.get_experiment_by_name("orchestrator")
-    runs = client.search_runs([exp.experiment_id])
+    client, runs = runs_of(url)
     parent = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parent) == 1 and len(children) == 2

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import make_tiny_model, run_cli, tiny_sts_overrides
+from conftest import mlflow_store, run_cli, tiny_sts_overrides, write_squad
 from test_plugins import make_tiny_gpt2
 
 
@@ -22,7 +22,7 @@ def bert_config_gpt2_weights(tmp_path_factory, tiny_encoder):
 
 @pytest.mark.slow
 def test_weights_that_do_not_match_the_config_are_refused(tmp_path, bert_config_gpt2_weights, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli(*tiny_sts_overrides(bert_config_gpt2_weights, sts_file, uri), cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
@@ -41,10 +41,8 @@ def qa_args(model, squad, uri):
 
 @pytest.mark.slow
 def test_a_random_task_head_is_refused_unless_asked_for(tmp_path, tiny_encoder):
-    from conftest import write_squad
-
     squad = write_squad(tmp_path / "s.json", [("alpha beta gamma delta", [("q1", "beta gamma", "gamma")])])
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     refused = run_cli(*qa_args(tiny_encoder, squad, uri), cwd=tmp_path)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1] == (
