@@ -268,7 +268,13 @@ class Race:
     def next_round(self) -> Tuple[int, List[int]]:
         """The next round's number and its order of the live jobs (fresh, seeded by race.seed and the round)."""
         self.round += 1
-        order = sorted(c.job for c in self.live())
+        live = self.live()
+
+        def needed(c: Contender) -> bool:  # a reference nothing is paired with any more has had its rounds
+            return (not self.is_reference(c) or len(c.throughputs) < self.cfg.min_rounds
+                    or any(o.reference == c.job and o is not c for o in live))
+
+        order = sorted(c.job for c in live if needed(c))
         random.Random(self.cfg.seed * 1_000_003 + self.round).shuffle(order)
         self.rounds.append({"round": self.round, "order": list(order), "throughputs": {}, "spans": {}})
         return self.round, order

@@ -569,3 +569,17 @@ def test_sigterm_in_a_race_ends_every_job_killed(tmp_path, tiny_encoder, sts_fil
     assert done.returncode != 0
     assert "SIGTERM: ending the sweep's jobs (KILLED)" in done.stdout + done.stderr
     assert sorted(r.info.status for r in _children(uri).values()) == ["KILLED", "KILLED"]
+
+
+def test_a_reference_nothing_is_paired_with_is_not_timed_beyond_min_rounds():
+    world = World(0, sigma=0.01, p_out=0.0)
+    race = R.Race(R.RaceConfig(), clock=lambda: world.t)
+    runners = {0: FakeJob(world, 1.0), 1: FakeJob(world, 1.0), 2: FakeJob(world, 1.3)}
+    race.add(R.Contender(job=0, key="a", workload="w", baseline=True, gate=True))
+    race.add(R.Contender(job=1, key="b", workload="v", baseline=True, gate=True))  # another model: alone
+    race.add(R.Contender(job=2, key="a", workload="w", gate=True))
+    world.sigma = 0.2  # job 2 needs many rounds; job 1 has nothing to wait for
+    R.run_group(race, runners, [0, 1, 2])
+    R.end_race(race, runners)
+    assert len(race.jobs[1].throughputs) == 6 and len(race.jobs[2].throughputs) > 6
+    assert race.jobs[1].stopped == "timed 6 rounds (nothing to pair with)"

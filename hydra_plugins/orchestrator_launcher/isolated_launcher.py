@@ -384,18 +384,23 @@ class Racer:
         if _main_thread():
             handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_int),
                         signal.SIGTERM: signal.signal(signal.SIGTERM, self._on_term)}
+        failed: Optional[BaseException] = None
         try:
             self._run(jobs)
         except SweepStopped:
             pass
+        except BaseException as e:  # never leave prepared jobs waiting for a race that will not come
+            failed = e
         finally:
             try:
-                if self.stop is not None:
+                if self.stop is not None or failed is not None:
                     self._end_all()
             finally:
                 for sig, old in handlers.items():
                     signal.signal(sig, old)
                 self._write_log()
+        if failed is not None:
+            raise failed
         if self.stop is not None:
             raise self.stop
         return [self.returns[idx] for idx, _, _ in jobs if idx in self.returns]
