@@ -90,6 +90,27 @@ def refuse_taken_sweep_dir(sweep_dir: Path, resume: bool) -> None:
                           "choose another folder, or add resume=true to continue that sweep")
 
 
+def discard_run_dir(run_dir: Path) -> None:
+    """Remove what a run its config refused left in its folder (Hydra's .hydra/ and log, the record), and the
+    folder when nothing else is in it: a refused single run leaves nothing behind but its one error line."""
+    import shutil
+
+    run_dir = Path(run_dir)
+    for name in (RESULTS_FILE, ".hydra"):
+        path = run_dir / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for log_file in run_dir.glob("*.log"):
+        if log_file.stat().st_size == 0 or log_file.name in ("orchestrator.log", "cli.log", "__main__.log"):
+            log_file.unlink()
+    try:
+        run_dir.rmdir()  # only when empty: a folder the user pointed at keeps everything else
+    except OSError:
+        pass
+
+
 class RunRecord(dict):
     """Everything known about a run so far, as written to results.json (a dict: callers and older files agree)."""
 

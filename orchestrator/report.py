@@ -36,19 +36,28 @@ def results_table(results: Dict[str, Any], task_metrics: List[str]) -> Table:
     table.add_column("value", justify="right")
     for key in task_metrics:
         table.add_row(key, _fmt(m.get(key), "{:.2f}"))
+    scenario = results.get("scenario") or {}
+    figure = scenario.get("figure") or {}
+    if figure:  # a LoadGen scenario: its figure of merit first, with its unit and LoadGen's verdict
+        table.add_row(f"{scenario.get('name')}: {figure.get('name')}",
+                      f"{_fmt(figure.get('value'), '{:.2f}')} {figure.get('unit', '')}".strip())
+        table.add_row("LoadGen result", "VALID" if scenario.get("valid") else "INVALID")
     for key, head, fmt in PERF_COLUMNS:
+        if figure and m.get(key) is None:
+            continue  # the closed-loop timing pass did not run: no row of dashes for it
         table.add_row(head, _fmt(m.get(key), fmt))
     return table
 
 
 def print_results(results: Dict[str, Any], task_metrics: List[str], console: Optional[Console] = None) -> None:
+    """The run's table; nothing for a run its config refused (its one error line is all there is to say)."""
+    if results.get("refused"):
+        return
     console = console or Console(stderr=False)
     console.print(f"{results.get('run_name', 'run')}: stack={results.get('stack') or 'eager'} "
                   f"precision={results.get('precision', '?')} [{results.get('status', '?')}]")
     console.print(results_table(results, task_metrics))
-    if results.get("error"):
-        # escaped: an error quoting optimization=[a,b] must not be read as rich markup; one line, unwrapped
-        console.print(f"[red]error:[/red] {escape(str(results['error']))}", soft_wrap=True)
+    # an error is not repeated here: the CLI (or a sweep's log) says it once, in its one line
     if results.get("tracking_error"):
         console.print(f"[yellow]MLflow tracking failed[/yellow] ({escape(str(results['tracking_error']))}); "
                       f"results are in {results.get('run_dir')}/results.json")

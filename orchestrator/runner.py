@@ -27,7 +27,8 @@ from .errors import RunInterrupted
 from .errors import describe as describe_error
 from .interrupts import interruptible
 from .plugin import process_states
-from .records import (DECISIONS_FILE, PREDICTIONS_SAMPLE_FILE, RESULTS_FILE, RunRecord, refuse_taken_run_dir,
+from .records import (DECISIONS_FILE, PREDICTIONS_SAMPLE_FILE, RESULTS_FILE, RunRecord, discard_run_dir,
+                      refuse_taken_run_dir,
                       stack_label)
 from .report import print_results
 from .tracking import Tracker, flatten
@@ -170,7 +171,9 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
             ctx.race.abort(results["error"])  # the race goes on without this job
         raise
     finally:
-        if skipped is None:
+        if skipped is None and results.get("refused") and not ctx.in_sweep:
+            discard_run_dir(run_dir)  # a single run its config refused: one error line, nothing left behind
+        elif skipped is None:
             _finish(rec, state, rc)
     return results
 

@@ -129,3 +129,20 @@ def test_a_row_names_the_precision_that_ran():
     assert shown_precision("fp32", "int8") == "int8"  # recipe=openvino_int8: int8 arithmetic on fp32 weights
     assert shown_precision("fp32", "fp32") == "fp32" and shown_precision("fp32", None) == "fp32"
     assert shown_precision("bf16_autocast", "bf16") == "bf16_autocast"
+
+
+def test_a_refused_single_run_leaves_nothing_behind(tmp_path, compose):
+    from orchestrator.context import JobContext
+    from orchestrator.runner import run
+
+    run_dir = tmp_path / "outputs" / "runs" / "x"
+    (run_dir / ".hydra").mkdir(parents=True)  # as Hydra leaves it before the task runs
+    (run_dir / ".hydra" / "config.yaml").write_text("{}")
+    with pytest.raises(ConfigError, match="runtime.batch_size=0"):
+        run(compose("tracking=off", "runtime.batch_size=0"), JobContext(run_dir=run_dir))
+    assert not run_dir.exists()
+    # a sweep's job keeps its record: the summary lists why it was refused
+    job = tmp_path / "sweep" / "0"
+    with pytest.raises(ConfigError):
+        run(compose("tracking=off", "runtime.batch_size=0"), JobContext(run_dir=job, job_num=0))
+    assert json.loads((job / "results.json").read_text())["refused"] is True
