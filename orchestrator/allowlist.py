@@ -47,7 +47,7 @@ TARGETS: Dict[str, str] = {
 OWN_CALLBACKS = frozenset(t for t, role in TARGETS.items() if role == "callback")
 # environment variables a config may set for jobs (hydra.launcher.env, hydra.job.env_set): thread and ISA tuning.
 # Others can load code (LD_PRELOAD, PYTHONPATH, CC/CXX for inductor, cache folders) and come from the command line.
-TUNING_ENV = re.compile(r"^(OMP|KMP|GOMP|MKL|ONEDNN|DNNL|OPENBLAS|NUMEXPR|OV|ORT)_[A-Z0-9_]+$|^TOKENIZERS_PARALLELISM$")
+TUNING_ENV = re.compile(r"^(OMP|KMP|GOMP|MKL|ONEDNN|DNNL|OPENBLAS|NUMEXPR)_[A-Z0-9_]+$|^TOKENIZERS_PARALLELISM$")
 # ray.init() arguments a config may set; the rest (runtime_env: pip installs, py_executable, setup hooks;
 # job_config, _system_config, ...) come from the command line
 RAY_INIT_SAFE = frozenset({"num_cpus", "num_gpus", "resources", "object_store_memory", "include_dashboard",
