@@ -96,10 +96,9 @@ def start_hog(procs: int) -> List[subprocess.Popen]:
 
 
 def run_aa(trials: int, extra: List[str], workdir: Path) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    for mode in ("on", "off"):
-        results = []
-        for t in range(trials):
+    out: Dict[str, Any] = {"on": [], "off": []}
+    for t in range(trials):  # the two ways alternate: a load that changes over the hour hits both alike
+        for mode in ("on", "off"):
             res = sweep(workdir, ["race.replica=0,1", f"race.mode={mode}", f"race.seed={t}", *extra])
             v = aa_verdict(res)
             print(f"A/A race.mode={mode} trial {t + 1}/{trials}: "
@@ -108,8 +107,7 @@ def run_aa(trials: int, extra: List[str], workdir: Path) -> Dict[str, Any]:
                      if v else f"no verdict (rc {res['rc']}: {res['error']})") + f"; {load()}",
                   file=sys.stderr, flush=True)
             if v:
-                results.append(v)
-        out[mode] = results
+                out[mode].append(v)
     return out
 
 
