@@ -284,10 +284,3 @@ def check_config(cfg: Any, overrides: Sequence[str] = ()) -> None:
     _check_job_targets({k: v for k, v in container.items() if k != "hydra"})
     _check_provenance(container, overrides)
 
-
-def install() -> None:
-    """Temporary, for orchestrator/cli.py until it calls ``hydra_patches.install(report_error)``; then delete it.
-    hydra_patches imports this module, so the way back goes by name (a static import would be a cycle)."""
-    import importlib
-
-    importlib.import_module("orchestrator.hydra_patches").install_checks()

@@ -9,7 +9,6 @@ run's folder (``<run_dir>/<plugin>_export.log``), not on stderr.
 """
 from __future__ import annotations
 
-import os
 import stat
 import sys
 from pathlib import Path
