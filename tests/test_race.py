@@ -583,3 +583,33 @@ def test_a_reference_nothing_is_paired_with_is_not_timed_beyond_min_rounds():
     R.end_race(race, runners)
     assert len(race.jobs[1].throughputs) == 6 and len(race.jobs[2].throughputs) > 6
     assert race.jobs[1].stopped == "timed 6 rounds (nothing to pair with)"
+
+
+@pytest.mark.slow
+def test_timed_outputs_that_differ_from_the_evaluated_ones_fail_the_gate(tmp_path, tiny_classifier, cls_file):
+    """MLPerf's TEST01 through a raced sweep: a plugin that answers right in the accuracy pass and flips its decisions
+    while timed (tests/plugins/timing_cheat.py) is caught, and the summary's gate fails it."""
+    import csv
+    import json
+    import os
+
+    from conftest import REPO, run_cli
+
+    info = tmp_path / "site" / "timing_cheat-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: timing-cheat\nVersion: 0.0.1\n")
+    (info / "entry_points.txt").write_text("[orchestrator.plugins]\ntiming_cheat = timing_cheat:TimingCheatPlugin\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(tmp_path / "site"), str(REPO / "tests" / "plugins"),
+                                          os.environ.get("PYTHONPATH", "")])}
+    sweep_dir = tmp_path / "sweep"
+    proc = run_cli("-m", f"model.name_or_path={tiny_classifier}", "dataset=sst2", f"dataset.data_files={cls_file}",
+                   "runtime=quick", f"tracking.uri=sqlite:///{tmp_path / 'store.db'}", "optimization=[],[timing_cheat]",
+                   f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=900)
+    assert "raced in interleaved timing rounds" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    res = json.loads((sweep_dir / "1" / "results.json").read_text())
+    assert res["status"] == "FINISHED" and res["race"]["rounds"] >= 6
+    assert res["metrics"]["timed_equals_evaluated"] == 0.0
+    assert "timed outputs differ from the evaluated ones" in res["timed_equals_evaluated"]
+    assert json.loads((sweep_dir / "0" / "results.json").read_text())["metrics"]["timed_equals_evaluated"] == 1.0
+    rows = {r["job"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
+    assert rows["1"]["gate"] == "fail", rows["1"]
