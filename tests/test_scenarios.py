@@ -107,7 +107,8 @@ def test_the_server_search_brackets_bisects_then_verifies(monkeypatch, tmp_path)
 
     monkeypatch.setattr(srv.Server, "perf_run", fake_run)
     monkeypatch.setattr(loadgen, "estimate", lambda *a, **k: loadgen.Estimate(0.001, 600.0, 8))
-    result = srv.Server().run(None, [{}] * 10, None, {"latency_bound_ms": 50.0, "tolerance": 0.05}, tmp_path)
+    result = srv.Server().run(None, [{}] * 10, None, {"latency_bound_ms": 50.0, "tolerance": 0.05,
+                                                      "search_min_query_count": 256}, tmp_path)
     rates = [q for q, _ in calls]
     assert rates[:3] == [300.0, 600.0, 1200.0]  # half the warm-up rate, then doubling until a rate fails
     assert rates[3:-1] == [900.0, 1050.0, 975.0, 1012.5]  # bisection until (1012.5 - 975) / 975 < 5 %
@@ -129,7 +130,8 @@ def test_a_failed_verifying_run_steps_the_rate_down(monkeypatch, tmp_path):
 
     monkeypatch.setattr(srv.Server, "perf_run", fake_run)
     monkeypatch.setattr(loadgen, "estimate", lambda *a, **k: loadgen.Estimate(0.001, 600.0, 8))
-    result = srv.Server().run(None, [{}] * 10, None, {"latency_bound_ms": 50.0, "tolerance": 0.05}, tmp_path)
+    result = srv.Server().run(None, [{}] * 10, None, {"latency_bound_ms": 50.0, "tolerance": 0.05,
+                                                      "search_min_query_count": 256}, tmp_path)
     assert result.valid and result.figure.value == pytest.approx(975.0 * 0.9 * 0.9)  # two 10 % steps down
     assert result.metrics["server_verify_runs"] == 3.0
 

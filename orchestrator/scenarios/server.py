@@ -1,10 +1,11 @@
 """Server: one-sample queries with Poisson arrivals at a target rate; the SUT batches what has arrived (up to
 ``max_batch``, waiting at most ``batch_timeout_ms``). The figure is the highest target QPS whose run LoadGen finds
-VALID with p99 <= ``latency_bound_ms``, searched the way MLPerf submitters do: short runs bracket the rate
-(double or halve it) and bisect to ``tolerance``, judged by the latency bound and by LoadGen's early-stopping
-rule projected onto the verifying run's query count (a short run has too few queries for it itself); then a
-verifying run at the rate found, at the full (possibly compliant) length, must be VALID in every respect. The search is bounded by ``search_budget_s`` and ``max_runs``; a bound no rate meets is a result (valid false:
-"no VALID rate: ..."), not an error.
+VALID with p99 <= ``latency_bound_ms``, searched the way MLPerf submitters do: search runs bracket the rate (double
+or halve it) and bisect to ``tolerance``, judged by the latency bound and by LoadGen's early-stopping rule for a run
+of ``min_query_count`` queries; then a verifying run at the rate found must be VALID in every respect (stepping
+down when it is not). By default search and verifying runs have the same query count; compliant, only the
+verifying run lasts 600 s. The search is bounded by ``search_budget_s`` and ``max_runs``; a bound no rate meets is
+a result (valid false: "no VALID rate: ..."), not an error.
 """
 from __future__ import annotations
 
@@ -34,9 +35,11 @@ class ServerOptions(ScenarioOptions):
     # queries in the verifying run. LoadGen's early stopping lets a run keep a few queries over the bound only
     # when it has enough of them: with fewer than ~660, one query over the bound makes it INVALID
     min_query_count: int = 1024
-    # queries in each search run: judged by p99 <= bound, and by whether the share of queries over the bound would
-    # pass early stopping in a run of min_query_count queries
-    search_min_query_count: int = 256
+    # queries in each search run; null: min_query_count. A search run is judged by p99 <= bound and by whether its
+    # share of queries over the bound would pass early stopping in a run of min_query_count queries. Fewer queries
+    # search faster but a short run hides a slight overload (its backlog has no time to grow): the verifying run
+    # then fails and the rate steps down
+    search_min_query_count: Optional[int] = None
     # false: one run at target_qps (no search)
     search: bool = True
     # duration of each search run (the verifying run uses min_duration_s, or 600 s when compliant)
@@ -106,8 +109,8 @@ class Server(Scenario):
         cls.require(o.search_min_duration_s >= 0, "search_min_duration_s", o.search_min_duration_s, "must be >= 0")
         cls.require(o.search_budget_s > 0, "search_budget_s", o.search_budget_s, "must be > 0 (seconds)")
         cls.require(o.max_runs >= 1, "max_runs", o.max_runs, "must be >= 1")
-        cls.require(o.search_min_query_count >= 1, "search_min_query_count", o.search_min_query_count,
-                    "must be >= 1")
+        cls.require(o.search_min_query_count is None or o.search_min_query_count >= 1, "search_min_query_count",
+                    o.search_min_query_count, "must be >= 1 or null (min_query_count)")
         cls.require(0 < o.tolerance < 1, "tolerance", o.tolerance, "must be in (0, 1)")
 
     def batch_timeout_s(self, options) -> float:
@@ -129,13 +132,14 @@ class Server(Scenario):
         estimate = loadgen.estimate(sut_step, rows, make_batches, o.max_batch, o.warmup_batches)
         trials: List[Trial] = []
         t_start = time.perf_counter()
+        search_queries = o.search_min_query_count or o.min_query_count
 
         def trial(qps: float, verifying: bool) -> Trial:
             settings = self.settings(lg, o, estimate, len(rows))
             settings.server_target_qps = qps
             if not verifying:
                 settings.min_duration_ms = int(round(o.search_min_duration_s * 1000))
-                settings.min_query_count = o.search_min_query_count
+                settings.min_query_count = search_queries
                 # a rate far above capacity ends as soon as the backlog shows it (Little: outstanding queries ~
                 # rate x latency; 4x the bound's worth, and more than a batch, cannot be a VALID run)
                 settings.server_max_async_queries = int(math.ceil(4 * qps * o.latency_bound_ms / 1000.0)) + 64 + \
@@ -149,20 +153,20 @@ class Server(Scenario):
         def affordable(qps: float) -> bool:
             """Room for another search run: within max_runs, and its expected length inside the budget."""
             search_runs = sum(not t.verifying for t in trials)
-            expected_s = max(o.search_min_duration_s, o.search_min_query_count / qps)
+            expected_s = max(o.search_min_duration_s, search_queries / qps)
             return search_runs < o.max_runs and time.perf_counter() - t_start + expected_s <= o.search_budget_s
 
         qps = self.first_qps(o, estimate)
         alone_ms = estimate.latency_s * 1000.0
         if o.search and alone_ms > o.latency_bound_ms:
             # one row alone already takes longer than the bound: one light-load run shows by how much
-            qps = min(qps, max(qps / 10.0, o.search_min_query_count / 10.0))
+            qps = min(qps, max(qps / 10.0, search_queries / 10.0))
         if not o.search:
             best = trial(qps, verifying=True)
             return self.finish(o, estimate, trials, best if best.ok else None, t_start)
 
-        lo: Optional[float] = None  # highest rate found VALID
-        hi: Optional[float] = None  # lowest rate found INVALID
+        lo: Optional[float] = None  # highest rate a search run passed
+        hi: Optional[float] = None  # lowest rate a search run failed
         hopeless = False
         while True:  # bracket
             t = trial(qps, verifying=False)
