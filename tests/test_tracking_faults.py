@@ -7,18 +7,14 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import SHARED, run_cli, tiny_sts_overrides
+from conftest import (MlflowServer, finish, measuring, mlflow_store, run_cli, runs_of, sqlite_uri, start_cli,
+                      tiny_sts_overrides, wait_for)
 
 pytestmark = pytest.mark.slow
 
@@ -26,53 +22,17 @@ pytestmark = pytest.mark.slow
 ENDLESS = ["runtime.min_duration_s=600", "runtime.max_iterations=null"]
 
 
-def import_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("orchestrator-import") or str(Path(sys.executable).with_name("orchestrator-import"))
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def import_cli(*args: str, cwd: Path):
+    return run_cli(*args, cwd=cwd, tool="orchestrator-import", timeout=300)
 
 
-def report_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    exe = shutil.which("orchestrator-report") or str(Path(sys.executable).with_name("orchestrator-report"))
-    return subprocess.run([exe, *args], cwd=cwd, capture_output=True, text=True, timeout=300)
+def report_cli(*args: str, cwd: Path):
+    return run_cli(*args, cwd=cwd, tool="orchestrator-report", timeout=300)
 
 
 def first_err(proc) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith(("W1", "I1"))]
     return lines[0] if lines else ""
-
-
-def all_runs(uri: str):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("orchestrator")
-    return client, (client.search_runs([exp.experiment_id]) if exp else [])
-
-
-def start(args, cwd: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", *args], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "ORCH_SHARED_DIR": str(SHARED)})
-
-
-def wait_for(pred, what: str, timeout: float = 240):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        got = pred()
-        if got:
-            return got
-        time.sleep(0.5)
-    pytest.fail(f"timed out waiting for {what}")
-
-
-def measuring(uri: str, job: str | None = None):
-    """The RUNNING run (of sweep job ``job``) once its accuracy pass is logged, else None."""
-    try:
-        _, runs = all_runs(uri)
-    except Exception:  # the store is being created
-        return None
-    for r in runs:
-        if r.info.status == "RUNNING" and "spearman" in r.data.metrics and \
-                (job is None or r.data.tags.get("job_num") == job):
-            return r
-    return None
 
 
 def pid_gone(pid: int) -> bool:
@@ -84,12 +44,20 @@ def pid_gone(pid: int) -> bool:
 
 
 # -- a store that cannot take a run -----------------------------------------------------------------------------
-def test_a_store_that_is_a_directory_costs_no_retries_the_run_goes_untracked_exit_1(tmp_path, tiny_encoder,
-                                                                                   sts_file):
-    store = tmp_path / "store"
+@pytest.fixture(scope="module")
+def untracked_run(tmp_path_factory, tiny_encoder, sts_file):
+    """One run whose sqlite store is a directory: it measures, goes untracked and exits 1 (shared by the tests of
+    that exit and of orchestrator-import, which puts it into MLflow afterwards)."""
+    tmp = tmp_path_factory.mktemp("untracked")
+    store = tmp / "store"
     store.mkdir()
-    uri = f"sqlite:///{store}"
-    proc = run_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), cwd=tmp_path, timeout=300)
+    uri = sqlite_uri(store)
+    proc = run_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), cwd=tmp, timeout=300)
+    return tmp, store, uri, proc
+
+
+def test_a_store_that_is_a_directory_costs_no_retries_the_run_goes_untracked_exit_1(untracked_run):
+    tmp_path, store, uri, proc = untracked_run
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert first_err(proc).startswith(f"error: MLflow tracking failed (start: tracking.uri={uri}: {store} is a "
                                       "directory; the sqlite store must be a file (e.g. sqlite:///")
@@ -110,34 +78,32 @@ def test_a_full_disk_is_refused_up_front_and_no_run_is_left_running(tmp_path, ti
     assert not (tmp_path / "mlflow.db").exists()  # MLflow was never asked: no store, no RUNNING run
 
 
-def test_http_bounds_are_config_options_checked_in_one_line(tmp_path):
-    proc = run_cli("tracking.http_max_retries=50", "runtime=quick", cwd=tmp_path, timeout=120)
-    assert proc.returncode == 2
-    assert first_err(proc) == "error: tracking.http_max_retries=50: must be 0-10"
+def test_http_bounds_are_config_options_checked_in_one_line(cli_error):
+    assert cli_error("tracking.http_max_retries=50", "runtime=quick") == (
+        "error: tracking.http_max_retries=50: must be 0-10", 2)
 
 
-def test_import_puts_an_untracked_run_into_mlflow_once(tmp_path, tiny_encoder, sts_file):
-    blocked = tmp_path / "store"
-    blocked.mkdir()
-    proc = run_cli(*tiny_sts_overrides(tiny_encoder, sts_file, f"sqlite:///{blocked}"), cwd=tmp_path, timeout=300)
+def test_import_puts_an_untracked_run_into_mlflow_once(untracked_run):
+    tmp_path, _, _, proc = untracked_run
     assert proc.returncode == 1
     run_dir = next(tmp_path.glob("outputs/runs/*/*"))
-    uri = f"sqlite:///{tmp_path / 'later.db'}"
+    uri = sqlite_uri(tmp_path / "later.db")
     first = import_cli(str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert ": created, +" in first.stdout
-    client, runs = all_runs(uri)
+    client, runs = runs_of(uri)
     assert len(runs) == 1
     run = runs[0]
     results = json.loads((run_dir / "results.json").read_text())
-    assert run.info.status == "FINISHED" and run.info.run_id == results["run_id"]
+    # another store than the run's own: the run's folder is left as it was (no run id for a store it never saw)
+    assert run.info.status == "FINISHED" and results["run_id"] is None
     assert set(results["metrics"]) <= set(run.data.metrics) and "spearman" in run.data.metrics
     assert run.data.params["runtime.batch_size"] == "32" and run.data.tags["stack"] == "eager"
     assert run.data.tags["process.pid"] and run.data.tags["run_dir"] == str(run_dir.resolve())
     assert {"results.json", "decisions.json", "hydra"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
     second = import_cli(str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
     assert second.returncode == 0 and "nothing to add" in second.stdout
-    _, again = all_runs(uri)
+    _, again = runs_of(uri)
     assert len(again) == 1 and again[0].data.metrics == run.data.metrics
     assert len(client.get_metric_history(run.info.run_id, "spearman")) == 1
 
@@ -149,60 +115,24 @@ def test_import_of_something_else_is_one_line_exit_2(tmp_path):
 
 
 # -- a tracking server that dies mid-sweep ------------------------------------------------------------------------
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def serve(port: int, root: Path) -> subprocess.Popen:
-    log = open(root / "server.log", "a")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination",
-         str(root / "server-artifacts"), "--workers", "1"], stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True)  # its own group: a kill reaches the workers that serve the port too
-
-    def up():
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-        try:
-            return urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-        except OSError:
-            return None
-
-    wait_for(up, "the mlflow server", 120)
-    return proc
-
-
-def kill_server(proc: subprocess.Popen) -> None:
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_sweep(tmp_path, tiny_encoder,
                                                                                    sts_file):
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = serve(port, tmp_path)
+    server = MlflowServer(tmp_path).start()
+    url = server.url
     sweep_dir = tmp_path / "sweep"
-    store = f"sqlite:///{tmp_path / 'server.db'}"  # the server's own store, read directly while it is down
+    store = server.store  # the server's own store, read directly while it is down
     try:
-        proc = start(["-m", f"model.name_or_path={tiny_encoder}", "dataset.path=csv", f"dataset.data_files={sts_file}",
-                      "runtime=quick", "tracking=server", f"tracking.uri={url}", f"hydra.sweep.dir={sweep_dir}",
-                      "runtime.max_iterations=null",
-                      "runtime.min_duration_s=0,8,0"], tmp_path)
+        proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", "dataset.path=csv",
+                         f"dataset.data_files={sts_file}", "runtime=quick", "tracking=server", f"tracking.uri={url}",
+                         f"hydra.sweep.dir={sweep_dir}", "runtime.max_iterations=null",
+                         "runtime.min_duration_s=0,8,0", cwd=tmp_path)
         wait_for(lambda: measuring(store, "1"), "job 1 to measure")
-        kill_server(server)  # -9, mid-job
-        out, err = proc.communicate(timeout=600)
+        server.kill()  # -9, mid-job
+        done = finish(proc, timeout=600)
     finally:
-        kill_server(server)
-    assert proc.returncode == 1, out[-6000:] + err[-3000:]
+        server.kill()
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 1, out[-6000:] + err[-3000:]
     assert "Traceback" not in out + err
     assert [ln for ln in err.splitlines() if ln.startswith("error:")][0].startswith("error: MLflow tracking failed (")
     assert f"orchestrator-import {sweep_dir} puts the sweep into MLflow" in err
@@ -211,15 +141,15 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         res = json.loads((sweep_dir / job / "results.json").read_text())
         assert res["status"] == "FINISHED" and "throughput" in res["metrics"]
     assert "3 jobs, 0 not finished" in out
-    _, runs = all_runs(store)
+    _, runs = runs_of(store)
     assert [r.info.status for r in runs if r.data.tags.get("job_num") == "1"] == ["RUNNING"]  # stranded
 
-    server = serve(port, tmp_path)
+    server.start()  # the same store, the same port
     try:
         first = import_cli(str(sweep_dir), cwd=tmp_path)  # tracking.uri from the jobs' own config
         assert first.returncode == 0, first.stderr[-2000:]
         assert "job 1: run " in first.stdout and "RUNNING -> FINISHED" in first.stdout
-        client, runs = all_runs(url)
+        client, runs = runs_of(url)
         parent = next(r for r in runs if r.data.tags.get("sweep") == "true")
         jobs = {r.data.tags["job_num"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
         assert sorted(jobs) == ["0", "1", "2"]
@@ -227,25 +157,25 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         assert parent.info.status == "FINISHED" and parent.data.metrics["n_jobs"] == 3
         second = import_cli(str(sweep_dir), cwd=tmp_path)
         assert second.returncode == 0 and "created" not in second.stdout and " +" not in second.stdout
-        assert len(all_runs(url)[1]) == len(runs)
+        assert len(runs_of(url)[1]) == len(runs)
     finally:
-        kill_server(server)
+        server.kill()
 
 
 # -- a job killed with -9; runs left RUNNING by dead processes -----------------------------------------------------
 def test_a_job_killed_with_sigkill_ends_killed_in_mlflow_and_results_json(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()  # create the store first: polling a sqlite file mid-creation races
+    uri = mlflow_store(tmp_path / "mlflow.db")  # the store exists first: polling a sqlite file mid-creation races
     sweep_dir = tmp_path / "sweep"
-    proc = start(["-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), f"hydra.sweep.dir={sweep_dir}",
-                  "runtime.max_iterations=null", "runtime.min_duration_s=600,0"], tmp_path)
+    proc = start_cli("-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), f"hydra.sweep.dir={sweep_dir}",
+                     "runtime.max_iterations=null", "runtime.min_duration_s=600,0", cwd=tmp_path)
     run = wait_for(lambda: measuring(uri, "0"), "job 0 to measure")
     pid = int(run.data.tags["process.pid"])
     os.kill(pid, signal.SIGKILL)
-    out, err = proc.communicate(timeout=600)
-    assert proc.returncode == 1, err[-3000:]
+    done = finish(proc, timeout=600)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 1, err[-3000:]
     assert "Traceback" not in out + err
-    client, runs = all_runs(uri)
+    client, runs = runs_of(uri)
     killed = client.get_run(run.info.run_id)
     assert killed.info.status == "KILLED"
     assert killed.data.tags["error"] == f"killed by signal SIGKILL (process {pid})"
@@ -256,36 +186,35 @@ def test_a_job_killed_with_sigkill_ends_killed_in_mlflow_and_results_json(tmp_pa
 
 
 def test_report_and_resume_close_runs_whose_process_died(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
+    uri = mlflow_store(tmp_path / "mlflow.db")
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), "runtime.max_iterations=null"]
-    proc = start([*args, f"hydra.sweep.dir={sweep_dir}", "runtime.min_duration_s=600"], tmp_path)
+    proc = start_cli(*args, f"hydra.sweep.dir={sweep_dir}", "runtime.min_duration_s=600", cwd=tmp_path)
     run = wait_for(lambda: measuring(uri, "0"), "job 0 to measure")
     job_pid = int(run.data.tags["process.pid"])
     proc.kill()  # the sweep process and its job, -9: nothing is left to close their runs
     os.kill(job_pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    finish(proc, timeout=60)
     wait_for(lambda: pid_gone(job_pid), "the job process to go", 30)
-    _, runs = all_runs(uri)
+    _, runs = runs_of(uri)
     assert sorted(r.info.status for r in runs) == ["RUNNING", "RUNNING"]  # the zombies
 
     report = report_cli(str(sweep_dir), cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-2000:]
     assert "was RUNNING but process" in report.stdout + report.stderr and "marked KILLED" in report.stderr
-    _, runs = all_runs(uri)
+    _, runs = runs_of(uri)
     assert sorted(r.info.status for r in runs) == ["KILLED", "KILLED"]
     assert all(r.data.tags["reconciled"].startswith("orchestrator-report: process ") for r in runs)
 
     # a single run killed the same way: resume=true closes it before measuring the config again
-    single = start([*tiny_sts_overrides(tiny_encoder, sts_file, uri), *ENDLESS], tmp_path)
+    single = start_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), *ENDLESS, cwd=tmp_path)
     zombie = wait_for(lambda: measuring(uri), "the run to measure")
     single.kill()
-    single.communicate(timeout=60)
+    finish(single, timeout=60)
     again = run_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), "runtime.min_duration_s=600",
                     "runtime.max_iterations=null", "resume=true", "runtime.timeout_s=1", cwd=tmp_path, timeout=300)
     assert f"resume: MLflow run {zombie.info.run_id}" in again.stdout + again.stderr
-    client, _ = all_runs(uri)
+    client, _ = runs_of(uri)
     closed = client.get_run(zombie.info.run_id)
     assert closed.info.status == "KILLED" and closed.data.tags["error"].startswith(
         f"process {zombie.data.tags['process.pid']} on ")
@@ -293,39 +222,39 @@ def test_report_and_resume_close_runs_whose_process_died(tmp_path, tiny_encoder,
 
 # -- two Ctrl-C ----------------------------------------------------------------------------------------------------
 def test_two_ctrl_c_stop_the_sweep_with_one_line_and_a_partial_summary(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
+    uri = mlflow_store(tmp_path / "mlflow.db")
     sweep_dir = tmp_path / "sweep"
-    proc = start(["-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), f"hydra.sweep.dir={sweep_dir}",
-                  "runtime.max_iterations=null", "runtime.min_duration_s=0,600,0"], tmp_path)
+    proc = start_cli("-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), f"hydra.sweep.dir={sweep_dir}",
+                     "runtime.max_iterations=null", "runtime.min_duration_s=0,600,0", cwd=tmp_path)
     wait_for(lambda: measuring(uri, "1"), "job 1 to measure")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    done = finish(proc, timeout=300)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-4000:]
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
         "error: sweep stopped (Ctrl-C) after 2 job(s), summarized above; the same command with resume=true runs "
         "the rest"]
     assert "sweep summary: 2 jobs, 1 not finished" in out
     assert (sweep_dir / "summary.csv").is_file() and not (sweep_dir / "2").exists()
-    _, runs = all_runs(uri)
+    _, runs = runs_of(uri)
     parent = next(r for r in runs if r.data.tags.get("sweep") == "true")
     assert parent.info.status == "KILLED" and parent.data.tags["error"] == "the sweep was stopped (Ctrl-C)"
     assert sorted(r.info.status for r in runs if r is not parent) == ["FINISHED", "KILLED"]
 
 
 def test_ctrl_c_of_a_single_run_is_one_line_exit_130_and_the_run_ends_killed(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    MlflowClient(uri).search_experiments()
-    proc = start([*tiny_sts_overrides(tiny_encoder, sts_file, uri), *ENDLESS], tmp_path)
+    uri = mlflow_store(tmp_path / "mlflow.db")
+    proc = start_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), *ENDLESS, cwd=tmp_path)
     run = wait_for(lambda: measuring(uri), "the run to measure")
     proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-3000:]
+    done = finish(proc, timeout=300)
+    out, err = done.stdout, done.stderr
+    assert done.returncode == 130, err[-3000:]
     assert "Traceback" not in out + err, err[-4000:]
     assert [ln for ln in err.splitlines() if ln.startswith("error:")] == [
         "error: interrupted (Ctrl-C); a run under way ends KILLED with what it measured"]
-    client, _ = all_runs(uri)
+    client, _ = runs_of(uri)
     assert client.get_run(run.info.run_id).info.status == "KILLED"
