@@ -185,7 +185,9 @@ class RunRecord(dict):
                            run_dir=str(run_dir), overrides=self.get("overrides", ""),
                            cpu_model=self.get("cpu_model"), random_head=self.get("random_head") or None,
                            tracking_error=self.get("tracking_error"), refused=self.get("refused"),
-                           reused_run=self.get("resumed_from"), **race_fields(self.get("race")))
+                           reused_run=self.get("resumed_from"), **race_fields(self.get("race")),
+                           **scenario_fields((self.get("scenario") or {}).get("name"), self.numeric_metrics(),
+                                             (self.get("scenario") or {}).get("valid")))
 
 
 # the shape a results.json must have for anything to trust it: key -> accepted types
@@ -245,7 +247,7 @@ COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "th
            "gate", "gate_reason", "pareto", "latency_p50_ms", "latency_p90_ms", "latency_p99_ms",
            "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct", "status",
            "stack_requested", "fallback", "random_head", "cpu_model", "baseline_job", "run_id", "reused_run",
-           "rounds", "stopped"]
+           "rounds", "stopped", "scenario", "figure", "figure_value", "figure_unit", "scenario_valid"]
 _ROW_METRICS = ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
                 "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct",
                 "timed_equals_evaluated")
@@ -283,6 +285,23 @@ def summary_row(job: str, status: str, task: Optional[str], stack: str, precisio
     return row
 
 
+def scenario_fields(name: Optional[str], metrics: Dict[str, float], valid: Any) -> Dict[str, Any]:
+    """A LoadGen scenario job's figure of merit (its scenario declares name, unit and direction) and verdict;
+    nothing for a job timed by the closed-loop pass."""
+    if not name:
+        return {}
+    from . import scenarios
+
+    try:
+        fom = scenarios.get(str(name)).figure_of_merit
+    except Exception:  # a scenario no longer installed: its figure is not known here
+        return {"scenario": str(name)}
+    value = metrics.get(fom.name)
+    return {"scenario": str(name), "figure": fom.name, "figure_value": value, "figure_unit": fom.unit,
+            "higher_is_better": fom.higher_is_better,
+            "scenario_valid": valid if isinstance(valid, bool) else str(valid).lower() == "true"}
+
+
 def race_fields(race: Any) -> Dict[str, Any]:
     """A raced job's per-round throughputs (race round -> rows/s, what paired speedups are taken from) and why its
     race ended; nothing for a job timed alone."""
@@ -305,7 +324,8 @@ def row_of_run(run: Any) -> Dict[str, Any]:
                        stack_requested=t.get("stack.requested"), fallback=t.get("stack.fallback"),
                        workload=t.get("workload"), baseline_key=t.get("baseline_key"), run_dir=t.get("run_dir"),
                        overrides=t.get("overrides", ""), cpu_model=t.get("cpu.model"),
-                       random_head=t.get("model.random_head") == "true" or None)
+                       random_head=t.get("model.random_head") == "true" or None,
+                       **scenario_fields(t.get("scenario"), run.data.metrics, t.get("scenario.valid")))
 
 
 def row_of_dir(job_dir: Path) -> Dict[str, Any]:

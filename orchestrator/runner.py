@@ -73,6 +73,8 @@ def comparison_keys(container: Dict[str, Any]) -> Dict[str, str]:
     runtime = container.get("runtime", {})
     workload = {"model": container.get("model"), "dataset": container.get("dataset"),
                 "max_length": runtime.get("max_length")}
+    if container.get("scenario"):  # a scenario's jobs are compared with each other only (their own figure)
+        workload["scenario"] = container["scenario"]
     skip_runtime = ("progress", "timeout_s", "on_plugin_error")
     like = {k: v for k, v in container.items()
             if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires", "race")}

@@ -23,11 +23,24 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from . import stats
+from .records import EAGER
+
+
+def speed(r: Dict[str, Any]) -> Optional[float]:
+    """What "faster" means for a row, higher is better: its throughput, or for a LoadGen scenario job its figure of
+    merit (offline samples/s, server max QPS; a latency figure, p90/p99 ms, inverted), None when it has none or
+    LoadGen did not find the run VALID."""
+    if r.get("figure"):
+        v = r.get("figure_value")
+        if not v or v <= 0 or r.get("scenario_valid") is False:
+            return None
+        return float(v) if r.get("higher_is_better", True) else 1.0 / float(v)
+    return r.get("throughput")
 
 
 def is_baseline_candidate(r: Dict[str, Any]) -> bool:
-    return (r.get("stack") == "eager" and r.get("precision") == "fp32" and r.get("status") == "FINISHED"
-            and bool(r.get("throughput")) and not r.get("fallback"))
+    return (r.get("stack") == EAGER and r.get("precision") == "fp32" and r.get("status") == "FINISHED"
+            and bool(speed(r)) and not r.get("fallback"))
 
 
 def find_baseline(r: Dict[str, Any], rows: List[Dict[str, Any]]) -> Optional[Dict[str, Any]]:
@@ -109,6 +122,10 @@ def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement:
             continue
         if r is base:
             r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = 1.0, None, None
+        elif r.get("figure") and speed(r):
+            # a scenario's figure comes from one LoadGen run: a ratio, no interval (what LoadGen measures once)
+            r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = speed(r) / speed(base), None, None
+            r["speedup_method"], r["noise"] = "one LoadGen run each", "no interval"
         elif r.get("throughput"):
             s = paired(r, base)
             r["speedup_method"] = "paired" if s is not None else "unpaired"
@@ -131,6 +148,8 @@ def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement:
         agree = r["agreement_vs_baseline"]
         reasons = gate_reasons(r.get("metric"), r.get("value"), base.get("value"), agree, min_accuracy_ratio,
                                min_agreement)
+        if r.get("timed_equals_evaluated") == 0.0:  # MLPerf's TEST01: what was timed is not what was evaluated
+            reasons.append("timed outputs differ from the evaluated ones (timed_equals_evaluated)")
         if reasons:
             r["gate"], r["gate_reason"] = "fail", "; ".join(reasons)
         else:
@@ -142,13 +161,13 @@ def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement:
 
 def mark_pareto(rows: List[Dict[str, Any]]) -> None:
     """pareto=True for each finished row no other row of its workload beats on both throughput and metric."""
-    done = [r for r in rows if r.get("status") == "FINISHED" and r.get("throughput") and r.get("value") is not None]
+    done = [r for r in rows if r.get("status") == "FINISHED" and speed(r) and r.get("value") is not None]
     for r in rows:
         r["pareto"] = False
     for r in done:
         peers = [o for o in done if o.get("workload") == r.get("workload") and o is not r]
-        r["pareto"] = not any(o["throughput"] >= r["throughput"] and o["value"] >= r["value"]
-                              and (o["throughput"] > r["throughput"] or o["value"] > r["value"]) for o in peers)
+        r["pareto"] = not any(speed(o) >= speed(r) and o["value"] >= r["value"]
+                              and (speed(o) > speed(r) or o["value"] > r["value"]) for o in peers)
 
 
 def label(r: Dict[str, Any]) -> str:
@@ -164,7 +183,18 @@ def _label(r: Dict[str, Any]) -> str:
     return f"job {r['job']} ({label(r)})"
 
 
+def _group_name(rows: List[Dict[str, Any]], workload: Any) -> str:
+    """How a recommendation line names its group: the scenario (and its figure) when its jobs ran one."""
+    row = next((r for r in rows if r.get("workload") == workload), {})
+    if row.get("scenario"):
+        return f"scenario={row['scenario']}, {row.get('figure')} ({row.get('figure_unit')})"
+    return f"workload {workload}"
+
+
 def _interval(r: Dict[str, Any]) -> str:
+    if r.get("figure"):
+        return (f"{r['speedup']:.2f}x on {r['figure']} ({r.get('figure_value'):.4g} {r.get('figure_unit')}; one "
+                "LoadGen run each, no interval)")
     if r.get("speedup_ci_low") is None:
         return f"{r['speedup']:.2f}x (no interval)"
     return f"{r['speedup']:.2f}x [95% {r['speedup_ci_low']:.2f}-{r['speedup_ci_high']:.2f}]"
@@ -192,10 +222,13 @@ def _ratio(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[tuple]:
 def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     """How the recommended job compares with the next fastest job of its workload that passes the gate."""
     rivals = [r for r in rows if r is not best and r.get("workload") == best.get("workload")
-              and r.get("gate") in ("pass", "baseline") and r.get("throughput")]
+              and r.get("gate") in ("pass", "baseline") and speed(r)]
     if not rivals:
         return ""
-    second = max(rivals, key=lambda r: r["throughput"])
+    second = max(rivals, key=speed)
+    if best.get("figure"):
+        return (f"; runner-up {_label(second)} at {speed(best) / speed(second):.2f}x less (one LoadGen run each, "
+                "no interval)")
     s = _ratio(best, second)
     if s is None:
         return f"; runner-up {_label(second)} (no interval to compare)"
@@ -220,12 +253,14 @@ def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
     lines = []
     for w in workloads:
         group = [r for r in rows if r.get("workload") == w and r.get("speedup") and r.get("gate") != "baseline"]
-        good = [r for r in group if r.get("gate") == "pass" and r.get("speedup_ci_low") is not None
-                and r["speedup_ci_low"] > 1.0]
-        prefix = "" if len(workloads) == 1 else f"[workload {w}] "
+        # a scenario's figure is one LoadGen run: better is all it can say (its line says there is no interval)
+        good = [r for r in group if r.get("gate") == "pass" and (
+            (r.get("speedup_ci_low") is not None and r["speedup_ci_low"] > 1.0)
+            or (r.get("figure") and r["speedup"] > 1.0))]
+        prefix = "" if len(workloads) == 1 else f"[{_group_name(rows, w)}] "
         decided = [r for r in good if not too_wide(r)]
         if decided:
-            best = max(decided, key=lambda r: r["throughput"])
+            best = max(decided, key=speed)
             best["recommended"] = True
             delta = best.get("accuracy_delta")
             agree = best.get("agreement_vs_baseline")
@@ -234,12 +269,12 @@ def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
                          + runner_up(best, rows))
             continue
         if good:
-            top = max(good, key=lambda r: r["throughput"])
+            top = max(good, key=speed)
             lines.append(f"{prefix}no recommendation: {_label(top)} is the fastest that passes the gate but its "
                          f"speedup {_interval(top)} spans more than {WIDE:g}x either way: too uncertain to act on "
                          "(race more rounds: race.max_rounds, race.budget_s; or a quieter machine)")
             continue
-        faster = sorted((r for r in group if r.get("speedup", 0) > 1.0), key=lambda r: -r["throughput"])
+        faster = sorted((r for r in group if r.get("speedup", 0) > 1.0), key=lambda r: -speed(r))
         note = ""
         if faster:
             top = faster[0]

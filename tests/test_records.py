@@ -146,3 +146,44 @@ def test_a_refused_single_run_leaves_nothing_behind(tmp_path, compose):
     with pytest.raises(ConfigError):
         run(compose("tracking=off", "runtime.batch_size=0"), JobContext(run_dir=job, job_num=0))
     assert json.loads((job / "results.json").read_text())["refused"] is True
+
+
+def _scenario_row(job, stack, figure, value, higher, valid=True):
+    from orchestrator.records import summary_row
+
+    return summary_row(str(job), "FINISHED", "text_classification", stack, "fp32", {"accuracy": 80.0}, None,
+                       workload="w-server", baseline_key="b-server", scenario="server", figure=figure,
+                       figure_value=value, figure_unit="queries/s" if higher else "ms", higher_is_better=higher,
+                       scenario_valid=valid)
+
+
+def test_scenario_jobs_are_judged_by_their_figure_of_merit():
+    from orchestrator.tasks.text_classification import TextClassification
+    from orchestrator import verdict
+
+    rows = [_scenario_row(0, "eager", "server_max_qps", 40.0, True),
+            _scenario_row(1, "jit", "server_max_qps", 60.0, True),
+            _scenario_row(2, "onnxruntime", "server_max_qps", 0.0, True, valid=False)]
+    verdict.assess(rows, 0.99, 0.95, lambda t: TextClassification, lambda r: None)
+    line = verdict.recommend(rows)
+    assert rows[1]["speedup"] == pytest.approx(1.5) and rows[1]["speedup_ci_low"] is None
+    assert rows[2].get("speedup") is None  # no VALID rate: nothing to compare
+    assert line.startswith("recommended: job 1 (jit/fp32): 1.50x on server_max_qps (60 queries/s; one LoadGen run")
+    # a latency figure: lower is better, so half the p90 is twice as fast
+    lat = [_scenario_row(0, "eager", "single_stream_p90_ms", 10.0, False),
+           _scenario_row(1, "jit", "single_stream_p90_ms", 5.0, False)]
+    verdict.assess(lat, 0.99, 0.95, lambda t: TextClassification, lambda r: None)
+    assert lat[1]["speedup"] == pytest.approx(2.0)
+
+
+def test_a_job_whose_timed_outputs_differ_fails_the_gate():
+    from orchestrator.records import summary_row
+    from orchestrator.tasks.text_classification import TextClassification
+    from orchestrator import verdict
+
+    rows = [summary_row("0", "FINISHED", "text_classification", "eager", "fp32",
+                        {"accuracy": 80.0, "throughput": 10.0, "timed_equals_evaluated": 1.0}, None, workload="w"),
+            summary_row("1", "FINISHED", "text_classification", "cache", "fp32",
+                        {"accuracy": 80.0, "throughput": 30.0, "timed_equals_evaluated": 0.0}, None, workload="w")]
+    verdict.assess(rows, 0.99, 0.95, lambda t: TextClassification, lambda r: None)
+    assert rows[1]["gate"] == "fail" and "timed outputs differ" in rows[1]["gate_reason"]
