@@ -141,7 +141,11 @@ def main() -> None:
     register_configs()
     # every composed config through the allowlist, and one-line errors: all Hydra patches, version-checked, in
     # orchestrator/hydra_patches.py
-    hydra_patches.install(report_error)
+    try:
+        hydra_patches.install(report_error)
+    except hydra_patches.HydraPatchError as e:  # a Hydra upgrade broke a patched private name: say which
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(2)
     # conf/hydra/launcher/submitit_slurm.yaml extends the submitit plugin's schema of the same name on purpose
     warnings.filterwarnings("ignore", message=r"\s*'hydra/launcher/submitit_slurm' is validated against ConfigStore")
     app = hydra.main(config_path=CONF_DIR, config_name="config", version_base="1.3")(_task)

@@ -1,19 +1,18 @@
 """Model and tokenizer loading, precision, and applying the optimization stack in order."""
 from __future__ import annotations
 
-import contextlib
 import importlib
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import OmegaConf
 
 from .errors import ConfigError, ModelLoadError, OrchestratorError, PluginUnavailable, RunInterrupted, describe, first_line
-from .plugin import Plugin, PluginContext
+from .plugin import Plugin, PluginContext, quiet_transformers
 from .registry import plugins as plugin_registry
 
 log = logging.getLogger(__name__)
@@ -40,20 +39,6 @@ def resolve_model_path(name_or_path: str) -> str:
 
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
-
-
-@contextlib.contextmanager
-def quiet_transformers() -> Iterator[None]:
-    """transformers at error level for the block, then back to the caller's level: loading prints a multi-line
-    LOAD REPORT, and tracing/exporting calls the loss setup, which warns about ``loss_type=None`` every time."""
-    from transformers.utils import logging as hf_logging
-
-    level = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(level)
 
 
 def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
@@ -186,11 +171,6 @@ def build_plugins(stack: Dict[str, Any]) -> List[Plugin]:
         cls.validate_options(options)
         out.append(cls(options))
     return out
-
-
-def plugin_classes() -> List[type]:
-    """Every registered plugin class that loads (its process_state hook may guard process-wide state)."""
-    return list(plugin_registry.loadable().values())
 
 
 def _refused(plugin: Plugin, e: Exception, on_error: str, what: str) -> str:

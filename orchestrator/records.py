@@ -111,6 +111,41 @@ def discard_run_dir(run_dir: Path) -> None:
         pass
 
 
+# -- what a run measures, and whom it is compared with -----------------------------------------------------------
+def _digest(obj: Any) -> str:
+    import hashlib
+
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def config_digest(container: Dict[str, Any]) -> str:
+    """Identity of what a run measures: the config without where results go or how progress is shown."""
+    # summary thresholds judge runs, they are not part of what a run measures
+    keep = {k: v for k, v in container.items() if k not in ("tracking", "resume", "summary", "race")}
+    # how jobs are timed is not what they measure; an A/A sweep's replicas are still distinct jobs
+    replica = container.get("race", {}).get("replica", 0)
+    if replica:
+        keep["replica"] = replica
+    keep["runtime"] = {k: v for k, v in keep.get("runtime", {}).items() if k not in ("progress", "timeout_s")}
+    return _digest(keep)
+
+
+def comparison_keys(container: Dict[str, Any]) -> Dict[str, str]:
+    """Which runs a sweep summary compares: ``workload`` (same model, data, task settings and truncation: the
+    accuracy gate's baseline must have it) and ``baseline_key`` (everything but the stack and precision: the
+    like-for-like eager fp32 job a speedup is taken against)."""
+    runtime = container.get("runtime", {})
+    workload = {"model": container.get("model"), "dataset": container.get("dataset"),
+                "max_length": runtime.get("max_length")}
+    if container.get("scenario"):  # a scenario's jobs are compared with each other only (their own figure)
+        workload["scenario"] = container["scenario"]
+    skip_runtime = ("progress", "timeout_s", "on_plugin_error")
+    like = {k: v for k, v in container.items()
+            if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires", "race")}
+    like["runtime"] = {k: v for k, v in runtime.items() if k not in skip_runtime}
+    return {"workload": _digest(workload), "baseline_key": _digest(like)}
+
+
 class RunRecord(dict):
     """Everything known about a run so far, as written to results.json (a dict: callers and older files agree)."""
 

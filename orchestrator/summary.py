@@ -85,10 +85,15 @@ def swept_columns(rows: List[Dict[str, Any]]) -> List[str]:
     return list(dict.fromkeys(k for r in rows for k in (r.get("swept") or {})))
 
 
+SCENARIO_COLUMNS = ["scenario", "figure", "figure_value", "figure_unit"]
+
+
 def columns(rows: List[Dict[str, Any]], base: List[str]) -> List[str]:
-    """``base`` with one column per swept key after precision."""
+    """``base`` with one column per swept key after precision, and a scenario's figure of merit (name, value,
+    unit) when jobs ran LoadGen scenarios."""
     at = base.index("precision") + 1
-    return base[:at] + swept_columns(rows) + base[at:]
+    extra = [c for c in SCENARIO_COLUMNS if c not in base] if any(r.get("figure") for r in rows) else []
+    return base[:at] + swept_columns(rows) + extra + [c for c in base[at:] if c not in extra]
 
 
 def value(r: Dict[str, Any], c: str) -> Any:
@@ -157,7 +162,8 @@ HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms", "latency_p90_ms":
            "latency_p99_ms": "p99 ms",
            "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree (sample)", "eval_throughput": "eval rows/s",
            "peak_fraction_pct": "% peak", "accuracy_delta": "Δ metric", "speedup_ci": "95% CI",
-           "agreement_vs_baseline": "agree (all)", "fallback": "fell back"}
+           "agreement_vs_baseline": "agree (all)", "fallback": "fell back", "figure_value": "value",
+           "figure_unit": "unit"}
 
 
 def table(rows: List[Dict[str, Any]], title: Optional[str] = None) -> Table:

@@ -29,7 +29,6 @@ sweep stops once they have ended KILLED. Every job process also gets a parent-de
 ``_job.py``): whatever ends the sweep process — ``kill -9`` included — ends its jobs.
 """
 
-import hashlib
 import json
 import logging
 import os
@@ -216,14 +215,12 @@ def race_config(cfg: DictConfig):
     return race
 
 
-def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
 def job_identity(config: DictConfig) -> Tuple[str, str, bool]:
-    """(pairing key, workload, eager fp32?) of a job, as the summary judges it (orchestrator/verdict.py): jobs of
-    one workload (model, data, max_length) compete; jobs that differ only in stack and precision pair with one
-    eager fp32 reference."""
+    """(pairing key, workload, eager fp32?) of a job, by the rule the summary judges it by (records.comparison_keys):
+    jobs of one workload (model, data, max_length, scenario) compete; jobs that differ only in stack and precision
+    pair with one eager fp32 reference."""
+    from orchestrator.records import comparison_keys
+
     plain: Dict[str, Any] = {}
     for k in config:
         if k == "hydra":
@@ -233,14 +230,9 @@ def job_identity(config: DictConfig) -> Tuple[str, str, bool]:
             plain[k] = OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else node
         except Exception:  # an interpolation only a job can resolve: compare what is written
             plain[k] = OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
-    runtime = dict(plain.get("runtime") or {})
-    workload = _digest({"model": plain.get("model"), "dataset": plain.get("dataset"),
-                        "max_length": runtime.get("max_length")})
-    like = {k: v for k, v in plain.items()
-            if k not in ("optimization", "precision", "tracking", "resume", "summary", "requires", "race")}
-    like["runtime"] = {k: v for k, v in runtime.items() if k not in ("progress", "timeout_s", "on_plugin_error")}
+    keys = comparison_keys(plain)
     baseline = not plain.get("optimization") and (plain.get("precision") or {}).get("name") == "fp32"
-    return _digest(like), workload, bool(baseline)
+    return keys["baseline_key"], keys["workload"], bool(baseline)
 
 
 class JobProcess:
@@ -480,11 +472,11 @@ class Racer:
         """The summary's accuracy gate (orchestrator/verdict.py), judged from the accuracy passes."""
         from orchestrator import verdict
 
-        summary = OmegaConf.select(jp.config, "summary", default=None)
-        min_ratio = float(OmegaConf.select(jp.config, "summary.min_accuracy_ratio", default=0.99)
-                          if summary is not None else 0.99)
-        min_agree = float(OmegaConf.select(jp.config, "summary.min_agreement", default=0.95)
-                          if summary is not None else 0.95)
+        from orchestrator.config import SummaryConfig
+
+        gate = SummaryConfig()  # the defaults live in the schema only
+        min_ratio = float(OmegaConf.select(jp.config, "summary.min_accuracy_ratio", default=gate.min_accuracy_ratio))
+        min_agree = float(OmegaConf.select(jp.config, "summary.min_agreement", default=gate.min_agreement))
         agree = None
         try:
             from orchestrator.registry import tasks
