@@ -19,7 +19,7 @@ from typing import Any, Dict, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import measure, phases
+from . import measure, naming, phases
 from .config import RunConfig, check_tracking, to_run_config
 from .context import JobContext
 from .environment import environment_tags, process_startup_s, process_tags
@@ -39,13 +39,7 @@ log = logging.getLogger(__name__)
 def _run_name(rc: RunConfig, ctx: JobContext, stack: Optional[str] = None) -> str:
     """What tells the run apart first (the values its sweep varies, stack, precision), then model and data:
     MLflow's runs list shows ~14-18 characters of a name."""
-    if rc.tracking.run_name:
-        return rc.tracking.run_name
-    model = ctx.choices.get("model") or Path(rc.model.name_or_path).name
-    dataset = ctx.choices.get("dataset") or Path(str(rc.dataset.data_files or rc.dataset.path)).stem
-    parts = [f"{k}={v}" for k, v in ctx.swept_values().items()]
-    parts += [stack or stack_label(rc.optimization), rc.precision.name, model, dataset]
-    return "-".join(parts)
+    return naming.run_name(rc, ctx, stack)
 
 
 def _quiet_libraries() -> None:
