@@ -76,12 +76,39 @@ def refuse_taken_run_dir(run_dir: Path, resume: bool) -> None:
                           "overwritten: choose another folder (or leave hydra.run.dir at its default)")
 
 
+def alive_jobs(sweep_dir: Path) -> List[str]:
+    """Jobs of a sweep folder whose record says RUNNING in a process that is still alive on this host."""
+    import platform
+
+    import psutil
+
+    out = []
+    for job in job_dirs(sweep_dir):
+        path = job / RESULTS_FILE
+        record = try_read(path) if path.is_file() else None
+        tags = (record or {}).get("tags") or {}
+        pid = str(tags.get("process.pid", ""))
+        if not record or record.get("status") != "RUNNING" or tags.get("host") != platform.node() or not pid.isdigit():
+            continue
+        try:  # the pid must be the job's own process, not a newer one that got its number
+            if psutil.Process(int(pid)).create_time() <= path.stat().st_mtime + 1.0:
+                out.append(f"{job.name} (process {pid})")
+        except psutil.Error:
+            pass
+    return out
+
+
 def refuse_taken_sweep_dir(sweep_dir: Path, resume: bool) -> None:
     """A sweep folder that already holds a sweep's jobs is never merged into or overwritten; resume=true is the
-    one way to continue a sweep."""
+    one way to continue a sweep, and not while a job of it is still running on this host."""
     from .errors import ConfigError
 
     if resume:
+        alive = alive_jobs(sweep_dir)
+        if alive:
+            raise ConfigError(f"resume=true: job(s) {', '.join(alive)} of the sweep in {sweep_dir} are still running "
+                              "on this host; wait for them or stop them first (two processes would time side by "
+                              "side)")
         return
     taken = [p.name for p in job_dirs(sweep_dir) if (p / RESULTS_FILE).exists()]
     if taken or (Path(sweep_dir) / PARENT_RUN_FILE).exists():

@@ -115,6 +115,7 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
             return skipped
         tracker.start(flatten(container), tags)
         results["run_id"] = tracker.run_id
+        results.write(run_dir)  # RUNNING, with its process: a sweep resumed meanwhile sees this job is alive
         log.info("run %s: results in %s%s", run_name, run_dir,
                  f", MLflow run {tracker.run_id} ({rc.tracking.uri})" if tracker.run_id else " (untracked)")
         if startup is not None:

@@ -187,3 +187,29 @@ def test_a_job_whose_timed_outputs_differ_fails_the_gate():
                         {"accuracy": 80.0, "throughput": 30.0, "timed_equals_evaluated": 0.0}, None, workload="w")]
     verdict.assess(rows, 0.99, 0.95, lambda t: TextClassification, lambda r: None)
     assert rows[1]["gate"] == "fail" and "timed outputs differ" in rows[1]["gate_reason"]
+
+
+def test_resume_refuses_a_sweep_with_a_live_job_or_other_overrides(tmp_path):
+    import os
+    import platform
+
+    from omegaconf import OmegaConf
+
+    from orchestrator.sweep import refuse_changed_overrides
+
+    sweep = tmp_path / "sweep"
+    job = _job(sweep, 0, status="RUNNING")
+    record = json.loads((job / "results.json").read_text())
+    record["tags"].update({"process.pid": str(os.getpid()), "host": platform.node()})  # this process: alive
+    (job / "results.json").write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"job\(s\) 0 \(process \d+\) of the sweep .* are still running"):
+        refuse_taken_sweep_dir(sweep, resume=True)
+    record["tags"]["process.pid"] = "999999999"  # gone: resume re-runs it
+    (job / "results.json").write_text(json.dumps(record))
+    refuse_taken_sweep_dir(sweep, resume=True)
+
+    OmegaConf.save(OmegaConf.create({"hydra": {"overrides": {"task": ["runtime.batch_size=8,16"]}}}),
+                   sweep / "multirun.yaml")
+    refuse_changed_overrides(sweep, ["runtime.batch_size=8,16", "resume=true"])  # the same sweep
+    with pytest.raises(ConfigError, match="was launched with runtime.batch_size=8,16, not runtime.batch_size=32"):
+        refuse_changed_overrides(sweep, ["runtime.batch_size=32", "resume=true"])
