@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 
 from .errors import describe
 from .records import (PARENT_RUN_FILE, RESULTS_FILE, RUN_ARTIFACTS, TERMINAL, RecordError, job_dirs, read_record,
-                      sweep_run_name, tracking_of)
+                      running_process, sweep_run_name, tracking_of)
 from .reconcile import reconcile_sweep
 
 log = logging.getLogger(__name__)
@@ -89,6 +89,13 @@ def import_run(client, exp_id: str, run_dir: Path, parent_id: Optional[str] = No
         return record["resumed_from"], f"reused run {record['resumed_from']} (resume=true): nothing to add"
     if record.get("refused"):  # as when it ran: a config refused before any run gets no MLflow run
         return None, f"refused by its config before any run ({record.get('error')}): nothing to import"
+    if record.get("status") not in TERMINAL:
+        pid = running_process(run_dir)
+        if pid:
+            return None, f"still running (process {pid}): not imported"
+        # its process died before it could record its end (kill -9 of the sweep): it ends KILLED, never RUNNING
+        record["status"] = "KILLED"
+        record.setdefault("error", "its process ended before the run did (found RUNNING by orchestrator-import)")
     ended = res.stat().st_mtime
     run = _find(client, exp_id, record, run_dir)
     done = []

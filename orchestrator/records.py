@@ -76,26 +76,28 @@ def refuse_taken_run_dir(run_dir: Path, resume: bool) -> None:
                           "overwritten: choose another folder (or leave hydra.run.dir at its default)")
 
 
-def alive_jobs(sweep_dir: Path) -> List[str]:
-    """Jobs of a sweep folder whose record says RUNNING in a process that is still alive on this host."""
+def running_process(run_dir: Path) -> Optional[str]:
+    """The pid of the live process on this host whose run this folder's record says is RUNNING, else None."""
     import platform
 
     import psutil
 
-    out = []
-    for job in job_dirs(sweep_dir):
-        path = job / RESULTS_FILE
-        record = try_read(path) if path.is_file() else None
-        tags = (record or {}).get("tags") or {}
-        pid = str(tags.get("process.pid", ""))
-        if not record or record.get("status") != "RUNNING" or tags.get("host") != platform.node() or not pid.isdigit():
-            continue
-        try:  # the pid must be the job's own process, not a newer one that got its number
-            if psutil.Process(int(pid)).create_time() <= path.stat().st_mtime + 1.0:
-                out.append(f"{job.name} (process {pid})")
-        except psutil.Error:
-            pass
-    return out
+    path = Path(run_dir) / RESULTS_FILE
+    record = try_read(path) if path.is_file() else None
+    tags = (record or {}).get("tags") or {}
+    pid = str(tags.get("process.pid", ""))
+    if not record or record.get("status") != "RUNNING" or tags.get("host") != platform.node() or not pid.isdigit():
+        return None
+    try:  # the pid must be the run's own process, not a newer one that got its number
+        return pid if psutil.Process(int(pid)).create_time() <= path.stat().st_mtime + 1.0 else None
+    except psutil.Error:
+        return None
+
+
+def alive_jobs(sweep_dir: Path) -> List[str]:
+    """Jobs of a sweep folder whose record says RUNNING in a process that is still alive on this host."""
+    return [f"{job.name} (process {pid})" for job in job_dirs(sweep_dir)
+            for pid in [running_process(job)] if pid]
 
 
 def refuse_taken_sweep_dir(sweep_dir: Path, resume: bool) -> None:

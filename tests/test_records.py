@@ -213,3 +213,18 @@ def test_resume_refuses_a_sweep_with_a_live_job_or_other_overrides(tmp_path):
     refuse_changed_overrides(sweep, ["runtime.batch_size=8,16", "resume=true"])  # the same sweep
     with pytest.raises(ConfigError, match="was launched with runtime.batch_size=8,16, not runtime.batch_size=32"):
         refuse_changed_overrides(sweep, ["runtime.batch_size=32", "resume=true"])
+
+
+def test_import_of_a_job_left_running_by_a_dead_process_ends_it_killed(tmp_path):
+    sweep = tmp_path / "sweep"
+    job = _job(sweep, 0, status="RUNNING")
+    record = json.loads((job / "results.json").read_text())
+    record["tags"].update({"process.pid": "999999999", "host": "this-host"})
+    (job / "results.json").write_text(json.dumps(record))
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    done = _cli("import", str(sweep), "--tracking-uri", uri, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "")
+    job_run = next(r for r in runs if r.data.tags.get("run_dir", "").endswith("/0"))
+    assert job_run.info.status == "KILLED" and all(r.info.status != "RUNNING" for r in runs)
