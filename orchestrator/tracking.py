@@ -53,6 +53,11 @@ def check_uri(uri: str) -> None:
     if scheme not in valid:
         raise ConfigError(f"tracking.uri={uri!r}: unsupported scheme {scheme!r}; valid: {', '.join(valid)} "
                           "(e.g. sqlite:///path/to/mlflow.db or http://127.0.0.1:5000)")
+    if scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() != "true":
+        # MLflow 3 keeps its file store in maintenance mode and refuses to start a run in it
+        raise ConfigError(f"tracking.uri={uri}: MLflow 3 refuses a file store (./mlruns); use a database, e.g. "
+                          f"tracking.uri=sqlite:///{urlparse(uri).path.rstrip('/') or '.'}/mlflow.db (or set "
+                          "MLFLOW_ALLOW_FILE_STORE=true to use the file store anyway)")
 
 
 def check_reachable(uri: str, timeout_s: float = 3.0) -> None:
