@@ -372,6 +372,11 @@ class Racer:
 
     # -- the sweep ------------------------------------------------------------------------------------------------
     def run(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> List[JobReturn]:
+        env = {**os.environ, **self.launcher.env}
+        if (env.get("OMP_WAIT_POLICY", "").upper() == "ACTIVE"
+                or env.get("KMP_BLOCKTIME", "").lower() in ("infinite", "infinity")):
+            log.warning("OMP_WAIT_POLICY=ACTIVE / KMP_BLOCKTIME=infinite: a raced job's OpenMP threads spin while it "
+                        "waits for its round and take CPU from the job being timed; unset them for a race")
         handlers = {}
         if _main_thread():
             handlers = {signal.SIGINT: signal.signal(signal.SIGINT, self._on_int),
