@@ -7,6 +7,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .naming import latency_unit, throughput_unit
+
 # (metric key, column title, format)
 PERF_COLUMNS = [
     ("latency_p50_ms", "p50 ms", "{:.2f}"),
@@ -28,6 +30,16 @@ def _fmt(value: Optional[float], fmt: str) -> str:
     return "-" if value is None else fmt.format(value)
 
 
+def _with_unit(head: str, results: Dict[str, Any]) -> str:
+    """A latency is per batch of runtime.batch_size rows; rows/s says what a row is (sentences, QA features)."""
+    if head.startswith("p") and head.endswith(" ms"):
+        batch = ((results.get("config") or {}).get("runtime") or {}).get("batch_size")
+        return f"{head[:-3]} {latency_unit(batch)}"
+    if head.endswith("rows/s"):
+        return head[:-len("rows/s")] + throughput_unit([results.get("task")])
+    return head
+
+
 def results_table(results: Dict[str, Any], task_metrics: List[str]) -> Table:
     """One run, one row per figure: narrow enough for any terminal."""
     m = results.get("metrics", {})
@@ -45,7 +57,7 @@ def results_table(results: Dict[str, Any], task_metrics: List[str]) -> Table:
     for key, head, fmt in PERF_COLUMNS:
         if figure and m.get(key) is None:
             continue  # the closed-loop timing pass did not run: no row of dashes for it
-        table.add_row(head, _fmt(m.get(key), fmt))
+        table.add_row(_with_unit(head, results), _fmt(m.get(key), fmt))
     return table
 
 

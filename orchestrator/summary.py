@@ -18,8 +18,9 @@ from rich.table import Table
 from . import verdict
 from .errors import describe, first_line
 from .config import SummaryConfig, TrackingConfig
+from .naming import throughput_unit
 from .records import (COLUMNS, DECISIONS_FILE, EAGER, RACE_FILE, PARENT_RUN_FILE, TERMINAL, job_dirs, override_values, row_of_dir,
-                      row_of_run, task_class, tracking_of)
+                      row_of_run, task_class, tracking_of, valid_name)
 
 log = logging.getLogger(__name__)
 
@@ -158,8 +159,9 @@ def _cell(r: Dict[str, Any], c: str) -> str:
     return _fmt(value(r, c))
 
 
-HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms", "latency_p90_ms": "p90 ms",
-           "latency_p99_ms": "p99 ms",
+# a latency percentile is the time of one batch (runtime.batch_size rows)
+HEADERS = {"throughput": "rows/s", "latency_p50_ms": "p50 ms/batch", "latency_p90_ms": "p90 ms/batch",
+           "latency_p99_ms": "p99 ms/batch",
            "parity_max_abs_diff": "parity |Δ|", "parity_agreement": "agree (sample)", "eval_throughput": "eval rows/s",
            "peak_fraction_pct": "% peak", "accuracy_delta": "Δ metric", "speedup_ci": "95% CI",
            "agreement_vs_baseline": "agree (all)", "fallback": "fell back", "figure_value": "value",
@@ -170,8 +172,10 @@ def table(rows: List[Dict[str, Any]], title: Optional[str] = None) -> Table:
     t = Table(title=title, title_justify="left")
     shown = columns(rows, SHOWN)
     swept = swept_columns(rows)
+    # rows/s says what a row is: sentences (2 per STS pair), QA features (question+context windows), ...
+    headers = {**HEADERS, "throughput": throughput_unit(r.get("task") for r in rows)}
     for c in shown:
-        t.add_column(HEADERS.get(c, c), justify="left" if c in ("stack", "precision", "metric", "status", "gate",
+        t.add_column(headers.get(c, c), justify="left" if c in ("stack", "precision", "metric", "status", "gate",
                                                                  "noise", "fallback") or c in swept else "right",
                      no_wrap=c != "gate")
     for r in rows:
@@ -187,8 +191,17 @@ def markdown(rows: List[Dict[str, Any]], header: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
-    """Speed vs accuracy with the Pareto front and the recommended job; speedups with their intervals."""
+def metric_label(rows: List[Dict[str, Any]]) -> str:
+    """The task metric's axis label with its scale: every task reports its metric on 0-100 (accuracy %, F1 x100,
+    Spearman x100), higher is better."""
+    metric = next((r["metric"] for r in rows if r.get("metric")), None) or "task metric"
+    return f"{metric} (0-100 scale, higher is better)"
+
+
+def figure(rows: List[Dict[str, Any]], title: str = ""):
+    """The summary figure (None without a finished row): speed vs accuracy on top, its legend beside it, one
+    throughput bar per job below across the whole width. Labels are placed so that none overlaps another at any job
+    count up to at least 24 (tests/test_dashboard.py lays 24 out and checks their boxes)."""
     done = [r for r in rows if r.get("throughput") and r.get("value") is not None]
     if not done:
         return None
@@ -197,23 +210,30 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # wider for many jobs, so that every bar keeps a readable label
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(max(13.0, 7.0 + 0.6 * len(done)), 5.5))
+    unit = throughput_unit(r.get("task") for r in done)
+    # wide enough that every bar keeps a readable, vertical label; tall enough for a legend line per job
+    width = max(13.0, 4.0 + 0.42 * len(done))
+    fig = plt.figure(figsize=(width, 10.0 + 0.12 * max(0, len(done) - 12)))
+    grid = fig.add_gridspec(2, 2, width_ratios=[1.5, 1.0], height_ratios=[1.0, 1.0])
+    ax1, legend_ax, ax2 = fig.add_subplot(grid[0, 0]), fig.add_subplot(grid[0, 1]), fig.add_subplot(grid[1, :])
     recommended = next((r for r in done if r.get("recommended")), None)
-    for i, r in enumerate(done):
+    handles = []
+    for r in done:
         is_base = r.get("gate") == "baseline"
         marker = "*" if is_base else ("X" if r.get("gate") == "fail" else "o")
         ax1.scatter(r["throughput"], r["value"], marker=marker, s=170 if is_base else 60,
                     color="black" if is_base else ("tab:red" if r.get("gate") == "fail" else "tab:blue"), zorder=3)
-        ax1.scatter([], [], marker="none", label=f"{r['job']}: {verdict.label(r)}"
-                    + (" (baseline)" if is_base else "") + (" (gate fail)" if r.get("gate") == "fail" else ""))
+        handles.append(ax1.scatter([], [], marker="none", label=f"{r['job']}: {verdict.label(r)}"
+                                   + (" (baseline)" if is_base else "") + (" (gate fail)" if r.get("gate") == "fail"
+                                                                            else "")))
     front = sorted((r for r in done if r.get("pareto")), key=lambda r: r["throughput"])
     if len(front) > 1:
-        ax1.plot([r["throughput"] for r in front], [r["value"] for r in front], color="tab:green", linewidth=1.2,
-                 linestyle="--", label="Pareto front", zorder=2)
+        handles += ax1.plot([r["throughput"] for r in front], [r["value"] for r in front], color="tab:green",
+                            linewidth=1.2, linestyle="--", label="Pareto front", zorder=2)
     if recommended is not None:
-        ax1.scatter(recommended["throughput"], recommended["value"], s=420, facecolors="none",
-                    edgecolors="tab:green", linewidths=2, label=f"recommended: job {recommended['job']}", zorder=4)
+        handles.append(ax1.scatter(recommended["throughput"], recommended["value"], s=420, facecolors="none",
+                                   edgecolors="tab:green", linewidths=2, zorder=4,
+                                   label=f"recommended: job {recommended['job']} ({verdict.label(recommended)})"))
     ax1.ticklabel_format(axis="both", style="plain", useOffset=False)
     values = [r["value"] for r in done]
     span = max(values) - min(values)
@@ -221,35 +241,78 @@ def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Pa
     # a 0.003-point wobble must not fill the axis and look like an accuracy loss: show at least 2 points
     if span < 2.0:
         ax1.set_ylim(mid - 1.0, mid + 1.0)
-    _number_points(ax1, done)
-    ax1.set_xlabel("throughput (rows/s)")
-    ax1.set_ylabel(done[0]["metric"] or "metric")
-    ax1.set_title("speed vs accuracy")
-    ax1.legend(fontsize=7, loc="best", handlelength=1, framealpha=0.8, markerscale=0.5)
-    _throughput_bars(ax2, done)
+    xs = [r["throughput"] for r in done]
+    pad = (max(xs) - min(xs)) * 0.08 or max(xs) * 0.05
+    ax1.set_xlim(min(xs) - pad, max(xs) + pad)
+    ax1.set_xlabel(f"throughput ({unit})")
+    ax1.set_ylabel(metric_label(done))
+    ax1.set_title("speed vs accuracy (numbers: jobs, named in the legend)", fontsize=9)
+    legend_ax.axis("off")
+    legend_ax.legend(handles=handles, fontsize=7 if len(done) <= 16 else 6, loc="upper left", handlelength=1,
+                     frameon=False, markerscale=0.5, title="job: stack/precision that ran, swept values",
+                     title_fontsize=7)
+    _throughput_bars(ax2, done, unit)
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
+    _number_points(fig, ax1, done)
+    return fig
+
+
+def plot(rows: List[Dict[str, Any]], path: Path, title: str = "") -> Optional[Path]:
+    """Speed vs accuracy with the Pareto front and the recommended job; throughput bars with their intervals and
+    speedups (:func:`figure`), saved as a PNG."""
+    fig = figure(rows, title)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-# where a point's number goes, in points from it: the next free slot when other numbers are close
-_SLOTS = [(5, 5), (5, -12), (-13, 5), (-13, -12), (5, 16), (-13, 16), (16, -4), (-24, -4)]
+def _rings(max_radius: int = 90):
+    """Offsets (points) around a point, nearest first: where its number may go."""
+    yield 5, 5
+    for radius in range(12, max_radius, 9):
+        for dx, dy in ((1, 1), (1, -1), (-1, 1), (-1, -1), (1, 0), (-1, 0), (0, 1), (0, -1)):
+            yield int(dx * radius) + (0 if dx >= 0 else -6), int(dy * radius)
 
 
-def _number_points(ax, done: List[Dict[str, Any]]) -> None:
-    """Job numbers beside the points (names are in the legend). Points closer than ~4 % of the axes take
-    different slots around themselves, so numbers of coinciding points do not print over each other."""
-    (x0, x1), (y0, y1) = ax.get_xlim(), ax.get_ylim()
-    placed: List[tuple] = []
-    for r in sorted(done, key=lambda r: r["throughput"]):
-        fx, fy = (r["throughput"] - x0) / ((x1 - x0) or 1), (r["value"] - y0) / ((y1 - y0) or 1)
-        near = sum(abs(fx - px) < 0.04 and abs(fy - py) < 0.04 for px, py in placed)
-        placed.append((fx, fy))
-        ax.annotate(str(r["job"]), (r["throughput"], r["value"]), fontsize=8, xytext=_SLOTS[near % len(_SLOTS)],
-                    textcoords="offset points")
+def _overlaps(box, boxes, pad: float = 1.0) -> bool:
+    return any(box.x0 < b.x1 + pad and b.x0 < box.x1 + pad and box.y0 < b.y1 + pad and b.y0 < box.y1 + pad
+               for b in boxes)
+
+
+def _number_points(fig, ax, done: List[Dict[str, Any]]) -> None:
+    """Job numbers beside the points (names are in the legend). Each number takes the nearest place around its
+    point where its box (as the renderer draws it) meets no other number and no marker and stays in the axes; a
+    number moved away gets a thin line to its point."""
+    renderer = fig.canvas.get_renderer()
+    frame = ax.get_window_extent(renderer)
+    to_px = ax.transData.transform
+    points_px = fig.dpi / 72.0
+    # the markers themselves, as small boxes the numbers keep off
+    from matplotlib.transforms import Bbox
+
+    placed = [Bbox.from_bounds(*(to_px((r["throughput"], r["value"])) - 5 * points_px), 10 * points_px,
+                               10 * points_px) for r in done]
+    for r in sorted(done, key=lambda r: (r["throughput"], r["value"])):
+        xy = (r["throughput"], r["value"])
+        for dx, dy in _rings():
+            text = ax.annotate(str(r["job"]), xy, fontsize=8, xytext=(dx, dy), textcoords="offset points")
+            box = text.get_window_extent(renderer)
+            inside = frame.x0 <= box.x0 and box.x1 <= frame.x1 and frame.y0 <= box.y0 and box.y1 <= frame.y1
+            if inside and not _overlaps(box, placed):
+                placed.append(box)
+                if abs(dx) + abs(dy) > 12:  # moved away: a thin line back to its point (a text-less annotation)
+                    ax.annotate("", xy, xytext=(dx + 3, dy + 4), textcoords="offset points",
+                                arrowprops=dict(arrowstyle="-", color="0.6", linewidth=0.5, shrinkA=4, shrinkB=3))
+                break
+            text.remove()
+        else:  # nowhere free within reach (more coinciding points than places): the legend still names it
+            log.debug("no free place for job %s's number", r["job"])
 
 
 def _natural(v: Any) -> tuple:
@@ -282,26 +345,36 @@ def bar_layout(done: List[Dict[str, Any]]) -> List[tuple]:
     return bars
 
 
-def _throughput_bars(ax, done: List[Dict[str, Any]]) -> None:
-    """One bar per job (rows/s, 95 % interval), labelled with its swept values; the speedup over its eager fp32
-    baseline written on the bar. Throughput, not speedup, is the height: in a sweep of batch sizes every job is its
-    own baseline and every speedup would read 1.0."""
+# more bars than this and their labels are turned upright: side by side they would run into each other
+_FLAT_LABELS = 8
+
+
+def _throughput_bars(ax, done: List[Dict[str, Any]], unit: str = "rows/s") -> None:
+    """One bar per job (throughput, 95 % interval), labelled with its swept values; the speedup over its eager fp32
+    baseline written above the bar's interval (never through it). Throughput, not speedup, is the height: in a
+    sweep of batch sizes every job is its own baseline and every speedup would read 1.0."""
     bars = bar_layout(done)
     xs = [x for x, _, _ in bars]
     order = [r for _, _, r in bars]
-    err = [[max(r["throughput"] - (r.get("throughput_ci_low") or r["throughput"]), 0) for r in order],
-           [max((r.get("throughput_ci_high") or r["throughput"]) - r["throughput"], 0) for r in order]]
-    ax.bar(xs, [r["throughput"] for r in order], yerr=err, capsize=3, width=0.8,
+    lows = [max(r["throughput"] - (r.get("throughput_ci_low") or r["throughput"]), 0) for r in order]
+    highs = [max((r.get("throughput_ci_high") or r["throughput"]) - r["throughput"], 0) for r in order]
+    ax.bar(xs, [r["throughput"] for r in order], yerr=[lows, highs], capsize=3, width=0.8,
            color=["black" if r.get("gate") == "baseline" else
                   ("tab:red" if r.get("gate") == "fail" else "tab:blue") for r in order])
-    for xi, r in zip(xs, order):
+    upright = len(order) > _FLAT_LABELS
+    for xi, r, high in zip(xs, order, highs):
         if r.get("speedup") is not None and r.get("gate") != "baseline":
-            ax.annotate(f"{r['speedup']:.2f}x", (xi, r["throughput"]), xytext=(0, 3), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(xs, [label for _, label, _ in bars], fontsize=7)
+            ax.annotate(f"{r['speedup']:.2f}x", (xi, r["throughput"] + high), xytext=(0, 4),
+                        textcoords="offset points", ha="center", va="bottom", fontsize=7,
+                        rotation=90 if upright else 0)
+    top = max(r["throughput"] + h for r, h in zip(order, highs))
+    ax.set_ylim(0, top * (1.25 if upright else 1.12))  # room for the speedups above the tallest interval
+    labels = [label if not upright else label.replace("\n", "  ") for _, label, _ in bars]
+    ax.set_xticks(xs, labels, fontsize=7, rotation=90 if upright else 0)
     ax.ticklabel_format(axis="y", style="plain", useOffset=False)
-    ax.set_ylabel("throughput (rows/s, 95% interval)")
-    ax.set_title("throughput per job (black: eager fp32 baseline; on the bars: speedup vs it)", fontsize=9)
+    ax.set_ylabel(f"throughput ({unit}, 95% interval)")
+    ax.set_xlabel("job (swept values, stack/precision that ran)")
+    ax.set_title("throughput per job (black: eager fp32 baseline; above the bars: speedup vs it)", fontsize=9)
 
 
 def frame(rows: List[Dict[str, Any]]):
@@ -358,6 +431,8 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
             out["race_stopped"] = str(json.loads(race.read_text()).get("stopped") or "")
         except (OSError, ValueError, AttributeError):
             pass
+    out["stored"] = storage(sweep_dir, store, [r["run_id"] for r in rows if r.get("run_id")]
+                            + ([parent_id] if parent_id else []))
     if store is not None and parent_id:
         try:
             log_to_parent(store, parent_id, out, stopped)
@@ -369,9 +444,152 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     return out
 
 
+def _mb(n_bytes: float) -> float:
+    return round(n_bytes / 2**20, 2)
+
+
+def storage(sweep_dir: Optional[Path], client, run_ids: List[str]) -> Dict[str, Optional[float]]:
+    """How much the sweep stored: MB in its run folders (every file under the sweep directory) and MB of MLflow
+    artifacts of its runs (the parent's and each job's); None for a part that cannot be read."""
+    local = None
+    if sweep_dir is not None and Path(sweep_dir).is_dir():
+        local = _mb(sum(p.stat().st_size for p in Path(sweep_dir).rglob("*") if p.is_file() and not p.is_symlink()))
+    tracked = None
+    if client is not None and run_ids:
+        def size(run_id: str, path: Optional[str] = None) -> int:
+            return sum(size(run_id, a.path) if a.is_dir else (a.file_size or 0)
+                       for a in client.list_artifacts(run_id, path))
+
+        try:
+            tracked = _mb(sum(size(r) for r in run_ids))
+        except Exception as e:  # sizes are a courtesy: a store that cannot list them costs the line only
+            log.warning("sweep summary: MLflow artifact sizes could not be read (%s)", describe(e))
+    return {"run_folders_mb": local, "mlflow_mb": tracked}
+
+
+def stored_line(stored: Optional[Dict[str, Optional[float]]]) -> str:
+    if not stored:
+        return ""
+    parts = [f"{stored['run_folders_mb']:.1f} MB in the run folders" if stored.get("run_folders_mb") is not None
+             else None,
+             f"{stored['mlflow_mb']:.1f} MB in MLflow artifacts" if stored.get("mlflow_mb") is not None else None]
+    parts = [p for p in parts if p]
+    return f"the sweep stored {' and '.join(parts)}" if parts else ""
+
+
+# the compact table of the parent run's description: what decides, one line per job
+NOTE_COLUMNS = [("job", "job"), ("label", "what ran"), ("value", "metric"), ("accuracy_delta", "Δ metric"),
+                ("throughput", "throughput"), ("speedup", "speedup"), ("speedup_ci", "95% CI"),
+                ("gate", "gate"), ("status", "status")]
+
+
+def winner(out: Dict[str, Any]) -> Optional[str]:
+    """One short line for the recommended job: 'job 4 (openvino/int8): 1.83x [95% 1.70-1.95], spearman -0.12'."""
+    best = next((r for r in out["rows"] if r.get("recommended")), None)
+    if best is None:
+        return None
+    delta = best.get("accuracy_delta")
+    return (f"job {best['job']} ({verdict.label(best)}): {verdict._interval(best)}"
+            + (f", {best['metric']} {delta:+.2f}" if delta is not None else ""))
+
+
+def dashboard_note(out: Dict[str, Any]) -> str:
+    """The parent run's description (MLflow's ``mlflow.note.content``, shown as markdown on the run's page): the
+    winner with its speedup, interval and accuracy cost, the whole recommendation, a table of every job, the CPU and
+    how much the sweep stored."""
+    rows = out["rows"]
+    best = winner(out)
+    lines = [f"### Recommended: {best}" if best else "### No recommendation", "",
+             out.get("recommendation") or "", "", f"{out['cpu']}; {len(rows)} jobs, {out['failed']} not finished", ""]
+    unit = throughput_unit(r.get("task") for r in rows)
+    metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
+    heads = {"value": metric, "throughput": unit}
+    lines.append("| " + " | ".join(heads.get(c, h) for c, h in NOTE_COLUMNS) + " |")
+    lines.append("|" + "---|" * len(NOTE_COLUMNS))
+    for r in rows:
+        cells = []
+        for c, _ in NOTE_COLUMNS:
+            text = verdict.label(r) if c == "label" else _cell(r, c)
+            if c == "job" and r.get("recommended"):
+                text = f"**{text}** (recommended)"
+            cells.append(text.replace("|", "/"))
+        lines.append("| " + " | ".join(cells) + " |")
+    stored = stored_line(out.get("stored"))
+    lines += ["", "Speedup: throughput over the eager fp32 job's, 95% interval; gate: keeps >= 99% of its metric and "
+              "agrees with it on >= 95% of examples (summary.*)." + (f" {stored[0].upper() + stored[1:]}." if stored
+                                                                     else ""),
+              "Charts: each job's `speedup`/`throughput` is a metric of its run, and `job<N>_speedup` one of this "
+              "run; files: summary.png, summary.md, summary_table.json (Artifacts)."]
+    return "\n".join(lines)
+
+
+def _finite(v: Any) -> Optional[float]:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if f == f and f not in (float("inf"), float("-inf")) else None
+
+
+def dashboard_metrics(out: Dict[str, Any]) -> Dict[str, float]:
+    """The parent's metrics MLflow shows as columns and charts: one per job and figure (``job3_speedup``,
+    ``job3_throughput``, ``job3_<metric>``), the recommended job's figures, the sweep's storage."""
+    metrics: Dict[str, float] = {}
+    for r in out["rows"]:
+        job = str(r["job"])
+        for key, name in (("speedup", "speedup"), ("throughput", "throughput"), ("value", r.get("metric")),
+                          ("accuracy_delta", "accuracy_delta"), ("figure_value", r.get("figure"))):
+            v = _finite(r.get(key))
+            if v is not None and name and valid_name(f"job{job}_{name}"):
+                metrics[f"job{job}_{name}"] = v
+    best = next((r for r in out["rows"] if r.get("recommended")), None)
+    if best is not None:
+        for key in ("speedup", "speedup_ci_low", "speedup_ci_high", "accuracy_delta", "agreement_vs_baseline"):
+            v = _finite(best.get(key))
+            if v is not None:
+                metrics[f"recommended_{key}"] = v
+        job = _finite(best["job"])
+        if job is not None:
+            metrics["recommended_job"] = job
+    for key, v in (out.get("stored") or {}).items():
+        if _finite(v) is not None:
+            metrics[f"stored_{key}"] = float(v)
+    return metrics
+
+
+def _log_verdicts(client, rows: List[Dict[str, Any]], ts: int) -> None:
+    """Each job's own speedup, interval, accuracy cost and gate on its run: MLflow's chart view and compare view
+    then set the jobs side by side on what the summary decided (a finished run stays finished)."""
+    from mlflow.entities import Metric, RunTag
+
+    for r in rows:
+        if not r.get("run_id") or r.get("status") not in TERMINAL:
+            continue
+        metrics = [Metric(k, v, ts, 0) for k, v in ((k, _finite(r.get(k))) for k in
+                                                    ("speedup", "speedup_ci_low", "speedup_ci_high",
+                                                     "accuracy_delta", "agreement_vs_baseline")) if v is not None]
+        if r.get("gate") in ("pass", "fail", "baseline"):
+            metrics.append(Metric("gate_pass", 1.0 if r["gate"] in ("pass", "baseline") else 0.0, ts, 0))
+        tags = [RunTag("gate", str(r.get("gate") or "-")), RunTag("label", verdict.label(r)[:5000])]
+        if r.get("gate_reason"):
+            tags.append(RunTag("gate_reason", str(r["gate_reason"])[:5000]))
+        note = f"**{verdict.label(r)}** (job {r['job']})"
+        if r.get("speedup") is not None and r.get("gate") != "baseline":
+            note += f": {verdict._interval(r)} vs eager fp32 (job {r.get('baseline_job')})"
+        if r.get("gate_reason"):
+            note += f"; gate {r.get('gate')}: {r['gate_reason']}"
+        tags.append(RunTag("mlflow.note.content", note))
+        try:
+            client.log_batch(r["run_id"], metrics=metrics, tags=tags)
+        except Exception as e:  # a job run deleted meanwhile: the parent still gets its summary
+            log.warning("sweep summary: job %s's verdict could not be logged to its run (%s)", r["job"], describe(e))
+
+
 def log_to_parent(client, parent_id: str, out: Dict[str, Any], stopped: Optional[str] = None) -> None:
-    """The summary table, files, counts and recommendation on the sweep's parent run, which then ends: KILLED when
-    the sweep was stopped, FAILED when a job did not finish, else FINISHED."""
+    """The summary on the sweep's parent run, which then ends: KILLED when the sweep was stopped, FAILED when a job
+    did not finish, else FINISHED. What the MLflow UI shows without opening artifacts: the run's description
+    (winner, speedup with interval, accuracy cost, a table of every job), a tag ``winner``, metrics per job
+    (``job<N>_speedup``, ...) and of the recommended job; each job's own run gets its speedup and gate."""
     import time
 
     from mlflow.entities import Metric, RunTag
@@ -381,14 +599,19 @@ def log_to_parent(client, parent_id: str, out: Dict[str, Any], stopped: Optional
     for p in out["files"]:
         client.log_artifact(parent_id, str(p))
     ts = int(time.time() * 1000)
-    tags = [RunTag("recommendation", (out["recommendation"] or "")[:5000]), RunTag("summary.cpu", out["cpu"])]
+    _log_verdicts(client, rows, ts)
+    tags = [RunTag("recommendation", (out["recommendation"] or "")[:5000]), RunTag("summary.cpu", out["cpu"]),
+            RunTag("mlflow.note.content", dashboard_note(out)),
+            RunTag("winner", (winner(out) or "none: " + (out["recommendation"] or "no recommendation"))[:5000])]
     if stopped:
         tags.append(RunTag("error", stopped))
     if out.get("race_stopped"):
         tags.append(RunTag("race.stopped", out["race_stopped"][:5000]))
-    client.log_batch(parent_id, metrics=[Metric("n_jobs", float(len(rows)), ts, 0),
-                                         Metric("failed_jobs", float(out["failed"]), ts, 0),
-                                         Metric("fallback_jobs", float(len(out["fell_back"])), ts, 0)], tags=tags)
+    metrics = [Metric("n_jobs", float(len(rows)), ts, 0), Metric("failed_jobs", float(out["failed"]), ts, 0),
+               Metric("fallback_jobs", float(len(out["fell_back"])), ts, 0)]
+    metrics += [Metric(k, v, ts, 0) for k, v in dashboard_metrics(out).items()]
+    for i in range(0, len(metrics), 900):  # MLflow takes at most 1000 metrics a batch
+        client.log_batch(parent_id, metrics=metrics[i:i + 900], tags=tags if i == 0 else [])
     client.set_terminated(parent_id, "KILLED" if stopped else ("FAILED" if out["failed"] else "FINISHED"))
 
 
@@ -423,6 +646,8 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
                       "newly initialized task head (model.allow_random_head=true): their accuracy means nothing")
     if summary.get("recommendation"):
         console.print(summary["recommendation"], highlight=False, soft_wrap=True)
+    if stored_line(summary.get("stored")):
+        console.print(stored_line(summary.get("stored")), highlight=False, soft_wrap=True)
     if summary.get("files"):
         files = [Path(f) for f in summary["files"]]
         console.print(f"summary files: {files[0].parent.resolve()}/ ({', '.join(f.name for f in files)})",

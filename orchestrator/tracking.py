@@ -19,6 +19,8 @@ from .interrupts import critical
 log = logging.getLogger(__name__)
 
 MAX_PARAM_LEN = 6000
+# left in a plugin's folder of the run for the exports that went to MLflow (Tracker.log_export)
+STORED_NOTE = "STORED_IN_MLFLOW.txt"
 
 
 def flatten(d: Dict[str, Any]) -> Dict[str, str]:
@@ -153,18 +155,33 @@ def open_store(cfg):
                                      cfg.artifact_location or default_artifact_location(cfg.uri))
 
 
+# MLflow 3.x opens an experiment on the GenAI "Overview" (traces) unless its kind says otherwise; this kind opens
+# the classic runs view, where a sweep's runs, metrics and charts are
+EXPERIMENT_KIND = "custom_model_development"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+
+
 def ensure_experiment(client, name: str, artifact_location: Optional[str]) -> str:
+    """The experiment's id, created on first use with the kind that opens MLflow's runs view (an experiment whose
+    kind someone chose keeps it)."""
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except Exception:
-        # another process of the same sweep created it first
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            exp_id = client.create_experiment(name, artifact_location=artifact_location,
+                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        except Exception:
+            # another process of the same sweep created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+            exp_id = exp.experiment_id
+        return exp_id
+    if EXPERIMENT_KIND_TAG not in (exp.tags or {}):
+        try:  # an experiment made before this tag: the UI would open it on the GenAI overview
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+        except Exception as e:
+            log.warning("could not tag experiment %s with %s (%s)", name, EXPERIMENT_KIND_TAG, first_line(e))
+    return exp.experiment_id
 
 
 class Tracker:
@@ -300,6 +317,26 @@ class Tracker:
             return
         fn = self.client.log_artifacts if path.is_dir() else self.client.log_artifact
         self._guard("log_artifact", fn, self.run_id, str(path), artifact_path)
+
+    def log_export(self, path: Path, artifact_path: Optional[str] = None) -> None:
+        """A large file a plugin produced (an exported model: .onnx, OpenVINO IR) stored once: logged to MLflow
+        and then removed from the run folder, where a note says where it went. Kept in the run folder, and not
+        logged, with ``tracking.log_models=false``; kept when the run is untracked or the upload fails (the run
+        folder then holds the only copy)."""
+        path = Path(path)
+        if not self.active or not getattr(self.cfg, "log_models", True) or not path.is_file():
+            return
+        self._guard("log_export", self.client.log_artifact, self.run_id, str(path), artifact_path)
+        if not self.active:
+            return
+        where = f"{artifact_path}/{path.name}" if artifact_path else path.name
+        try:
+            path.unlink()
+            with open(path.parent / STORED_NOTE, "a") as note:
+                note.write(f"{path.name}: stored once, as MLflow artifact {where} of run {self.run_id} "
+                           f"({self.cfg.uri}); tracking.log_models=false keeps exports here instead\n")
+        except OSError as e:
+            log.warning("could not remove %s after logging it to MLflow (%s); it is stored twice", path, e)
 
     def log_dataset(self, dataset, name: str, source: str) -> None:
         if not self.active:
