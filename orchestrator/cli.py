@@ -109,8 +109,9 @@ def _task(cfg: DictConfig) -> Any:
     from .context import JobContext
     from .runner import run
 
-    ctx = JobContext.from_hydra(race=_race_worker())
+    ctx = JobContext()
     try:
+        ctx = JobContext.from_hydra(race=_race_worker())
         results = run(cfg, ctx)
         if results.get("tracking_error") and not ctx.in_sweep:
             # tracking was asked for: a run that could not be recorded must not look like one that was

@@ -77,6 +77,13 @@ class JobContext:
             return cls(race=race)
         from omegaconf import OmegaConf
 
+        from .errors import ConfigError
+
+        if hc.job.get("chdir"):
+            # relative paths (the default sqlite store, data files, models) are meant against where the command ran
+            raise ConfigError("hydra.job.chdir=true: not supported; runs resolve relative paths against the folder "
+                              "the command ran in (with chdir the default MLflow store would move into each run "
+                              "folder); leave it false")
         overrides = tuple(str(o) for o in hc.overrides.task)
         output_dir = OmegaConf.select(hc, "runtime.output_dir", default=None, throw_on_missing=False)
         ctx = cls(run_dir=Path(output_dir) if output_dir else None, overrides=overrides,

@@ -85,10 +85,41 @@ def _checked_load_configuration(original: Callable) -> Callable:
 
         cfg = original(self, config_name, overrides, run_mode, from_shell, validate_sweep_overrides)
         allowlist.check_config(cfg, list(overrides))
+        check_output_dir(cfg, run_mode)
         return cfg
 
     setattr(load_configuration, _MARK, True)
     return load_configuration
+
+
+def check_output_dir(cfg: Any, run_mode: Any) -> None:
+    """The run (or sweep) folder Hydra will create must be creatable: said with its key, before Hydra's own mkdir
+    fails with a bare OSError naming no key."""
+    import os
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from .errors import ConfigError
+
+    key = "hydra.sweep.dir" if getattr(run_mode, "name", "") == "MULTIRUN" else "hydra.run.dir"
+    try:
+        value = OmegaConf.select(cfg, key, default=None)
+    except Exception:  # an interpolation that only resolves later: Hydra reports it itself
+        return
+    if not value:
+        return
+    folder = Path(str(value)).expanduser().absolute()
+    existing = next((p for p in [folder, *folder.parents] if p.exists()), None)
+    problem = None
+    if existing is None or not existing.is_dir():
+        problem = f"{existing} is not a folder"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"{existing} is not writable"
+    elif existing.resolve().is_relative_to("/proc") or existing.resolve().is_relative_to("/sys"):
+        problem = f"{existing} is a kernel file system"
+    if problem:
+        raise ConfigError(f"{key}={value}: the folder cannot be created there ({problem}); choose a writable folder")
 
 
 def install_checks() -> None:

@@ -228,3 +228,19 @@ def test_import_of_a_job_left_running_by_a_dead_process_ends_it_killed(tmp_path)
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()], "")
     job_run = next(r for r in runs if r.data.tags.get("run_dir", "").endswith("/0"))
     assert job_run.info.status == "KILLED" and all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_an_output_folder_that_cannot_be_created_is_named_by_its_key(tmp_path):
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from orchestrator.hydra_patches import check_output_dir
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    for key, mode in (("run", RunMode.RUN), ("sweep", RunMode.MULTIRUN)):
+        for bad, why in (("/proc/x", "kernel file system"), (str(blocker / "x"), "is not a folder")):
+            cfg = OmegaConf.create({"hydra": {key: {"dir": bad}}})
+            with pytest.raises(ConfigError, match=f"^hydra.{key}.dir={bad}: the folder cannot be created .*{why}"):
+                check_output_dir(cfg, mode)
+        check_output_dir(OmegaConf.create({"hydra": {key: {"dir": str(tmp_path / "new" / "deep")}}}), mode)
