@@ -5,17 +5,10 @@ import json
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import mlflow_store, run_cli, runs_of, sqlite_uri
 
 pytestmark = pytest.mark.slow
-
-
-def runs_of(uri: str):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("orchestrator")
-    return client, client.search_runs([exp.experiment_id])
 
 
 def test_default_run_offline(tmp_path):
@@ -23,7 +16,7 @@ def test_default_run_offline(tmp_path):
     proc = run_cli(cwd=tmp_path, env={"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "spearman" in proc.stdout and "[FINISHED]" in proc.stdout
-    client, runs = runs_of(f"sqlite:///{tmp_path / 'outputs' / 'mlflow.db'}")
+    client, runs = runs_of(sqlite_uri(tmp_path / "outputs" / "mlflow.db"))
     assert len(runs) == 1
     m = runs[0].data.metrics
     assert runs[0].info.status == "FINISHED"
@@ -34,7 +27,7 @@ def test_default_run_offline(tmp_path):
 
 
 def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "optimization=[],[jit]", "dataset.max_samples=12,0", cwd=tmp_path,
                    env={"ORCH_TRACKING_URI": uri})
@@ -62,20 +55,18 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
     assert len(csv) == 5 and header[:6] == ["job", "stack", "precision", "dataset.max_samples", "metric", "value"]
     assert {"throughput", "speedup", "speedup_ci_low", "speedup_ci_high", "gate", "agreement_vs_baseline"} <= set(header)
 
-    report = run_cli.__globals__["subprocess"].run(
-        ["orchestrator-report", parent.info.run_id, "--tracking-uri", uri], capture_output=True, text=True)
+    report = run_cli(parent.info.run_id, "--tracking-uri", uri, cwd=tmp_path, tool="orchestrator-report")
     assert report.returncode == 0, report.stderr
     assert "4 jobs, 2 not finished" in report.stdout and "FAILED" in report.stdout
     # importing the sweep adds nothing: the refused jobs are meant to have no MLflow run
-    imported = run_cli.__globals__["subprocess"].run(["orchestrator-import", str(sweep_dir), "--tracking-uri", uri],
-                                                     capture_output=True, text=True)
+    imported = run_cli(str(sweep_dir), "--tracking-uri", uri, cwd=tmp_path, tool="orchestrator-import")
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.count("refused by its config before any run") == 2
     assert len(runs_of(uri)[1]) == 3
 
 
 def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", "sweep=scenario", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}",
                    "dataset.max_samples=12", "runtime.warmup=0", "runtime.min_iterations=1",
                    "runtime.min_duration_s=0", "hydra/launcher=basic", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
@@ -89,7 +80,7 @@ def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
 
 def test_sweep_stopped_by_its_launcher_leaves_no_running_parent(tmp_path, tiny_encoder, sts_file):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="hydra-joblib-launcher is not installed")
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "optimization=[],[jit]", "hydra/launcher=joblib", "hydra.launcher.n_jobs=0", cwd=tmp_path,
                    env={"ORCH_TRACKING_URI": uri})

@@ -11,9 +11,8 @@ import importlib.util
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import CONF_DIR, run_cli
+from conftest import CONF_DIR, mlflow_store, run_cli, runs_of, sqlite_uri
 from orchestrator.sweep import parallel_warning
 from orchestrator.context import PARENT_RUN_ENV, JobContext
 from orchestrator.records import PARENT_RUN_FILE
@@ -28,8 +27,9 @@ def needs_plugin(module: str, install: str):
     return pytest.mark.skipif(not present, reason=f"launcher plugin not installed ({install})")
 
 
-def sweep(tmp_path: Path, model: Path, data: Path, *launcher: str):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+def sweep(tmp_path: Path, model: Path, data: Path, *launcher: str, fresh_store: bool = False):
+    # fresh: the store is then created while the sweep starts (the first-use race parallel workers could meet)
+    uri = sqlite_uri(tmp_path / "store.db") if fresh_store else mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", f"model.name_or_path={model}", f"dataset.data_files={data}", "runtime=quick",
                    "optimization=[],[jit]", *launcher, cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     return proc, uri
@@ -38,9 +38,7 @@ def sweep(tmp_path: Path, model: Path, data: Path, *launcher: str):
 def check_parent_and_children(proc, uri: str):
     """One FINISHED parent, two FINISHED children nested under it, the summary logged; returns (parent, sweep dir)."""
     assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("orchestrator")
-    runs = client.search_runs([exp.experiment_id])
+    client, runs = runs_of(uri)
     parents = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parents) == 1 and len(children) == 2, [(r.info.run_name, r.data.tags) for r in runs]
@@ -62,7 +60,8 @@ def check_parent_and_children(proc, uri: str):
 @pytest.mark.slow
 @needs_plugin("hydra_joblib_launcher", "pip install -e '.[launchers]'")
 def test_joblib_parallel_jobs_nest_under_one_parent(tmp_path, tiny_encoder, sts_file):
-    proc, uri = sweep(tmp_path, tiny_encoder, sts_file, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2")
+    proc, uri = sweep(tmp_path, tiny_encoder, sts_file, "hydra/launcher=joblib", "hydra.launcher.n_jobs=2",
+                      fresh_store=True)
     parent, _ = check_parent_and_children(proc, uri)
     assert "Joblib.Parallel(n_jobs=2" in proc.stdout + proc.stderr
     out = proc.stdout + proc.stderr

@@ -12,7 +12,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -21,7 +20,7 @@ from typing import Optional
 
 import pytest
 
-from conftest import run_cli
+from conftest import free_port, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -36,12 +35,6 @@ def pg_bindir() -> Optional[Path]:
         if c and (Path(c) / "initdb").is_file() and (Path(c) / "postgres").is_file():
             return Path(c)
     return None
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
@@ -129,7 +122,7 @@ def test_sweep_on_a_postgresql_store(tmp_path, postgres_uri, tiny_encoder, sts_f
     assert {"summary.csv", "summary_table.json"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert any(artifacts.rglob("results.json"))
 
-    report = subprocess.run(["orchestrator-report", parent.info.run_id, "--tracking-uri", postgres_uri],
-                            capture_output=True, text=True, timeout=300)
+    report = run_cli(parent.info.run_id, "--tracking-uri", postgres_uri, cwd=tmp_path, tool="orchestrator-report",
+                     timeout=300)
     assert report.returncode == 0, report.stderr
     assert "2 jobs, 0 not finished" in report.stdout

@@ -5,15 +5,14 @@ from __future__ import annotations
 import collections
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import run_cli
+from conftest import mlflow_store, run_cli, runs_of
 
 pytestmark = pytest.mark.slow
 
 
 def test_every_job_of_a_faulty_sweep_is_accounted_for(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     missing = tmp_path / "no-such-model"
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder},{missing}", f"dataset.data_files={sts_file}",
                    "runtime=quick", "dataset.max_samples=8", "optimization=[],[jit],[ipex]",
@@ -21,9 +20,7 @@ def test_every_job_of_a_faulty_sweep_is_accounted_for(tmp_path, tiny_encoder, st
                    # accounting, not isolation, is tested here: in-process jobs keep 24 of them fast
                    "hydra/launcher=basic", cwd=tmp_path,
                    env={"ORCH_TRACKING_URI": uri}, timeout=1200)
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("orchestrator")
-    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    _, runs = runs_of(uri)
     parent = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     # the 8 [ipex] jobs are refused by their config alone (IPEX cannot run here): no MLflow run, but the
