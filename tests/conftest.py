@@ -245,6 +245,15 @@ class MlflowServer:
     stop = kill  # nothing is read from a test's server after it: no graceful shutdown to wait for (it takes seconds)
 
 
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> MlflowServer:
+    """One tracking server for the tests that log to a live one (each in an experiment of its own): starting one
+    costs tens of seconds on a busy machine. Tests that crash or restart a server start their own."""
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server")).start()
+    yield server
+    server.kill()
+
+
 # -- child processes: the CLI and servers ---------------------------------------------------------------------------
 # Every process a test starts goes through start_process: its own process group (a kill reaches what it started),
 # SIGINT at its default action, and a kill of whatever is left when the test (or, for fixtures, the session) ends.

@@ -15,11 +15,9 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 from typing import List, Optional
@@ -27,65 +25,30 @@ from typing import List, Optional
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import SHARED, run_cli
+from conftest import free_port, kill_tree, run_cli, start_cli, start_process
 
 pytestmark = pytest.mark.slow
 
 LOOPBACK = ("127.", "[::1]", "[::ffff:127.", "::1")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-# -- a real tracking server, one for the module ---------------------------------------------------------------
+# -- a real tracking server (the session's) ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    log = open(tmp / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                             "--backend-store-uri", f"sqlite:///{tmp / 'server.db'}",
-                             "--artifacts-destination", str(tmp / "artifacts"), "--workers", "1"],
-                            stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    while True:
-        if proc.poll() is not None:
-            pytest.fail(f"mlflow server exited: {(tmp / 'server.log').read_text()[-2000:]}")
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if time.time() > deadline:
-                proc.kill()
-                pytest.fail("mlflow server did not answer /health within 120 s")
-            time.sleep(1)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+def server(mlflow_server):
+    return mlflow_server.url  # the session's (tests/conftest.py); each test here logs to an experiment of its own
 
 
 def start_sweep(tmp_path: Path, *args: str, env: Optional[dict] = None) -> subprocess.Popen:
-    full_env = {**os.environ, "ORCH_SHARED_DIR": str(SHARED), **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
     out, err = open(tmp_path / "sweep.out", "w"), open(tmp_path / "sweep.err", "w")
-    return subprocess.Popen([sys.executable, "-m", "orchestrator", "-m", *args], cwd=tmp_path, env=full_env,
-                            stdout=out, stderr=err, start_new_session=True)
+    with out, err:  # the child has its own copies
+        return start_cli("-m", *args, cwd=tmp_path, env=env, stdout=out, stderr=err)
 
 
-def finish(proc: subprocess.Popen, tmp_path: Path, timeout: float) -> "tuple[int, str, str]":
+def finish_sweep(proc: subprocess.Popen, tmp_path: Path, timeout: float) -> "tuple[int, str, str]":
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        kill_tree(proc)
         pytest.fail(f"the sweep hung (> {timeout:.0f} s): {(tmp_path / 'sweep.err').read_text()[-3000:]}")
     return proc.returncode, (tmp_path / "sweep.out").read_text(), (tmp_path / "sweep.err").read_text()
 
@@ -152,7 +115,7 @@ def slurm_cancelled(tmp_path_factory, server, tiny_encoder, sts_file):
             subprocess.run(["scancel", cancelled], check=True)
             break
         time.sleep(0.5)
-    rc, out, err = finish(proc, tmp, timeout=180)
+    rc, out, err = finish_sweep(proc, tmp, timeout=180)
     assert cancelled, f"job 1 never started measuring: {err[-3000:]}"
     return {"dir": tmp, "rc": rc, "out": out, "err": err, "cancelled": cancelled}
 
@@ -194,7 +157,7 @@ def test_slurm_cancelled_job_ends_killed_in_mlflow_and_the_summary(server, slurm
 @needs_slurm
 def test_slurm_resume_reruns_only_the_cancelled_job(server, slurm_cancelled, tiny_encoder, sts_file, tmp_path):
     proc = start_sweep(tmp_path, *slurm_args(tiny_encoder, sts_file, server, "resume=true"))
-    rc, out, err = finish(proc, tmp_path, timeout=240)
+    rc, out, err = finish_sweep(proc, tmp_path, timeout=240)
     assert rc == 0, err[-3000:]
     _, parent, children = sweep_picture(server, "slurm")
     # only job 1 ran (a new run under the new parent); job 0 reused its FINISHED run from the first sweep
@@ -340,10 +303,9 @@ def ray_cluster():
     token.write_text(uuid.uuid4().hex)
     auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token)}
     log = open(Path(temp) / "head.log", "w")
-    proc = subprocess.Popen(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
-                             "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats",
-                             f"--temp-dir={temp}"], env={**os.environ, **RAY_ENV, **auth}, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_process(["ray", "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={port}",
+                          "--num-cpus=2", "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp}"],
+                         cwd=Path(temp), env={**os.environ, **RAY_ENV, **auth}, stdout=log, stderr=subprocess.STDOUT)
     try:
         guard = LoopbackGuard(proc.pid)
         deadline = time.time() + 90
@@ -402,7 +364,7 @@ def test_ray_sweep_on_a_local_cluster(server, ray_cluster, tiny_encoder, sts_fil
     proc = start_sweep(tmp_path, *ray_args(tiny_encoder, sts_file, server, "ray-cluster",
                                            f"hydra.launcher.address={address}"), env=auth)
     with LoopbackGuard(head_pid):  # the workers of this sweep are the head's descendants
-        rc, out, err = finish(proc, tmp_path, timeout=300)
+        rc, out, err = finish_sweep(proc, tmp_path, timeout=300)
     assert f"jobs run on the Ray cluster at {address}" in out + err
     check_ray_picture(server, "ray-cluster", out, rc, err)
 
@@ -412,7 +374,7 @@ def test_ray_sweep_on_a_private_instance(server, tiny_encoder, sts_file, tmp_pat
     proc = start_sweep(tmp_path, *ray_args(tiny_encoder, sts_file, server, "ray-private",
                                            "+hydra.launcher.init.num_cpus=2"))
     with LoopbackGuard(proc.pid):  # ray.init(address="local") starts its daemons as the sweep's children
-        rc, out, err = finish(proc, tmp_path, timeout=300)
+        rc, out, err = finish_sweep(proc, tmp_path, timeout=300)
     assert "jobs run on a private Ray instance on 127.0.0.1" in out + err
     check_ray_picture(server, "ray-private", out, rc, err)
 

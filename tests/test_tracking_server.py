@@ -5,24 +5,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import MlflowServer, run_cli, runs_of
+from conftest import run_cli, runs_of
 
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture()
-def mlflow_server(tmp_path):
-    server = MlflowServer(tmp_path / "server").start()  # its own folder: the client's must stay clean
-    yield server.url, server.artifacts
-    server.stop()
-
-
 def test_sweep_against_a_real_tracking_server(tmp_path, mlflow_server, tiny_encoder, sts_file):
-    url, artifacts = mlflow_server
+    url, artifacts = mlflow_server.url, mlflow_server.artifacts  # the session's server, in its own folder
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
-                   "tracking=server", f"tracking.uri={url}", "optimization=[],[jit]", cwd=tmp_path)
+                   "tracking=server", f"tracking.uri={url}", "tracking.experiment=server-sweep",
+                   "optimization=[],[jit]", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    client, runs = runs_of(url)
+    client, runs = runs_of(url, "server-sweep")
     parent = [r for r in runs if r.data.tags.get("sweep") == "true"]
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId")]
     assert len(parent) == 1 and len(children) == 2
@@ -35,5 +29,6 @@ def test_sweep_against_a_real_tracking_server(tmp_path, mlflow_server, tiny_enco
         assert {"results.json", "predictions_sample.json", "hydra"} <= names
     assert {"summary.csv", "summary.png"} <= {a.path for a in client.list_artifacts(parent[0].info.run_id)}
     # artifacts went through the server into its own folder, not into the client's working directory
-    assert any(Path(artifacts).rglob("results.json"))
+    exp_id = client.get_experiment_by_name("server-sweep").experiment_id
+    assert any((Path(artifacts) / exp_id).rglob("results.json"))
     assert not (tmp_path / "mlartifacts").exists()
