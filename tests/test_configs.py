@@ -148,6 +148,7 @@ def test_bad_input_is_one_line_and_exit_2(cli_error, args, first_line):
 
 # one CLI run per way a refusal reaches the user: Hydra's composition (its reporter replaced), the run's own
 # validation (the task function), a _target_ (the allowlist's check inside Hydra)
+@pytest.mark.slow
 @pytest.mark.parametrize("args,first_line", [BAD_INPUT[0], BAD_INPUT[4], BAD_INPUT[11]])
 def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, first_line):
     proc = run_cli(*args, "tracking=off", cwd=tmp_path, timeout=300)
@@ -157,6 +158,7 @@ def test_cli_bad_input_is_one_line_and_nonzero(tmp_path, args, first_line):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_cli_prints_composed_config(tmp_path):
     proc = run_cli("--cfg", "job", "optimization=[jit]", "precision=bf16", cwd=tmp_path, timeout=300)
     assert proc.returncode == 0, proc.stderr
