@@ -518,8 +518,9 @@ def dashboard_note(out: Dict[str, Any]) -> str:
     lines += ["", "Speedup: throughput over the eager fp32 job's, 95% interval; gate: keeps >= 99% of its metric and "
               "agrees with it on >= 95% of examples (summary.*)." + (f" {stored[0].upper() + stored[1:]}." if stored
                                                                      else ""),
-              "Charts: each job's `speedup`/`throughput` is a metric of its run, and `job<N>_speedup` one of this "
-              "run; files: summary.png, summary.md, summary_table.json (Artifacts)."]
+              "Charts: each job's verdict is in the section `summary/` of its run's metrics (speedup, interval, "
+              "accuracy_delta, gate_pass), every job's figures are metrics of this run (`job<N>_speedup`, ...); "
+              "files: summary.png, summary.md, summary_table.json (Artifacts)."]
     return "\n".join(lines)
 
 
@@ -557,19 +558,27 @@ def dashboard_metrics(out: Dict[str, Any]) -> Dict[str, float]:
     return metrics
 
 
+# the section of MLflow's chart view where a job's verdict goes: the UI groups metrics by the prefix before "/"
+VERDICT_SECTION = "summary"
+
+
 def _log_verdicts(client, rows: List[Dict[str, Any]], ts: int) -> None:
-    """Each job's own speedup, interval, accuracy cost and gate on its run: MLflow's chart view and compare view
-    then set the jobs side by side on what the summary decided (a finished run stays finished)."""
+    """Each job's own speedup, interval, accuracy cost and gate on its run, as metrics ``summary/<name>``: MLflow's
+    chart view shows them in a section of their own, a bar per job, and its runs list sorts the jobs by them (a
+    finished run stays finished)."""
     from mlflow.entities import Metric, RunTag
 
     for r in rows:
         if not r.get("run_id") or r.get("status") not in TERMINAL:
             continue
-        metrics = [Metric(k, v, ts, 0) for k, v in ((k, _finite(r.get(k))) for k in
-                                                    ("speedup", "speedup_ci_low", "speedup_ci_high",
-                                                     "accuracy_delta", "agreement_vs_baseline")) if v is not None]
+        figures = {k: _finite(r.get(k)) for k in ("speedup", "speedup_ci_low", "speedup_ci_high", "accuracy_delta",
+                                                  "agreement_vs_baseline", "throughput")}
+        if r.get("metric"):
+            figures[str(r["metric"])] = _finite(r.get("value"))
+        metrics = [Metric(f"{VERDICT_SECTION}/{k}", v, ts, 0) for k, v in figures.items()
+                   if v is not None and valid_name(f"{VERDICT_SECTION}/{k}")]
         if r.get("gate") in ("pass", "fail", "baseline"):
-            metrics.append(Metric("gate_pass", 1.0 if r["gate"] in ("pass", "baseline") else 0.0, ts, 0))
+            metrics.append(Metric(f"{VERDICT_SECTION}/gate_pass", 1.0 if r["gate"] in ("pass", "baseline") else 0.0, ts, 0))
         tags = [RunTag("gate", str(r.get("gate") or "-")), RunTag("label", verdict.label(r)[:5000])]
         if r.get("gate_reason"):
             tags.append(RunTag("gate_reason", str(r["gate_reason"])[:5000]))

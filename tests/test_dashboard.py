@@ -177,7 +177,8 @@ def test_parent_run_and_experiment_carry_the_dashboard(tmp_path):
         assert m[f"job{r['job']}_throughput"] == pytest.approx(r["throughput"])
         assert m[f"job{r['job']}_speedup"] == pytest.approx(r["speedup"])
         child = client.get_run(r["run_id"])
-        assert child.data.metrics["speedup"] == pytest.approx(r["speedup"])
+        assert child.data.metrics["summary/speedup"] == pytest.approx(r["speedup"])
+        assert child.data.metrics["summary/spearman"] == pytest.approx(r["value"])
         assert child.data.tags["gate"] == r["gate"]
         assert child.info.status == "FINISHED"  # logging the verdict does not reopen a finished job
 
