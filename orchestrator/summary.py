@@ -431,6 +431,8 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
             out["race_stopped"] = str(json.loads(race.read_text()).get("stopped") or "")
         except (OSError, ValueError, AttributeError):
             pass
+    if store is not None and parent_id:
+        out["ui"] = ui_link(store, parent_id)
     out["stored"] = storage(sweep_dir, store, [r["run_id"] for r in rows if r.get("run_id")]
                             + ([parent_id] if parent_id else []))
     if store is not None and parent_id:
@@ -465,6 +467,23 @@ def storage(sweep_dir: Optional[Path], client, run_ids: List[str]) -> Dict[str, 
         except Exception as e:  # sizes are a courtesy: a store that cannot list them costs the line only
             log.warning("sweep summary: MLflow artifact sizes could not be read (%s)", describe(e))
     return {"run_folders_mb": local, "mlflow_mb": tracked}
+
+
+def ui_link(client, parent_id: str) -> Optional[str]:
+    """Where the MLflow UI shows this sweep's jobs side by side: the runs view (not the GenAI one MLflow 3.17 opens
+    by default), the sweep's jobs listed flat (a filter and a sort by their speedup), best first."""
+    from urllib.parse import quote, urlparse
+
+    try:
+        exp_id = client.get_run(parent_id).info.experiment_id
+    except Exception:
+        return None
+    uri = str(getattr(client, "tracking_uri", "") or "")
+    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
+    query = (f"workflowType=machine_learning&searchFilter={quote(f'tags.mlflow.parentRunId = {chr(39)}{parent_id}{chr(39)}')}"
+             f"&orderByKey={quote('metrics.`summary/speedup`')}&orderByAsc=false&compareRunsMode=CHART")
+    link = f"{base}/#/experiments/{exp_id}/runs?{query}"
+    return link if base != "http://127.0.0.1:5000" else f"{link}  (after: mlflow ui --backend-store-uri {uri})"
 
 
 def stored_line(stored: Optional[Dict[str, Optional[float]]]) -> str:
@@ -655,6 +674,8 @@ def print_summary(summary: Dict[str, Any], console: Optional[Console] = None) ->
                       "newly initialized task head (model.allow_random_head=true): their accuracy means nothing")
     if summary.get("recommendation"):
         console.print(summary["recommendation"], highlight=False, soft_wrap=True)
+    if summary.get("ui"):
+        console.print(f"MLflow UI, the jobs side by side: {summary['ui']}", highlight=False, soft_wrap=True)
     if stored_line(summary.get("stored")):
         console.print(stored_line(summary.get("stored")), highlight=False, soft_wrap=True)
     if summary.get("files"):
