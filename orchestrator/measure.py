@@ -105,6 +105,15 @@ class TimingResult:
     round_ids: List[int] = field(default_factory=list)
     batch_rows: List[int] = field(default_factory=list)
 
+    def extend(self, part: "TimingResult", round_id: int) -> None:
+        """Add one timing round (a timing_pass's result) as round ``round_id``."""
+        self.latencies_s += part.latencies_s
+        self.batch_ids += part.batch_ids
+        self.batch_rows += part.batch_rows
+        self.round_ids += [round_id] * len(part.latencies_s)
+        self.rows += part.rows
+        self.wall_s += part.wall_s
+
     def rounds(self) -> List[tuple]:
         """(rows per batch, seconds per batch) of each round."""
         out = []
@@ -160,12 +169,7 @@ def timing_rounds(step: Callable, batches: List[Batch], repeats: int, warmup: in
         part = timing_pass(step, batches, warmup if k == 0 else 0, min_iterations, min_duration_s, max_iterations,
                            progress=progress, order=timing_order(len(batches), seed + k),
                            desc=f"timing {k + 1}/{repeats}" if repeats > 1 else "timing")
-        out.latencies_s += part.latencies_s
-        out.batch_ids += part.batch_ids
-        out.batch_rows += part.batch_rows
-        out.round_ids += [k] * len(part.latencies_s)
-        out.rows += part.rows
-        out.wall_s += part.wall_s
+        out.extend(part, k)
     return out
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import random
 import socket
@@ -153,12 +152,7 @@ class RaceWorker:
                 step(batches[order[i % len(order)]].inputs)
             part = measure.timing_pass(step, batches, 0, runtime.min_iterations, runtime.min_duration_s,
                                        runtime.max_iterations, progress=False, order=order)
-            out.latencies_s += part.latencies_s
-            out.batch_ids += part.batch_ids
-            out.batch_rows += part.batch_rows
-            out.round_ids += [r] * len(part.latencies_s)
-            out.rows += part.rows
-            out.wall_s += part.wall_s
+            out.extend(part, r)
             thr = stats.round_throughputs([(part.batch_rows, part.latencies_s)])[0]
             self._send({"type": "round", "round": r, "throughput": thr, "start": t0, "end": time.time(),
                         "iterations": len(part.latencies_s)})
