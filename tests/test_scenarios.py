@@ -32,7 +32,8 @@ def served(tmp_path_factory):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     threads = torch.get_num_threads()
-    # one thread: on a shared 2-core machine two OpenMP threads wait on each other for ~100 ms per call
+    # one thread: on a shared 2-core machine two OpenMP threads spin-wait for each other (libgomp's default) and
+    # lose their time slices to the other load: a tiny-model call then takes 30-130 ms instead of ~1 ms
     torch.set_num_threads(1)
     path = make_tiny_model(tmp_path_factory.mktemp("tiny-cls"), "classification")
     model = AutoModelForSequenceClassification.from_pretrained(path).eval()
@@ -325,3 +326,53 @@ def test_an_interrupt_during_a_loadgen_test_propagates(served, tmp_path):
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_the_sut_runs_the_step_on_the_thread_that_started_the_test(served, tmp_path):
+    """torch's OpenMP runtime keeps a thread pool per calling thread, and a second pool changes how every pool's
+    workers wait (libgomp stops spinning once its threads outnumber the CPUs): the step must run where the warm-up
+    and the closed-loop pass run it, not in a SUT thread of its own."""
+    import threading
+
+    seen = []
+
+    def step(inputs):
+        seen.append(threading.get_ident())
+        return served.step(inputs)
+
+    for name, options in (("single_stream", {}), ("offline", {}),
+                          ("server", {"search": False, "target_qps": 100.0, "min_query_count": 64,
+                                      "latency_bound_ms": 1000.0})):
+        seen.clear()
+        result = scenarios.get(name)().run(step, served.rows, served.make_batches,
+                                           {"warmup_batches": 1, "min_duration_s": 0.2, **options}, tmp_path / name)
+        assert result.metrics["loadgen_query_count"] >= 1
+        assert seen and set(seen) == {threading.get_ident()}, name
+    seen.clear()
+    scenarios.get("multi_stream")().accuracy(step, served.rows, served.make_batches, {}, tmp_path / "acc")
+    assert seen and set(seen) == {threading.get_ident()}
+
+
+def test_no_thread_spins_while_the_sut_waits_for_queries(tmp_path):
+    """LoadGen's threads and the SUT wait for queries without busy-waiting: at a light server rate, with a step
+    that sleeps, the threads other than the caller's use a few percent of the wall time (a spinning one: ~100 %)."""
+    import time
+
+    rows = [{"input_ids": [1, 2, 3], "attention_mask": [1, 1, 1]} for _ in range(32)]
+    runtime = SimpleNamespace(batch_size=8, padding="dynamic", max_length=16, sort_by_length=False,
+                              pad_to_multiple_of=None)
+
+    def step(inputs):
+        time.sleep(0.002)
+        return torch.zeros(inputs["input_ids"].shape[0], 2)
+
+    wall0, process0, caller0 = time.perf_counter(), time.process_time(), time.thread_time()
+    result = scenarios.get("server")().run(step, rows, scenarios.collate_with(0, runtime),
+                                           {"search": False, "target_qps": 50.0, "min_query_count": 50,
+                                            "min_duration_s": 1.5, "latency_bound_ms": 1000.0}, tmp_path)
+    wall = time.perf_counter() - wall0
+    caller = time.thread_time() - caller0
+    others = time.process_time() - process0 - caller
+    assert result.metrics["loadgen_query_count"] >= 50 and wall >= 1.5
+    assert others < 0.1 * wall, f"threads other than the caller's used {others:.2f} s of CPU in {wall:.2f} s"
+    assert caller < 0.5 * wall, f"the caller's thread used {caller:.2f} s of CPU in {wall:.2f} s"

@@ -2,8 +2,16 @@
 
 The split is MLPerf's reference BERT harness's: settings (the scenario), a query sample library over the task's
 featurized rows, a system under test. The SUT here never computes inside LoadGen's ``IssueQuery`` call: it queues
-the samples and returns, and one worker thread forms batches from what is queued (up to ``max_batch``; with a
-batch timeout it waits that long for more, as a server does) and completes every sample with its output bytes.
+the samples and returns, and the thread that started the test (the one that loaded, warmed and evaluated the model)
+forms batches from what is queued (up to ``max_batch``; with a batch timeout it waits that long for more, as a
+server does) and completes every sample with its output bytes; LoadGen itself runs in a helper thread.
+
+Why the caller's thread computes: torch's OpenMP runtime (libgomp) keeps one thread pool per thread that calls
+into it, and its idle workers spin (GOMP_SPINCOUNT, 300000 pauses) only while the process's OpenMP threads do not
+outnumber the CPUs. A second calling thread adds a second pool, which flips every pool to near-passive waiting:
+on a 2-core machine at 2 threads, a step timed in a SUT thread of its own ran under other waiting rules than the
+closed-loop pass and the warm-up (on a busy machine a tiny model took ~1 ms there and 30-130 ms in the main
+thread, where the spinning workers lose their time slices). One calling thread keeps one pool and one regime.
 LoadGen times from a query's scheduled issue to its completion and writes its own verdict (VALID/INVALID and why,
 percentiles, early-stopping estimates) to ``mlperf_log_detail.txt``/``mlperf_log_summary.txt``; metrics are read
 from the detail log, never recomputed.
@@ -21,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
-from ..errors import ConfigError, DatasetError
+from ..errors import ConfigError, DatasetError, RunInterrupted
 
 EXTRA = "loadgen"
 # the extra pins this; a different LoadGen may log other keys
@@ -87,11 +95,12 @@ def _best_of(step: Callable, inputs, k: int) -> float:
 
 # -- the system under test ----------------------------------------------------------------------------------------
 class BatchingSut:
-    """LoadGen's SUT over ``step``: samples queue as they are issued; one worker batches and completes them.
+    """LoadGen's SUT over ``step``: samples queue as they are issued; :meth:`serve`, called in the thread that
+    runs the model everywhere else, batches and completes them until LoadGen's test ends.
 
-    ``batch_timeout_s`` 0: the worker takes everything queued (an Offline query's thousands of samples are split
-    into ``max_batch`` batches by ``make_batches``, which may sort them by length); > 0: it forms batches of at
-    most ``max_batch``, waiting up to the timeout (from the oldest sample's arrival) for the batch to fill.
+    ``batch_timeout_s`` 0: it takes everything queued (an Offline query's thousands of samples are split into
+    ``max_batch`` batches by ``make_batches``, which may sort them by length); > 0: it forms batches of at most
+    ``max_batch``, waiting up to the timeout (from the oldest sample's arrival) for the batch to fill.
     A failing step does not hang LoadGen: the samples are completed empty and the error re-raised after the test.
     """
 
@@ -103,11 +112,12 @@ class BatchingSut:
         self.shapes: Dict[int, tuple] = {}
         self.batch_sizes: List[int] = []
         self.error: Optional[BaseException] = None
+        # threads that called the step (the caller's alone, unless an interrupt handed the rest to a drainer)
+        self.step_threads: set = set()
         self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
         self._abort = threading.Event()
-        self._thread = threading.Thread(target=self._serve, name="loadgen-sut", daemon=True)
+        self._drainer: Optional[threading.Thread] = None
         self.handle = lg.ConstructSUT(self.issue_queries, self.flush_queries)
-        self._thread.start()
 
     # LoadGen's callbacks (it holds the GIL for them): queue and return
     def issue_queries(self, samples) -> None:
@@ -116,16 +126,22 @@ class BatchingSut:
     def flush_queries(self) -> None:
         pass
 
+    def test_ended(self) -> None:
+        """LoadGen's test returned (every sample was completed): :meth:`serve` returns once the queue is empty."""
+        self._queue.put(None)
+
     def abort(self) -> None:
-        """Complete everything from now on without computing (the run was interrupted)."""
+        """The run was interrupted: complete everything from now on without computing, in a daemon thread (the
+        caller's thread is needed to propagate the interrupt), until the test ends."""
         self._abort.set()
+        if self._drainer is None:
+            self._drainer = threading.Thread(target=self.serve, name="loadgen-sut-drain", daemon=True)
+            self._drainer.start()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=60)
         self.lg.DestroySUT(self.handle)
 
-    def _serve(self) -> None:
+    def serve(self) -> None:
         pending: "collections.deque" = collections.deque()  # (arrival, id, index)
         stopping = False
         while not (stopping and not pending):
@@ -170,6 +186,7 @@ class BatchingSut:
             for b, offset in self._batches(items):
                 if self._abort.is_set():
                     raise _Skip()
+                self.step_threads.add(threading.get_ident())
                 out = self.step(b.inputs)
                 keep, responses = [], []
                 for r, k in enumerate(b.rows):
@@ -184,11 +201,14 @@ class BatchingSut:
                 done.update(k + offset for k in b.rows)
                 self.batch_sizes.append(b.size)
         except BaseException as e:  # noqa: BLE001 - LoadGen waits for every sample; never leave one open
-            if not isinstance(e, _Skip) and self.error is None:
+            interrupt = isinstance(e, _INTERRUPTS)
+            if not interrupt and not isinstance(e, _Skip) and self.error is None:
                 self.error = e
             rest = [lg.QuerySampleResponse(items[k][0], 0, 0) for k in range(len(items)) if k not in done]
             if rest:
                 lg.QuerySamplesComplete(rest)
+            if interrupt:  # a signal or the timeout, raised in the caller's thread: the run stops now
+                raise
 
     def _batches(self, items: List[tuple]):
         """``(batch, offset of its rows in items)``, collated a chunk at a time: an Offline query's first
@@ -208,6 +228,10 @@ class _Skip(Exception):
     pass
 
 
+# raised in the caller's thread by a signal or runtime.timeout_s while it computes: not the step's failure
+_INTERRUPTS = (KeyboardInterrupt, SystemExit, RunInterrupted)
+
+
 # -- one LoadGen test ---------------------------------------------------------------------------------------------
 @dataclass
 class LoadgenRun:
@@ -218,6 +242,8 @@ class LoadgenRun:
     batch_sizes: List[int]
     wall_s: float
     scenario: str
+    # threads that ran the step: the caller's (see the module's note)
+    step_threads: set = field(default_factory=set)
 
     @property
     def summary_log(self) -> Path:
@@ -244,8 +270,9 @@ ABORT_WAIT_S = 5.0
 
 def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: Callable, max_batch: Optional[int],
              batch_timeout_s: float, performance_sample_count: int, log_dir: Path) -> LoadgenRun:
-    """One ``StartTest`` with its logs in ``log_dir``. LoadGen runs in a helper thread so that the main thread
-    keeps taking signals (Ctrl-C, SIGTERM, runtime.timeout_s): on one the SUT stops computing and the interrupt
+    """One ``StartTest`` with its logs in ``log_dir``. LoadGen runs in a helper thread; the caller's thread serves
+    the SUT (the step runs where it ran for the warm-up, see the module's note) and keeps taking signals (Ctrl-C,
+    SIGTERM, runtime.timeout_s): on one the rest of the test is completed without computing and the interrupt
     propagates; LoadGen's thread then finishes on its own (a daemon, it never holds the process)."""
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -269,19 +296,20 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
             failure.append(e)
         finally:
             finished.set()
+            sut.test_ended()
 
     t0 = time.perf_counter()
     thread = threading.Thread(target=start, name="loadgen", daemon=True)
     thread.start()
     try:
-        while not finished.wait(0.1):
-            pass
+        sut.serve()
     except BaseException:
         # LoadGen cannot be cancelled: the SUT answers at once from now on, so a short test ends within moments
         # (a long one keeps issuing until its min_duration in this daemon thread; the process is ending anyway)
         sut.abort()
         finished.wait(ABORT_WAIT_S)
         raise
+    finished.wait()
     wall = time.perf_counter() - t0
     sut.close()
     lg.DestroyQSL(qsl)
@@ -291,7 +319,7 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
         raise sut.error
     detail, errors = parse_detail(log_dir / "mlperf_log_detail.txt")
     return LoadgenRun(log_dir, detail, errors, dict(sut.shapes), list(sut.batch_sizes), wall,
-                   str(detail.get("effective_scenario", "")))
+                      str(detail.get("effective_scenario", "")), set(sut.step_threads))
 
 
 def _noop(samples) -> None:
