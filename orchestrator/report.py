@@ -68,7 +68,9 @@ def print_results(results: Dict[str, Any], task_metrics: List[str], console: Opt
     console = console or Console(stderr=False)
     console.print(f"{results.get('run_name', 'run')}: stack={results.get('stack') or 'eager'} "
                   f"precision={results.get('precision', '?')} [{results.get('status', '?')}]")
-    console.print(results_table(results, task_metrics))
+    measured = results.get("metrics") or {}
+    if any(measured.get(k) is not None for k in [*task_metrics, *(key for key, _, _ in PERF_COLUMNS)]):
+        console.print(results_table(results, task_metrics))  # a run that failed before any figure: no dashes
     # an error is not repeated here: the CLI (or a sweep's log) says it once, in its one line
     if results.get("tracking_error"):
         console.print(f"[yellow]MLflow tracking failed[/yellow] ({escape(str(results['tracking_error']))}); "
