@@ -8,9 +8,8 @@ import signal
 from pathlib import Path
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import finish, measuring, run_cli, runs_of, sqlite_uri, start_cli, wait_for
+from conftest import finish, measuring, mlflow_store, run_cli, runs_of, start_cli, wait_for
 from orchestrator import cpu, stats, verdict
 from orchestrator.config import validate
 from orchestrator.errors import ConfigError
@@ -217,7 +216,7 @@ def default_sweep(tmp_path_factory, lossy_package):
     data = write_tsv(tmp / "cls.tsv", ("text", "label"),
                      [(" ".join(rnd.choice(WORDS) for _ in range(rnd.randint(2, 20))), rnd.randint(0, 1))
                       for _ in range(60)])
-    uri = sqlite_uri(tmp / "store.db")
+    uri = mlflow_store(tmp / "store.db")
     env = {"PYTHONPATH": os.pathsep.join([str(lossy_package), os.environ.get("PYTHONPATH", "")])}
     # an engine beside them when its extra is installed: its job must pass the gate like any fp32 stack
     stacks = "[],[jit],[lossy]" + (",[openvino]" if HAS_OPENVINO else "")
@@ -272,7 +271,7 @@ def test_a_sweep_with_a_fallback_says_so_and_fails_unless_asked(tmp_path, tiny_c
     preset = tmp_path / "conf" / "experiment"
     preset.mkdir(parents=True)
     (preset / "lenient.yaml").write_text("# @package _global_\nruntime:\n  on_plugin_error: fallback\n")
-    uri = sqlite_uri(tmp_path / "store.db")
+    uri = mlflow_store(tmp_path / "store.db")
     args = ["-m", *cls_overrides(tiny_classifier, cls_file, uri), "optimization=[quantize]", "precision=fp32,bf16",
             "hydra/launcher=basic", f"hydra.searchpath=[file://{tmp_path / 'conf'}]"]
     implicit = run_cli(*args, "experiment=lenient", cwd=tmp_path)
@@ -292,8 +291,7 @@ def test_a_sweep_with_a_fallback_says_so_and_fails_unless_asked(tmp_path, tiny_c
 
 @pytest.mark.slow
 def test_one_ctrl_c_ends_the_current_isolated_job_and_the_sweep_goes_on(tmp_path, tiny_encoder, sts_file):
-    uri = sqlite_uri(tmp_path / "store.db")
-    MlflowClient(uri).search_experiments()
+    uri = mlflow_store(tmp_path / "store.db")  # the store exists before it is polled
     proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}",
                      f"tracking.uri={uri}", "runtime.progress=false", "runtime.repeats=1",
                      "runtime.max_iterations=null", "runtime.min_duration_s=600,0.5", cwd=tmp_path)
