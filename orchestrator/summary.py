@@ -253,7 +253,11 @@ def figure(rows: List[Dict[str, Any]], title: str = ""):
                      title_fontsize=7)
     _throughput_bars(ax2, done, unit)
     if title:
-        fig.suptitle(title, fontsize=9)
+        import textwrap
+
+        # the recommendation is long: wrapped to the figure's width (about 12 characters an inch at 9 pt), 3 lines
+        lines = textwrap.wrap(title, width=int(width * 12))
+        fig.suptitle("\n".join(lines[:3]) + (" ..." if len(lines) > 3 else ""), fontsize=9)
     fig.tight_layout()
     _number_points(fig, ax1, done)
     return fig
@@ -422,7 +426,7 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
         frame(rows).to_csv(csv, index=False)
         md = sweep_dir / "summary.md"
         md.write_text(markdown(rows, f"{header}\n\n{recommendation}"))
-        png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}"[:180])
+        png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}")
         out["files"] = [p for p in (csv, md, png) if p is not None]
     race = sweep_dir / RACE_FILE if sweep_dir is not None else None
     if race is not None and race.is_file() and not race.is_symlink():
