@@ -420,12 +420,14 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     rows = merge_rows(tracked, local)
     store = client if store_error is None else None
     out = summary_of(rows, parent_id, assess(rows, store, gate))
+    out["gate"] = gate or SummaryConfig()
     header, recommendation = out["cpu"], out["recommendation"]
     if write_files and sweep_dir is not None and sweep_dir.is_dir():
         csv = sweep_dir / "summary.csv"
         frame(rows).to_csv(csv, index=False)
         md = sweep_dir / "summary.md"
-        md.write_text(markdown(rows, f"{header}\n\n{recommendation}"))
+        # the answer and a narrow table first: MLflow's artifact viewer shows ~8 columns of a wide one
+        md.write_text(dashboard_note(out) + "\n\n### Every column\n\n" + markdown(rows))
         png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}")
         out["files"] = [p for p in (csv, md, png) if p is not None]
     race = sweep_dir / RACE_FILE if sweep_dir is not None else None
@@ -533,14 +535,18 @@ def dashboard_note(out: Dict[str, Any]) -> str:
         cells = []
         for c, _ in NOTE_COLUMNS:
             text = verdict.label(r) if c == "label" else _cell(r, c)
+            if c == "speedup" and r.get("speedup") is not None:
+                text += "x"
             if c == "job" and r.get("recommended"):
                 text = f"**{text}** (recommended)"
             cells.append(text.replace("|", "/"))
         lines.append("| " + " | ".join(cells) + " |")
     stored = stored_line(out.get("stored"))
-    lines += ["", "Speedup: throughput over the eager fp32 job's, 95% interval; gate: keeps >= 99% of its metric and "
-              "agrees with it on >= 95% of examples (summary.*)." + (f" {stored[0].upper() + stored[1:]}." if stored
-                                                                     else ""),
+    gate = out.get("gate") or SummaryConfig()
+    lines += ["", f"Speedup: throughput over the eager fp32 job's, 95% interval; gate: keeps >= "
+              f"{gate.min_accuracy_ratio:.0%} of its metric and agrees with it on >= {gate.min_agreement:.0%} of "
+              "examples (summary.min_accuracy_ratio, summary.min_agreement)."
+              + (f" {stored[0].upper() + stored[1:]}." if stored else ""),
               "Charts: each job's verdict is in the section `summary/` of its run's metrics (speedup, interval, "
               "accuracy_delta, gate_pass), every job's figures are metrics of this run (`job<N>_speedup`, ...); "
               "files: summary.png, summary.md, summary_table.json (Artifacts)."]
