@@ -146,14 +146,20 @@ def main() -> int:
     ap.add_argument("--recipes", default="eager_fp32,openvino_bf16")
     ap.add_argument("--scenarios", default="offline,single_stream,multi_stream,server")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/scenarios/<cpu-slug>")
+    ap.add_argument("--omp-wait-policy", choices=("passive", "active"), default=None,
+                    help="OMP_WAIT_POLICY for the runs (default: inherited). passive: OpenMP threads sleep instead "
+                         "of spinning, which a loaded machine needs (docs/scenarios.md, Threads)")
     ap.add_argument("--dry", action="store_true")
     args, overrides = ap.parse_known_args()
+    if args.omp_wait_policy:  # libgomp reads it when torch loads it: the job processes inherit it
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy
     out_dir = Path(args.out) if args.out else REPO / "benchmarks" / "results" / "scenarios" / cpu_slug()
     chosen = [s for s in args.scenarios.split(",") if s]
     closed = [s for s in chosen if s in SCENARIOS]
     env = {"cpu": cpu.model_name(), "slug": cpu_slug(), "cpus": os.cpu_count(),
            "isa": sorted(f for f in cpu.flags() if f.startswith(("avx512", "amx", "avx_vnni"))),
-           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load()}
+           "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_start": load(),
+           "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "(unset: libgomp spins)")}
     try:
         import torch
         env["torch"] = torch.__version__
@@ -167,6 +173,12 @@ def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="scenarios-bench-"))
     if not args.dry:
         out_dir.mkdir(parents=True, exist_ok=True)
+
+    def write() -> None:  # after every sweep: an interrupted benchmark keeps what it measured
+        env["load_now"] = load()
+        env["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        (out_dir / "results.json").write_text(json.dumps({"environment": env, "rows": rows, "sweeps": runs,
+                                                          "skipped": skipped}, indent=2, default=str))
     for workload in [w for w in args.workloads.split(",") if w]:
         base, server, needs_shared = WORKLOADS[workload]
         if needs_shared and not (shared_dir() / "models" / "minilm-sst2").is_dir():
@@ -195,14 +207,14 @@ def main() -> int:
                     r["load"] = f"{s['load_before']} -> {s['load_after']}"
                     rows.append(r)
                     print("  " + fmt(r), file=sys.stderr)
+                write()
     if args.dry:
         return 0
     env["load_end"] = load()
     env["finished"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    (out_dir / "results.json").write_text(json.dumps({"environment": env, "rows": rows, "sweeps": runs,
-                                                      "skipped": skipped}, indent=2, default=str))
-    print(f"\n{env['cpu']} ({env['slug']}), torch {env.get('torch')}, openvino {env.get('openvino')}; "
-          f"load {env['load_start']} at the start, {env['load_end']} at the end")
+    write()
+    print(f"\n{env['cpu']} ({env['slug']}), torch {env.get('torch')}, openvino {env.get('openvino')}, "
+          f"OMP_WAIT_POLICY {env['OMP_WAIT_POLICY']}; load {env['load_start']} at the start, {env['load_end']} at the end")
     for r in rows:
         print(fmt(r))
     for s in skipped:
