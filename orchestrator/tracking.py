@@ -320,11 +320,12 @@ class Tracker:
 
     def log_export(self, path: Path, artifact_path: Optional[str] = None) -> None:
         """A large file a plugin produced (an exported model: .onnx, OpenVINO IR) stored once: logged to MLflow
-        and then removed from the run folder, where a note says where it went. Kept in the run folder, and not
-        logged, with ``tracking.log_models=false``; kept when the run is untracked or the upload fails (the run
-        folder then holds the only copy)."""
+        and then removed from the run folder, where a note says where it went. Kept when the run is untracked or
+        the upload fails (the run folder then holds the only copy). An engine's ``log_model: false``
+        (``optimization.onnxruntime.log_model=false``) keeps its export in the run folder only: the plugin then
+        lists no artifact and nothing comes here."""
         path = Path(path)
-        if not self.active or not getattr(self.cfg, "log_models", True) or not path.is_file():
+        if not self.active or not path.is_file():
             return
         self._guard("log_export", self.client.log_artifact, self.run_id, str(path), artifact_path)
         if not self.active:
@@ -334,7 +335,7 @@ class Tracker:
             path.unlink()
             with open(path.parent / STORED_NOTE, "a") as note:
                 note.write(f"{path.name}: stored once, as MLflow artifact {where} of run {self.run_id} "
-                           f"({self.cfg.uri}); tracking.log_models=false keeps exports here instead\n")
+                           f"({self.cfg.uri}); the engine's log_model=false keeps its export here instead\n")
         except OSError as e:
             log.warning("could not remove %s after logging it to MLflow (%s); it is stored twice", path, e)
 
