@@ -9,9 +9,21 @@ import os
 from hydra.core.plugins import Plugins
 from hydra.plugins.launcher import Launcher
 from hydra.test_utils.launcher_common_tests import LauncherTestSuite
-from pytest import mark
+from hydra.version import VersionBase, __compat_version__
+from pytest import fixture, mark
 
 from hydra_plugins.orchestrator_launcher.isolated_launcher import IsolatedLauncher
+
+
+@fixture(autouse=True)
+def _hydras_default_version_base():
+    """The suite is written for an app that gives no version_base (Hydra's 1.1 defaults: a job runs in its own
+    folder, with its log file). Composing the project's config (version_base="1.3") earlier in the same process
+    leaves that base in Hydra's process-wide singleton; the suite gets the default, the process gets its own back."""
+    before = VersionBase.instance().version_base
+    VersionBase.instance().setbase(__compat_version__)
+    yield
+    VersionBase.instance().version_base = before
 
 
 def test_the_isolated_launcher_is_discovered_as_a_hydra_plugin() -> None:
