@@ -125,7 +125,7 @@ def test_threads_beyond_the_available_cores_warn_and_the_thread_environment_is_r
     too_many = len(available_cpus()) + 1
     before = torch.get_num_threads()
     try:
-        with caplog.at_level("WARNING", logger="orchestrator.runner"):
+        with caplog.at_level("WARNING", logger="orchestrator"):  # the run's modules log under it
             res = run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri), f"runtime.threads={too_many}"))
     finally:
         torch.set_num_threads(before)
