@@ -426,8 +426,10 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
         csv = sweep_dir / "summary.csv"
         frame(rows).to_csv(csv, index=False)
         md = sweep_dir / "summary.md"
-        # the answer and a narrow table first: MLflow's artifact viewer shows ~8 columns of a wide one
-        md.write_text(dashboard_note(out) + "\n\n### Every column\n\n" + markdown(rows))
+        # the answer first (the parent run's description has it with a narrow table of the jobs)
+        best = winner(out)
+        md.write_text(markdown(rows, f"### {'Recommended: ' + best if best else 'No recommendation'}\n\n{header}"
+                                     f"\n\n{recommendation}"))
         png = plot(rows, sweep_dir / "summary.png", f"{header}   {recommendation or ''}")
         out["files"] = [p for p in (csv, md, png) if p is not None]
     race = sweep_dir / RACE_FILE if sweep_dir is not None else None
