@@ -16,6 +16,17 @@ from hydra_plugins.orchestrator_launcher.isolated_launcher import IsolatedLaunch
 
 
 @fixture(autouse=True)
+def _a_plain_process(monkeypatch, tmp_path):
+    """Hydra's trivial app knows nothing of the orchestrator: no ORCH_* variable an earlier test of this process may
+    have left (a sweep's parent run, a race socket) reaches its jobs, and they start from a folder that exists."""
+    import os
+
+    for key in [k for k in os.environ if k.startswith("ORCH_")]:
+        monkeypatch.delenv(key)
+    monkeypatch.chdir(tmp_path)
+
+
+@fixture(autouse=True)
 def _hydras_default_version_base():
     """The suite is written for an app that gives no version_base (Hydra's 1.1 defaults: a job runs in its own
     folder, with its log file). Composing the project's config (version_base="1.3") earlier in the same process
