@@ -274,7 +274,7 @@ def optimize(checked: Checked, loaded: Loaded, prepared: Prepared, rec: Recorder
         rec.tag({"model_size": "unknown (no torch parameters; no plugin reported model_size_mb)"})
     for name, paths in stack.artifacts.items():
         for path in paths:
-            rec.tracker.log_artifact(Path(path), f"plugins/{name}")
+            rec.tracker.log_export(Path(path), f"plugins/{name}")  # stored once: in MLflow, not twice
     compute = next((c for c in reversed(stack.compute) if c), None) or \
         ("bf16" if torch.bfloat16 in (ctx.dtype, autocast) else "fp32")
     rec.results["compute"] = compute

@@ -93,8 +93,11 @@ def columns(rows: List[Dict[str, Any]], base: List[str]) -> List[str]:
     """``base`` with one column per swept key after precision, and a scenario's figure of merit (name, value,
     unit) when jobs ran LoadGen scenarios."""
     at = base.index("precision") + 1
-    extra = [c for c in SCENARIO_COLUMNS if c not in base] if any(r.get("figure") for r in rows) else []
-    return base[:at] + swept_columns(rows) + extra + [c for c in base[at:] if c not in extra]
+    swept = swept_columns(rows)
+    # a column once: a swept `scenario` key is the scenario column already
+    extra = ([c for c in SCENARIO_COLUMNS if c not in base and c not in swept]
+             if any(r.get("figure") for r in rows) else [])
+    return base[:at] + swept + extra + [c for c in base[at:] if c not in extra and c not in swept]
 
 
 def value(r: Dict[str, Any], c: str) -> Any:
@@ -511,7 +514,7 @@ NOTE_COLUMNS = [("job", "job"), ("label", "what ran"), ("value", "metric"), ("ac
 
 
 def winner(out: Dict[str, Any]) -> Optional[str]:
-    """One short line for the recommended job: 'job 4 (openvino/int8): 1.83x [95% 1.70-1.95], spearman -0.12'."""
+    """One short line for the recommended job: 'job 4 (<stack>/int8): 1.83x [95% 1.70-1.95], spearman -0.12'."""
     best = next((r for r in out["rows"] if r.get("recommended")), None)
     if best is None:
         return None

@@ -319,10 +319,10 @@ class Tracker:
         self._guard("log_artifact", fn, self.run_id, str(path), artifact_path)
 
     def log_export(self, path: Path, artifact_path: Optional[str] = None) -> None:
-        """A large file a plugin produced (an exported model: .onnx, OpenVINO IR) stored once: logged to MLflow
+        """A large file a plugin produced (an exported model graph or IR) stored once: logged to MLflow
         and then removed from the run folder, where a note says where it went. Kept when the run is untracked or
         the upload fails (the run folder then holds the only copy). An engine's ``log_model: false``
-        (``optimization.onnxruntime.log_model=false``) keeps its export in the run folder only: the plugin then
+        (``optimization.<engine>.log_model=false``) keeps its export in the run folder only: the plugin then
         lists no artifact and nothing comes here."""
         path = Path(path)
         if not self.active or not path.is_file():

@@ -167,7 +167,7 @@ def test_a_job_killed_with_sigkill_ends_killed_in_mlflow_and_results_json(tmp_pa
     uri = mlflow_store(tmp_path / "mlflow.db")  # the store exists first: polling a sqlite file mid-creation races
     sweep_dir = tmp_path / "sweep"
     proc = start_cli("-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), f"hydra.sweep.dir={sweep_dir}",
-                     "runtime.max_iterations=null", "runtime.min_duration_s=600,0", cwd=tmp_path)
+                     "runtime.max_iterations=null", "runtime.min_duration_s=600,0", "race.mode=off", cwd=tmp_path)
     run = wait_for(lambda: measuring(uri, "0"), "job 0 to measure")
     pid = int(run.data.tags["process.pid"])
     os.kill(pid, signal.SIGKILL)
@@ -225,7 +225,7 @@ def test_two_ctrl_c_stop_the_sweep_with_one_line_and_a_partial_summary(tmp_path,
     uri = mlflow_store(tmp_path / "mlflow.db")
     sweep_dir = tmp_path / "sweep"
     proc = start_cli("-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), f"hydra.sweep.dir={sweep_dir}",
-                     "runtime.max_iterations=null", "runtime.min_duration_s=0,600,0", cwd=tmp_path)
+                     "runtime.max_iterations=null", "runtime.min_duration_s=0,600,0", "race.mode=off", cwd=tmp_path)
     wait_for(lambda: measuring(uri, "1"), "job 1 to measure")
     proc.send_signal(signal.SIGINT)
     time.sleep(0.3)
