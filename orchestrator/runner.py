@@ -154,11 +154,11 @@ def _measure(checked: phases.Checked, rec: phases.Recorder, ctx: JobContext, sta
         prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))
         ref = phases.reference(checked, loaded, prepared)
         opt = phases.optimize(checked, loaded, prepared, rec, [f for f in tag_fns if f is not None])
-        if opt.fallbacks:  # the run is named after what ran
-            name = _run_name(rc, ctx, stack_label(opt.applied))
-            if name != rec.results["run_name"]:
-                rec.results["run_name"] = name
-                rec.tracker.rename(name)
+        # the run is named after what ran: the stack that applied, the precision its arithmetic ran in
+        name = naming.run_name(rc, ctx, stack_label(opt.applied), opt.compute)
+        if name != rec.results["run_name"]:
+            rec.results["run_name"] = name
+            rec.tracker.rename(name)
         phases.parity(prepared, ref, opt, rec)
         state.evaluated = phases.evaluate(checked, prepared, opt, rec)
         timing = phases.time_step(checked, prepared, opt, state.evaluated, rec, ctx, lambda: rss.peak_mb)
