@@ -145,11 +145,8 @@ class BatchingSut:
         pending: "collections.deque" = collections.deque()  # (arrival, id, index)
         stopping = False
         while not (stopping and not pending):
-            if not pending:
-                item = self._queue.get()
-                if item is None:
-                    break
-                pending.extend((item[0], qid, idx) for qid, idx in item[1])
+            if not pending and not _add(pending, self._queue.get()):
+                break
             if self.timeout > 0 and self.max_batch and len(pending) < self.max_batch and not stopping:
                 deadline = pending[0][0] + self.timeout
                 while len(pending) < self.max_batch:
@@ -160,19 +157,17 @@ class BatchingSut:
                         item = self._queue.get(timeout=remaining)
                     except queue.Empty:
                         break
-                    if item is None:
+                    if not _add(pending, item):
                         stopping = True
                         break
-                    pending.extend((item[0], qid, idx) for qid, idx in item[1])
             while True:  # whatever else is already queued
                 try:
                     item = self._queue.get_nowait()
                 except queue.Empty:
                     break
-                if item is None:
+                if not _add(pending, item):
                     stopping = True
                     break
-                pending.extend((item[0], qid, idx) for qid, idx in item[1])
             take = len(pending) if self.timeout <= 0 or not self.max_batch else min(len(pending), self.max_batch)
             items = [pending.popleft()[1:] for _ in range(take)]
             self._complete(items)
@@ -476,3 +471,11 @@ def read_accuracy_log(path: Path, shapes: Dict[int, tuple], n_rows: int) -> List
         arr = np.frombuffer(data, dtype=np.float32).copy()
         outputs[idx] = torch.from_numpy(arr.reshape(shapes.get(idx, arr.shape)))
     return outputs
+
+
+def _add(pending: "collections.deque", item: Any) -> bool:
+    """Queue a LoadGen query's samples as (arrival, id, index); False for the stop sentinel (None)."""
+    if item is None:
+        return False
+    pending.extend((item[0], qid, idx) for qid, idx in item[1])
+    return True
