@@ -192,6 +192,8 @@ class Burst(MultiStream):
 @pytest.fixture
 def burst_package(tmp_path, monkeypatch):
     """A scenario installed by another distribution: its module and entry point on sys.path."""
+    from hydra.core.config_store import ConfigStore
+
     from orchestrator.registry import scenarios as registry
 
     (tmp_path / "burst_scenario.py").write_text(THIRD_PARTY)
@@ -203,6 +205,11 @@ def burst_package(tmp_path, monkeypatch):
     monkeypatch.setattr(registry, "_eps", None)  # read the entry points again, with this one on the path
     monkeypatch.setattr(registry, "_loaded", {})
     yield tmp_path
+    # Hydra's ConfigStore outlives the test: a node typed by a module that leaves sys.path would be pickled into
+    # every later isolated job of this worker, which cannot import it
+    repo = ConfigStore.instance().repo.get("scenario", {})
+    repo.pop("burst.yaml", None)
+    repo.get("schema", {}).pop("burst.yaml", None)
 
 
 def _compose(tmp_path: Path, overrides):

@@ -255,8 +255,12 @@ def test_default_sweep_gates_the_lossy_job_and_recommends(default_sweep):
     if HAS_OPENVINO:
         assert table.loc["openvino", "gate"] == "pass" and table.loc["openvino", "agreement_vs_baseline"] == 1.0
     recommendation = parent.data.tags["recommendation"]
-    assert recommendation.startswith(("recommended: job 1 (jit/fp32)", "recommended: job 3 (openvino/fp32)",
-                                      "no recommendation: nothing beat eager"))
+    # on a loaded machine the race may end with an interval wider than 2x: the honest answer is then "too uncertain"
+    named = ("job 1 (jit/fp32)", "job 3 (openvino/fp32)")
+    assert (recommendation.startswith(tuple(f"recommended: {j}" for j in named))
+            or recommendation.startswith("no recommendation: nothing beat eager")
+            or (recommendation.startswith(tuple(f"no recommendation: {j}" for j in named))
+                and "too uncertain to act on" in recommendation)), recommendation
     assert "lossy" not in recommendation.split("(fastest")[0]
     assert recommendation in proc.stdout.replace("\n", " ") or recommendation[:60] in proc.stdout
     assert f"CPU: {cpu.model_name()}" in proc.stdout
