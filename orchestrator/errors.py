@@ -67,8 +67,26 @@ def first_line(error, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit - 1] + "…"
 
 
+def _yaml_error(error: BaseException) -> str:
+    """A YAML syntax error in a config file, in one line: where (file, line, column), then what was wrong. PyYAML's
+    own first line says only the construct it was parsing ("while parsing a flow sequence")."""
+    import sys
+
+    yaml = sys.modules.get("yaml")  # loaded by whoever parsed the file; nothing to say when no YAML was read
+    if yaml is None or not isinstance(error, getattr(yaml, "MarkedYAMLError", ())):
+        return ""
+    mark = error.problem_mark or error.context_mark
+    where = f"{mark.name} line {mark.line + 1} column {mark.column + 1}: " if mark is not None else ""
+    what = " ".join(str(error.problem or error.context or "invalid YAML").split())
+    context = f" ({' '.join(error.context.split())})" if error.context and error.problem else ""
+    return f"invalid YAML: {where}{what}{context}"
+
+
 def describe(error: BaseException) -> str:
     """``Type: first line`` (just the message for an OrchestratorError, which is written for the user)."""
+    yaml_error = _yaml_error(error)
+    if yaml_error:
+        return yaml_error
     line = first_line(error)
     if isinstance(error, OrchestratorError) or line.startswith(type(error).__name__):
         return line

@@ -71,7 +71,8 @@ def dataset_name(data_files: Any, path: Any, choice: Optional[str], overrides: I
     return choice
 
 
-def run_name(rc: Any, ctx: Any, stack: Optional[str] = None, compute: Optional[str] = None) -> str:
+def run_name(rc: Any, ctx: Any, stack: Optional[str] = None, compute: Optional[str] = None,
+             weights: Optional[str] = None) -> str:
     """What tells a run apart first (the values its sweep varies, stack, the precision that ran), then model and
     data: MLflow's runs list shows ~14-18 characters of a name. ``compute``: the arithmetic the stack ran (an int8
     recipe on fp32 weights is int8), known once the stack is applied."""
@@ -83,5 +84,5 @@ def run_name(rc: Any, ctx: Any, stack: Optional[str] = None, compute: Optional[s
     dataset = dataset_name(rc.dataset.data_files, rc.dataset.path, choices.get("dataset"), overrides)
     # a recipe's name says what it is (e.g. an engine_int8 recipe): no key before it, so MLflow's ~18 visible characters show it
     parts = [str(v) if k == "recipe" else f"{k}={v}" for k, v in ctx.swept_values().items()]
-    parts += [stack or stack_label(rc.optimization), shown_precision(rc.precision.name, compute), model, dataset]
+    parts += [stack or stack_label(rc.optimization), shown_precision(rc.precision.name, compute, weights), model, dataset]
     return "-".join(parts)

@@ -114,6 +114,7 @@ class Optimized:
     compute: str  # the precision the arithmetic runs in (fp32, bf16, int8)
     applied: List[str]
     fallbacks: Dict[str, str]
+    weights: Optional[str] = None  # the stored weights' precision when not the arithmetic's (int8 weight-only)
 
 
 @dataclass
@@ -279,8 +280,14 @@ def optimize(checked: Checked, loaded: Loaded, prepared: Prepared, rec: Recorder
         ("bf16" if torch.bfloat16 in (ctx.dtype, autocast) else "fp32")
     rec.results["compute"] = compute
     rec.tag({"precision.compute": compute})
+    weights = next((w for w in reversed(stack.weights) if w), None)
+    if weights == compute:
+        weights = None
+    if weights:
+        rec.results["weights"] = weights
+        rec.tag({"precision.weights": weights})
     return Optimized(model, measure.forward_fn(model, prepared.task.head, autocast), compute, stack.applied,
-                     fallbacks)
+                     fallbacks, weights)
 
 
 def parity(prepared: Prepared, ref: Reference, opt: Optimized, rec: Recorder) -> None:

@@ -151,6 +151,8 @@ class StackRecord:
     artifacts: Dict[str, list] = field(default_factory=dict)
     # each applied plugin's compute_precision() in stack order (None: the run's precision decides)
     compute: List[Optional[str]] = field(default_factory=list)
+    # each applied plugin's weight_precision() (None: the weights are in the arithmetic's precision)
+    weights: List[Optional[str]] = field(default_factory=list)
 
     @property
     def total_seconds(self) -> float:
@@ -222,4 +224,5 @@ def apply_stack(model, plugins: List[Plugin], ctx: PluginContext, on_error: str)
         record.metrics[plugin.name] = plugin.metrics()
         record.artifacts[plugin.name] = plugin.artifacts()
         record.compute.append(plugin.compute_precision(ctx))
+        record.weights.append(plugin.weight_precision(ctx))
     return model, record

@@ -142,6 +142,11 @@ class Plugin:
         run's precision decides."""
         return None
 
+    def weight_precision(self, ctx: PluginContext) -> Optional[str]:
+        """The precision the weights are stored in when it is not the arithmetic's (``int8`` for weight-only
+        compression, whose matmuls still run in fp32/bf16); None otherwise. Rows then say ``fp32+int8w``."""
+        return None
+
     @classmethod
     @contextlib.contextmanager
     def process_state(cls, stack: List[str]) -> Iterator[Optional[Callable[[List[str]], Dict[str, str]]]]:

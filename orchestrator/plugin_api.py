@@ -131,6 +131,9 @@ def _dynamic_problems(cls: Any, model: Any, batch: Dict[str, Any], run_dir: Opti
     precision = plugin.compute_precision(ctx)
     if precision not in (None, "fp32", "bf16", "int8"):
         out.append(f"compute_precision()={precision!r}: must be fp32, bf16, int8 or None")
+    weights = plugin.weight_precision(ctx)
+    if weights not in (None, "fp32", "bf16", "int8"):
+        out.append(f"weight_precision()={weights!r}: must be fp32, bf16, int8 or None")
     with contextlib.ExitStack() as stack:
         hook = stack.enter_context(cls.process_state([cls.name]))
         if hook is not None and not isinstance(hook([cls.name]), dict):

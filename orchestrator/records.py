@@ -241,7 +241,7 @@ class RunRecord(dict):
     def row(self, job: str, run_dir: Path) -> Dict[str, Any]:
         keys = self.get("keys") or {}
         return summary_row(job, str(self.get("status", "?")), self.get("task"), str(self.get("stack") or ""),
-                           shown_precision(str(self.get("precision", "?")), self.get("compute")),
+                           shown_precision(str(self.get("precision", "?")), self.get("compute"), self.get("weights")),
                            self.numeric_metrics(), self.get("run_id"),
                            stack_requested=self.get("stack_requested"),
                            fallback=",".join(self.get("fallbacks") or {}) or None,
@@ -328,10 +328,12 @@ def task_class(task: Optional[str]):
         return None
 
 
-def shown_precision(precision: str, compute: Optional[str]) -> str:
+def shown_precision(precision: str, compute: Optional[str], weights: Optional[str] = None) -> str:
     """What a row calls its precision: the arithmetic that ran when a stack changed it (an int8 recipe on fp32
-    weights is int8, not fp32), else the precision config's name (bf16_autocast stays itself)."""
-    return compute if precision == "fp32" and compute and compute != "fp32" else precision
+    weights is int8, not fp32), else the precision config's name (bf16_autocast stays itself); weights stored in
+    another precision than the arithmetic (weight-only int8 compression) are said after it: ``fp32+int8w``."""
+    shown = compute if precision == "fp32" and compute and compute != "fp32" else precision
+    return f"{shown}+{weights}w" if weights and weights != (compute or shown) else shown
 
 
 def summary_row(job: str, status: str, task: Optional[str], stack: str, precision: str, metrics: Dict[str, float],
@@ -383,7 +385,8 @@ def row_of_run(run: Any) -> Dict[str, Any]:
     """A job's row from its MLflow run (tags set by the runner)."""
     t = run.data.tags
     return summary_row(t.get("job_num", run.info.run_name), run.info.status, t.get("task"), t.get("stack", EAGER),
-                       shown_precision(t.get("precision", "?"), t.get("precision.compute")), run.data.metrics,
+                       shown_precision(t.get("precision", "?"), t.get("precision.compute"), t.get("precision.weights")),
+                       run.data.metrics,
                        run.info.run_id,
                        stack_requested=t.get("stack.requested"), fallback=t.get("stack.fallback"),
                        workload=t.get("workload"), baseline_key=t.get("baseline_key"), run_dir=t.get("run_dir"),

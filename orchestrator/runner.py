@@ -155,7 +155,7 @@ def _measure(checked: phases.Checked, rec: phases.Recorder, ctx: JobContext, sta
         ref = phases.reference(checked, loaded, prepared)
         opt = phases.optimize(checked, loaded, prepared, rec, [f for f in tag_fns if f is not None])
         # the run is named after what ran: the stack that applied, the precision its arithmetic ran in
-        name = naming.run_name(rc, ctx, stack_label(opt.applied), opt.compute)
+        name = naming.run_name(rc, ctx, stack_label(opt.applied), opt.compute, opt.weights)
         if name != rec.results["run_name"]:
             rec.results["run_name"] = name
             rec.tracker.rename(name)

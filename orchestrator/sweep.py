@@ -46,6 +46,22 @@ def parallel_warning(launcher: Any) -> Optional[str]:
     return None
 
 
+def unpaired_note(config: DictConfig) -> Optional[str]:
+    """One line when a sweep's jobs will not be raced: their speedups are then unpaired (each job's interval from
+    its own rounds, blind to load that changed between jobs)."""
+    hydra = config.get("hydra") or {}
+    launcher = str(((hydra.get("runtime") or {}).get("choices") or {}).get("hydra/launcher") or "")
+    mode = (config.get("race") or {}).get("mode", "on")
+    mode = str(getattr(mode, "name", mode))  # the schema's enum, or a plain value
+    if launcher == "isolated" and mode != "off":
+        return None
+    how = ("race.mode=off times the jobs one after another" if launcher == "isolated" else
+           f"hydra/launcher={launcher or '?'} times each job on its own, not raced")
+    return (f"{how}: speedups are unpaired (each job's interval comes from its own rounds and cannot see load that "
+            "changed between jobs); paired speedups need the race on one machine (hydra/launcher=isolated, "
+            "race.mode=on)")
+
+
 def swept_keys(config: DictConfig) -> list:
     """Keys with more than one value in this sweep: sweep syntax on the command line and the sweeper's params
     (a sweep= preset), in the order given."""
@@ -135,6 +151,9 @@ class MlflowSweepCallback(Callback):
         warning = parallel_warning(config.hydra.get("launcher"))
         if warning:
             log.warning(warning)
+        note = unpaired_note(config)
+        if note:
+            log.info(note)
         refuse_taken_sweep_dir(self.sweep_dir, bool(config.get("resume")))
         if config.get("resume"):
             refuse_changed_overrides(self.sweep_dir, list(config.hydra.overrides.task))

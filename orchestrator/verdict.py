@@ -235,6 +235,10 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     what = f"{s[0]:.2f}x [95% {s[1]:.2f}-{s[2]:.2f}, {s[3]}]"
     if s[1] > 1.0:
         return f"; beats the runner-up {_label(second)} by {what}"
+    if s[2] < 1.0:  # a faster job without a decided speedup of its own over eager fp32: no tie, an open question
+        faster = f"{1 / s[0]:.2f}x [95% {1 / s[2]:.2f}-{1 / s[1]:.2f}, {s[3]}]"
+        return (f"; but {_label(second)} is faster than it by {faster} and is not recommended only because its own "
+                "speedup over eager fp32 is undecided: race more rounds (race.max_rounds, race.budget_s) to settle it")
     return (f"; the runner-up {_label(second)} is a tie within noise ({what}): choose between them by other "
             "criteria (memory, apply time)")
 

@@ -109,6 +109,9 @@ class OpenVinoPlugin(Plugin):
             return "int8"
         return self._compute or ("bf16" if self._wants_bf16(ctx) else "fp32")
 
+    def weight_precision(self, ctx: PluginContext) -> Optional[str]:
+        return "int8" if self.options.int8 == Int8.weights else None
+
     def check(self, ctx: PluginContext) -> None:
         o = self.options
         missing = [m for m in ("openvino",) + (("nncf",) if o.int8 != Int8.none else ())

@@ -121,6 +121,8 @@ def test_run_names_carry_a_local_models_folder_name_and_the_precision_that_ran()
     rc = N(tracking=N(run_name=None), model=N(name_or_path="/x/my-bert"),
            dataset=N(data_files="/d/pairs.tsv", path="csv"), optimization={"openvino": {}}, precision=N(name="fp32"))
     assert run_name(rc, Ctx(), compute="int8") == "openvino_int8-openvino-int8-my-bert-pairs"
+    # without calibration the recipe compresses weights only: fp32 arithmetic on int8 weights
+    assert run_name(rc, Ctx(), compute="fp32", weights="int8") == "openvino_int8-openvino-fp32+int8w-my-bert-pairs"
     chosen = Ctx()
     chosen.overrides = []  # the config group's own model and data: their group names
     assert run_name(rc, chosen) == "openvino_int8-openvino-fp32-minilm-sts_smoke"

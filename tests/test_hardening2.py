@@ -93,6 +93,14 @@ def test_a_launcher_python_from_the_command_line_is_accepted(tmp_path):
     assert f"python: {sys.executable}" in proc.stdout
 
 
+def test_a_preset_with_broken_yaml_is_one_line_naming_file_line_and_problem(tmp_path, victim):
+    """The weak one "a config error's reason is cut": PyYAML's first line names only the construct it parsed."""
+    conf = preset(tmp_path, "broken", "runtime: {batch_size: [1, 2\n")
+    proc = cli(tmp_path, conf, "experiment=broken")
+    refused(proc, f"error: invalid YAML: {conf / 'experiment' / 'broken.yaml'} line 3 column 1: expected ',' or ']', "
+                  "but got '<stream end>' (while parsing a flow sequence)", victim, tmp_path)
+
+
 # -- item 1: the same rules in-process (every config Hydra composes goes through the check) ----------------------------
 
 @pytest.fixture()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import CONF_DIR, mlflow_store, run_cli, runs_of, sqlite_uri
-from orchestrator.sweep import parallel_warning
+from orchestrator.sweep import parallel_warning, unpaired_note
 from orchestrator.context import PARENT_RUN_ENV, JobContext
 from orchestrator.records import PARENT_RUN_FILE
 
@@ -140,3 +140,16 @@ def test_parallel_launchers_warn_about_timings(tmp_path):
         assert parallel_warning(launcher("hydra/launcher=submitit_slurm")) is None  # SLURM allocates the cores
     # the project's own Ray launcher (hydra_plugins/orchestrator_launcher/ray_launcher.py) composes without Ray
     assert "hydra.launcher.num_cpus=<cores per node>" in parallel_warning(launcher("hydra/launcher=ray"))
+
+
+def test_launchers_that_do_not_race_say_their_speedups_are_unpaired(tmp_path):
+    """Issue 28: Ray and SLURM keep one job per node; they say in one line that their speedups are unpaired."""
+    assert unpaired_note(_hydra_cfg(tmp_path)) is None  # isolated, raced: the default
+    off = unpaired_note(_hydra_cfg(tmp_path, "race.mode=off"))
+    assert off.startswith("race.mode=off times the jobs one after another: speedups are unpaired")
+    launchers = ["ray"] + (["submitit_slurm"] if importlib.util.find_spec("hydra_plugins.hydra_submitit_launcher")
+                           else [])
+    for name in launchers:
+        note = unpaired_note(_hydra_cfg(tmp_path, f"hydra/launcher={name}"))
+        assert note.startswith(f"hydra/launcher={name} times each job on its own, not raced: speedups are unpaired")
+        assert "\n" not in note

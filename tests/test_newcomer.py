@@ -94,3 +94,22 @@ def test_int8_without_vnni_is_one_warning_line(tmp_path, tiny_encoder, sts_file)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in (proc.stdout + proc.stderr).splitlines() if "computes in int8" in ln]
     assert len(lines) == 1 and "no VNNI" in lines[0] and "recipe=onnxruntime_fp32" in lines[0]
+
+
+@pytest.mark.slow
+def test_a_second_sweep_into_a_taken_sweep_folder_is_refused(batch_sweep, tmp_path, tiny_encoder, sts_file):
+    """Issue 25 item 3 through the CLI: never merged into, never overwritten; one line, exit 2."""
+    proc, client, parent, children = batch_sweep
+    sweep_dir = Path(parent.data.tags["sweep.dir"])
+    before = {p: p.read_bytes() for p in sorted(sweep_dir.glob("*/results.json")) + [sweep_dir / "summary.csv"]}
+    uri = client.tracking_uri
+    again = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
+                    "runtime.batch_size=1,2", "hydra/launcher=basic", f"hydra.sweep.dir={sweep_dir}",
+                    f"tracking.uri={uri}", cwd=tmp_path)
+    assert again.returncode == 2, again.stderr[-3000:]
+    lines = [ln for ln in again.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: hydra.sweep.dir={sweep_dir}: the folder already holds "
+                                                   "a sweep (jobs 0, 1, 2, 3, 4)"), again.stderr
+    assert "add resume=true to continue that sweep" in lines[0]
+    assert {p: p.read_bytes() for p in before} == before  # the first sweep's files untouched
+    assert len(runs_of(uri)[1]) == 1 + len(children)  # no second parent, no new job

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from orchestrator import race as R
-from orchestrator import stats
+from orchestrator import stats, verdict
 
 
 # ---- fakes ------------------------------------------------------------------------------------------------------
@@ -483,6 +483,13 @@ def test_raced_rows_get_paired_speedups_and_the_runner_up_is_named():
     line, _ = _assess(_rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
                              2: ("ipex", {r: 1.5 * v for r, v in tie.items()})}))
     assert "is a tie within noise" in line and "choose between them by other criteria (memory, apply time)" in line
+
+    # the recommended job beaten beyond noise by a rival (one whose own speedup was undecided) is no tie
+    rows = _rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
+                  2: ("ipex", {r: 1.8 * v for r, v in base.items()})})
+    _assess(rows)
+    said = verdict.runner_up(rows[1], rows)
+    assert said.startswith("; but job 2 (ipex/fp32) is faster than it by 1.20x [95% ") and "tie" not in said
 
     # unraced rows keep today's unpaired interval
     rows = _rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()})})

@@ -129,6 +129,9 @@ def test_a_row_names_the_precision_that_ran():
     assert shown_precision("fp32", "int8") == "int8"  # recipe=openvino_int8: int8 arithmetic on fp32 weights
     assert shown_precision("fp32", "fp32") == "fp32" and shown_precision("fp32", None) == "fp32"
     assert shown_precision("bf16_autocast", "bf16") == "bf16_autocast"
+    # recipe=openvino_int8 without calibration: int8 weights, fp32 (or bf16) arithmetic
+    assert shown_precision("fp32", "fp32", "int8") == "fp32+int8w"
+    assert shown_precision("bf16", "bf16", "int8") == "bf16+int8w" and shown_precision("fp32", "int8", "int8") == "int8"
 
 
 def test_a_refused_single_run_leaves_nothing_behind(tmp_path, compose):
