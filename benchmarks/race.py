@@ -10,11 +10,14 @@ Three questions, each on this machine as it is (the CPU model and the load avera
 - **interval width at equal wall time**, from the same sweeps: the mean relative half-width of the speedup interval
   and the mean timing wall time of each way, and the width scaled to equal wall time (width x sqrt(wall / wall of
   the other way): an interval narrows with the square root of the rounds it has).
+- ``--twice``  **repeatability**: the README's sweep (``'optimization=[],[jit]' precision=fp32,bf16``, raced) run
+  twice: the same recommendation, and every job's paired speedup inside the other run's interval?
 - ``--engines``  **time to answer** of ``sweep=engines experiment=sst2_minilm`` (needs ../shared): raced vs
   exhaustive sequential (``race.mode=off runtime.repeats=<race.max_rounds>``): wall time and the winner of each.
 
     python benchmarks/race.py --aa 20 experiment=sst2_minilm dataset.max_samples=128
     python benchmarks/race.py --aa 20 --hog experiment=sst2_minilm dataset.max_samples=128
+    python benchmarks/race.py --twice experiment=sst2_minilm dataset.max_samples=128
     python benchmarks/race.py --engines
 
 Extra arguments are overrides for every sweep. Results: one line per sweep on stderr, a table at the end, and
@@ -58,7 +61,10 @@ def sweep(workdir: Path, args: List[str]) -> Dict[str, Any]:
     for res in sorted(sweep_dir.glob("*/results.json")):
         jobs[int(res.parent.name)] = json.loads(res.read_text())
     race = json.loads((sweep_dir / "race.json").read_text()) if (sweep_dir / "race.json").is_file() else None
-    return {"rc": proc.returncode, "wall_s": wall, "jobs": jobs, "race": race,
+    md = sweep_dir / "summary.md"  # "### Recommended: ...", the CPU, then the recommendation line
+    parts = md.read_text().split("\n\n") if md.is_file() else []
+    recommendation = " ".join(parts[2].split()) if len(parts) > 2 else None
+    return {"rc": proc.returncode, "wall_s": wall, "jobs": jobs, "race": race, "recommendation": recommendation,
             "error": proc.stderr.strip().splitlines()[-1:] if proc.returncode else None}
 
 
@@ -152,11 +158,43 @@ def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
     return lines
 
 
+def speedups(result: Dict[str, Any]) -> Dict[str, tuple]:
+    """Each job's paired speedup over its reference, by what ran (stack/precision): (speedup, low, high)."""
+    out = {}
+    for job, res in result["jobs"].items():
+        m = res.get("metrics", {})
+        if m.get("race_speedup") is not None:
+            out[f"{res.get('stack')}/{res.get('precision')}"] = (m["race_speedup"], m.get("race_speedup_ci_low"),
+                                                                  m.get("race_speedup_ci_high"))
+    return out
+
+
+def run_twice(extra: List[str], workdir: Path) -> List[str]:
+    args = ["optimization=[],[jit]", "precision=fp32,bf16", "race.mode=on", *extra]
+    first, second = sweep(workdir, args), sweep(workdir, args)
+    lines = []
+    for n, res in enumerate((first, second), 1):
+        lines.append(f"run {n}: {res['wall_s']:.0f} s, rc {res['rc']}, recommendation: {res.get('recommendation')}")
+    a, b = speedups(first), speedups(second)
+    agree = []
+    for key in sorted(set(a) & set(b)):
+        (s1, l1, h1), (s2, l2, h2) = a[key], b[key]
+        inside = l1 is not None and l2 is not None and l2 <= s1 <= h2 and l1 <= s2 <= h1
+        agree.append(inside)
+        lines.append(f"  {key}: {s1:.2f}x [{l1:.2f}-{h1:.2f}] then {s2:.2f}x [{l2:.2f}-{h2:.2f}]"
+                     f"{'' if inside else '  NOT within each other'}")
+    lines.append(f"same recommendation: {first.get('recommendation') == second.get('recommendation')}; speedups "
+                 f"within each other's intervals: {sum(agree)}/{len(agree)}; {load()}")
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--aa", type=int, default=0, help="A/A sweeps per mode")
     ap.add_argument("--hog", action="store_true", help="a CPU hog in the background throughout")
     ap.add_argument("--hog-procs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
+    ap.add_argument("--twice", action="store_true", help="the README's sweep twice: same answer?")
     ap.add_argument("--engines", action="store_true", help="time to answer of sweep=engines experiment=sst2_minilm")
     ap.add_argument("--out", type=Path)
     args, extra = ap.parse_known_args()
@@ -169,6 +207,8 @@ def main() -> None:
             if args.aa:
                 report["aa"] = run_aa(args.aa, extra, Path(tmp))
                 lines += summarize_aa(report["aa"])
+            if args.twice:
+                lines += run_twice(extra, Path(tmp))
             if args.engines:
                 lines += run_engines(extra, Path(tmp), 20)
     finally:

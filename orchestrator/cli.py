@@ -89,6 +89,9 @@ def exit_code(ex: BaseException) -> int:
 
     if isinstance(ex, OrchestratorError):
         return int(ex.exit_status)
+    yaml = sys.modules.get("yaml")  # a config file with broken YAML syntax is input the user can fix
+    if yaml is not None and isinstance(ex, yaml.YAMLError):
+        return 2
     return 2 if isinstance(ex, (HydraException, OmegaConfBaseException)) else 1
 
 

@@ -120,6 +120,14 @@ def check_output_dir(cfg: Any, run_mode: Any) -> None:
         problem = f"{existing} is a kernel file system"
     if problem:
         raise ConfigError(f"{key}={value}: the folder cannot be created there ({problem}); choose a writable folder")
+    if key == "hydra.sweep.dir":
+        from .records import refuse_changed_overrides, refuse_taken_sweep_dir
+
+        resume = bool(OmegaConf.select(cfg, "resume", default=False))
+        refuse_taken_sweep_dir(folder, resume)
+        if resume:
+            refuse_changed_overrides(folder, [str(o) for o in OmegaConf.select(cfg, "hydra.overrides.task",
+                                                                                 default=[]) or []])
 
 
 def install_checks() -> None:

@@ -119,6 +119,28 @@ def refuse_taken_sweep_dir(sweep_dir: Path, resume: bool) -> None:
                           "choose another folder, or add resume=true to continue that sweep")
 
 
+def refuse_changed_overrides(sweep_dir: Path, overrides: List[str]) -> None:
+    """resume=true continues the sweep in ``sweep_dir`` as it was launched: other overrides would mix the rows of
+    two sweeps in one summary."""
+    from omegaconf import OmegaConf
+
+    from .errors import ConfigError
+
+    try:
+        before = list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
+    except Exception:  # no earlier launch recorded there: nothing to compare with
+        return
+
+    def plain(items):
+        return sorted(str(o) for o in items if not str(o).lstrip("+~").startswith("resume="))
+
+    was, now = plain(before), plain(overrides)
+    if was != now:
+        raise ConfigError(f"resume=true: the sweep in {sweep_dir} was launched with {' '.join(was) or 'no overrides'},"
+                          f" not {' '.join(now) or 'no overrides'}; resume it with the same overrides, or start a new "
+                          "sweep (another hydra.sweep.dir)")
+
+
 def discard_run_dir(run_dir: Path) -> None:
     """Remove what a run its config refused left in its folder (Hydra's .hydra/ and log, the record), and the
     folder when nothing else is in it: a refused single run leaves nothing behind but its one error line."""

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from .config import SummaryConfig
 from .context import PARENT_RUN_ENV, SWEPT_KEYS_ENV
 from .errors import describe
-from .records import PARENT_RUN_FILE, SWEPT_KEYS_FILE, refuse_taken_sweep_dir, sweep_run_name
+from .records import PARENT_RUN_FILE, SWEPT_KEYS_FILE, sweep_run_name
 from .tracking import open_store
 
 log = logging.getLogger(__name__)
@@ -109,28 +109,6 @@ def sweep_under_way() -> bool:
     return _current is not None
 
 
-def refuse_changed_overrides(sweep_dir: Path, overrides: List[str]) -> None:
-    """resume=true continues the sweep in ``sweep_dir`` as it was launched: other overrides would mix the rows of
-    two sweeps in one summary."""
-    from omegaconf import OmegaConf
-
-    from .errors import ConfigError
-
-    try:
-        before = list(OmegaConf.load(sweep_dir / "multirun.yaml").hydra.overrides.task)
-    except Exception:  # no earlier launch recorded there: nothing to compare with
-        return
-
-    def plain(items):
-        return sorted(str(o) for o in items if not str(o).lstrip("+~").startswith("resume="))
-
-    was, now = plain(before), plain(overrides)
-    if was != now:
-        raise ConfigError(f"resume=true: the sweep in {sweep_dir} was launched with {' '.join(was) or 'no overrides'},"
-                          f" not {' '.join(now) or 'no overrides'}; resume it with the same overrides, or start a new "
-                          "sweep (another hydra.sweep.dir)")
-
-
 def fallback_asked(overrides) -> bool:
     """runtime.on_plugin_error=fallback given on the command line (not only inherited from a preset)."""
     return any(str(o).lstrip("+~").startswith("runtime.on_plugin_error=") and "fallback" in str(o) for o in overrides)
@@ -154,9 +132,8 @@ class MlflowSweepCallback(Callback):
         note = unpaired_note(config)
         if note:
             log.info(note)
-        refuse_taken_sweep_dir(self.sweep_dir, bool(config.get("resume")))
-        if config.get("resume"):
-            refuse_changed_overrides(self.sweep_dir, list(config.hydra.overrides.task))
+        # a taken sweep folder was refused when the config was composed (hydra_patches.check_output_dir): Hydra
+        # turns an exception raised here into a warning and launches anyway
         (self.sweep_dir / PARENT_RUN_FILE).unlink(missing_ok=True)  # never a stale id from an earlier sweep here
         keys = swept_keys(config)
         os.environ[SWEPT_KEYS_ENV] = " ".join(keys)

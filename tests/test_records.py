@@ -198,7 +198,7 @@ def test_resume_refuses_a_sweep_with_a_live_job_or_other_overrides(tmp_path):
 
     from omegaconf import OmegaConf
 
-    from orchestrator.sweep import refuse_changed_overrides
+    from orchestrator.records import refuse_changed_overrides
 
     sweep = tmp_path / "sweep"
     job = _job(sweep, 0, status="RUNNING")
