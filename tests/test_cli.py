@@ -70,7 +70,10 @@ def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
     uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", "sweep=scenario", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}",
                    "dataset.max_samples=12", "runtime.warmup=0", "runtime.min_iterations=1",
-                   "runtime.min_duration_s=0", "hydra/launcher=basic", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+                   "runtime.min_duration_s=0", "hydra/launcher=basic",
+                   # every scenario's option: short LoadGen runs (the expansion is under test, not the figures)
+                   "++scenario.min_duration_s=0.2", "++scenario.warmup_batches=1",
+                   cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     _, runs = runs_of(uri)
     children = {c.data.params["scenario.name"]: c for c in runs if c.data.tags.get("mlflow.parentRunId")}
     assert sorted(children) == ["multi_stream", "offline", "server", "single_stream"], proc.stderr[-2000:]
