@@ -46,6 +46,11 @@ def one_line(ex: BaseException) -> str:
         options = getattr(ex, "options", None) or group_options(group)
         return f"{group}={choice}: unknown choice; valid: {', '.join(options) or '(none)'}"
     cause = ex.__cause__ if isinstance(ex.__cause__, OmegaConfBaseException) else None
+    if cause is None and isinstance(ex, ConfigCompositionException) and isinstance(ex.__context__,
+                                                                                   OmegaConfBaseException):
+        # "In 'experiment/x': ValidationError raised while composing config:" and the reason on the next line
+        where = re.match(r"In '([^']+)'", str(ex))
+        return (f"in {where.group(1)}: " if where else "") + one_line(ex.__context__)
     if isinstance(ex, OmegaConfBaseException) and cause is None:
         cause = ex
     if cause is not None:

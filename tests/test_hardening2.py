@@ -101,6 +101,15 @@ def test_a_preset_with_broken_yaml_is_one_line_naming_file_line_and_problem(tmp_
                   "but got '<stream end>' (while parsing a flow sequence)", victim, tmp_path)
 
 
+def test_a_preset_with_a_wrong_value_says_the_reason_not_only_where(tmp_path, victim):
+    """Hydra's "In 'experiment/x': ValidationError raised while composing config:" carries its reason on the next
+    line; the one line names the preset, the key and the reason."""
+    conf = preset(tmp_path, "wrong", "runtime:\n  batch_size: [1, 2]\n")
+    proc = cli(tmp_path, conf, "experiment=wrong")
+    refused(proc, "error: in experiment/wrong: runtime.batch_size: Value '[1, 2]' of type 'ListConfig' could not be "
+                  "converted to Integer", victim, tmp_path)
+
+
 # -- item 1: the same rules in-process (every config Hydra composes goes through the check) ----------------------------
 
 @pytest.fixture()
