@@ -40,6 +40,9 @@ from typing import Any, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from orchestrator import cpu, stats, verdict  # noqa: E402
+from orchestrator.config import SummaryConfig  # noqa: E402
+
+MIN_EFFECT = SummaryConfig().min_effect  # what the summary calls beyond noise
 
 
 def load() -> str:
@@ -91,7 +94,8 @@ def aa_verdict(result: Dict[str, Any]) -> Optional[Dict[str, Any]]:
         return None
     eliminated = any(str(r.get("stopped") or "").startswith("eliminated") for r in (a, b))
     return {"speedup": s[0], "low": s[1], "high": s[2], "method": method,
-            "claims_difference": (not stats.within_noise(s[1], s[2])) or eliminated,
+            "claims_difference": (not stats.within_noise(s[1], s[2], MIN_EFFECT)) or eliminated,
+            "excludes_1": not stats.within_noise(s[1], s[2]),
             "half_width": stats.half_width(s[1], s[2]),
             "timing_s": (a["timing_wall_s"] or 0.0) + (b["timing_wall_s"] or 0.0), "wall_s": result["wall_s"]}
 
@@ -125,12 +129,14 @@ def summarize_aa(out: Dict[str, Any]) -> List[str]:
             lines.append(f"race.mode={mode}: no verdicts")
             continue
         claims = sum(v["claims_difference"] for v in results)
+        bare = sum(v.get("excludes_1", not stats.within_noise(v["low"], v["high"])) for v in results)
         hw = statistics.mean(v["half_width"] for v in results)
         timing = statistics.mean(v["timing_s"] for v in results)
         wall = statistics.mean(v["wall_s"] for v in results)
         widths[mode] = (hw, timing)
         lines.append(f"race.mode={mode}: 'within noise' in {len(results) - claims}/{len(results)} A/A sweeps "
-                     f"({100 * (len(results) - claims) / len(results):.0f} %); mean half-width +-{100 * hw:.1f} %, "
+                     f"({100 * (len(results) - claims) / len(results):.0f} %; summary.min_effect={MIN_EFFECT:g}), "
+                     f"the interval excluded 1.0 in {bare}; mean half-width +-{100 * hw:.1f} %, "
                      f"timing {timing:.0f} s of {wall:.0f} s per sweep")
     if len(widths) == 2:
         (hw_on, t_on), (hw_off, t_off) = widths["on"], widths["off"]

@@ -143,6 +143,12 @@ class SummaryConfig:
     min_accuracy_ratio: float = 0.99
     # ... and makes the same prediction as the eager fp32 job on at least this share of all examples
     min_agreement: float = 0.95
+    # a speedup counts only beyond this relative margin around 1.0 (its interval must clear 1 + min_effect, or
+    # 1 / (1 + min_effect) for a slowdown). Rounds paired within one process per job cannot see that two processes
+    # of one configuration differ by a few percent (memory layout: Mytkowicz et al. 2009; Kalibera & Jones's
+    # process-level variance): A/A races on the quiet 2-core Xeon gave identical jobs 0.97-1.035x with intervals
+    # of +-3 % (docs/sweeps.md), so a bare "excludes 1.0" called such pairs different
+    min_effect: float = 0.05
 
 
 @dataclass

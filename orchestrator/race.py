@@ -217,8 +217,9 @@ class Contender:
 class Race:
     """Which job runs when, and when each stops. Pure: the caller runs the rounds and reports throughputs."""
 
-    def __init__(self, cfg: RaceConfig, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, cfg: RaceConfig, clock: Callable[[], float] = time.monotonic, min_effect: float = 0.0):
         self.cfg, self.clock = cfg, clock
+        self.min_effect = min_effect  # summary.min_effect: a job is beaten only beyond this margin
         self.jobs: Dict[int, Contender] = {}
         self.round = 0
         self.started: Optional[float] = None
@@ -309,7 +310,7 @@ class Race:
 
     def _below(self, c: Contender, lead: Contender, confidence: float) -> bool:
         vs = self._vs(c, lead, confidence)
-        return vs is not None and vs[2] is not None and vs[2] < 1.0
+        return vs is not None and vs[2] is not None and vs[2] < 1.0 / (1.0 + self.min_effect)
 
     def leader(self, workload: str) -> Optional[Contender]:
         """The fastest live job of the workload that passes the accuracy gate (or whose gate is not known)."""

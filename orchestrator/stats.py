@@ -81,8 +81,9 @@ def speedup_interval(job: Tuple[float, float, float], base: Tuple[float, float, 
     return s, s * math.exp(-half), s * math.exp(half)
 
 
-def within_noise(low: Optional[float], high: Optional[float]) -> bool:
-    return low is not None and high is not None and low <= 1.0 <= high
+def within_noise(low: Optional[float], high: Optional[float], margin: float = 0.0) -> bool:
+    """The interval reaches the band [1 / (1 + margin), 1 + margin] around "no difference" (summary.min_effect)."""
+    return low is not None and high is not None and low <= 1.0 + margin and high >= 1.0 / (1.0 + margin)
 
 
 def sign_rank(n: int, confidence: float = 0.95) -> Optional[int]:

@@ -132,9 +132,9 @@ def assess(rows: List[Dict[str, Any]], client=None, gate: Optional[SummaryConfig
     gate = gate or SummaryConfig()
     min_accuracy_ratio, min_agreement = gate.min_accuracy_ratio, gate.min_agreement
     add_swept(rows)
-    verdict.assess(rows, min_accuracy_ratio, min_agreement, task_class, decisions_loader(client))
+    verdict.assess(rows, min_accuracy_ratio, min_agreement, task_class, decisions_loader(client), gate.min_effect)
     verdict.mark_pareto(rows)
-    return verdict.recommend(rows)
+    return verdict.recommend(rows, gate.min_effect)
 
 
 def _fmt(v: Any) -> str:

@@ -102,8 +102,10 @@ def gate_reasons(metric: Optional[str], value: Optional[float], base_value: Opti
 
 
 def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement: float,
-           task_of: Callable[[Optional[str]], Any], decisions_of: Callable[[Dict[str, Any]], Optional[list]]) -> None:
-    """Fill speedup (+ interval, noise), agreement_vs_baseline, accuracy_delta, gate and gate_reason in place."""
+           task_of: Callable[[Optional[str]], Any], decisions_of: Callable[[Dict[str, Any]], Optional[list]],
+           min_effect: float = 0.0) -> None:
+    """Fill speedup (+ interval, noise), agreement_vs_baseline, accuracy_delta, gate and gate_reason in place.
+    ``min_effect``: summary.min_effect, the band around 1.0 an interval must clear to be beyond noise."""
     cache: Dict[int, Optional[list]] = {}
 
     def decisions(r):
@@ -136,7 +138,7 @@ def assess(rows: List[Dict[str, Any]], min_accuracy_ratio: float, min_agreement:
                                             base.get("throughput_ci_high")))
             if s is not None:
                 r["speedup"], r["speedup_ci_low"], r["speedup_ci_high"] = s
-                r["noise"] = ("within noise" if stats.within_noise(s[1], s[2])
+                r["noise"] = ("within noise" if stats.within_noise(s[1], s[2], min_effect)
                               else ("no interval" if s[1] is None else ""))
         if r is base:
             r["agreement_vs_baseline"], r["accuracy_delta"] = 1.0, 0.0
@@ -219,7 +221,7 @@ def _ratio(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[tuple]:
     return None if u is None or u[1] is None else tuple(u) + ("unpaired",)
 
 
-def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
+def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]], min_effect: float = 0.0) -> str:
     """How the recommended job compares with the next fastest job of its workload that passes the gate."""
     rivals = [r for r in rows if r is not best and r.get("workload") == best.get("workload")
               and r.get("gate") in ("pass", "baseline") and speed(r)]
@@ -233,9 +235,9 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
     if s is None:
         return f"; runner-up {_label(second)} (no interval to compare)"
     what = f"{s[0]:.2f}x [95% {s[1]:.2f}-{s[2]:.2f}, {s[3]}]"
-    if s[1] > 1.0:
+    if s[1] > 1.0 + min_effect:
         return f"; beats the runner-up {_label(second)} by {what}"
-    if s[2] < 1.0:  # a faster job without a decided speedup of its own over eager fp32: no tie, an open question
+    if s[2] < 1.0 / (1.0 + min_effect):  # a faster job without a decided speedup of its own over eager fp32: no tie, an open question
         faster = f"{1 / s[0]:.2f}x [95% {1 / s[2]:.2f}-{1 / s[1]:.2f}, {s[3]}]"
         return (f"; but {_label(second)} is faster than it by {faster} and is not recommended only because its own "
                 "speedup over eager fp32 is undecided: race more rounds (race.max_rounds, race.budget_s) to settle it")
@@ -243,7 +245,7 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]]) -> str:
             "criteria (memory, apply time)")
 
 
-def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
+def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[str]:
     """One line: the fastest job that passes the gate with a speedup beyond noise, or why there is none.
     The chosen rows get ``recommended=True``."""
     for r in rows:
@@ -259,7 +261,7 @@ def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
         group = [r for r in rows if r.get("workload") == w and r.get("speedup") and r.get("gate") != "baseline"]
         # a scenario's figure is one LoadGen run: better is all it can say (its line says there is no interval)
         good = [r for r in group if r.get("gate") == "pass" and (
-            (r.get("speedup_ci_low") is not None and r["speedup_ci_low"] > 1.0)
+            (r.get("speedup_ci_low") is not None and r["speedup_ci_low"] > 1.0 + min_effect)
             or (r.get("figure") and r["speedup"] > 1.0))]
         prefix = "" if len(workloads) == 1 else f"[{_group_name(rows, w)}] "
         decided = [r for r in good if not too_wide(r)]
@@ -270,7 +272,7 @@ def recommend(rows: List[Dict[str, Any]]) -> Optional[str]:
             agree = best.get("agreement_vs_baseline")
             lines.append(f"{prefix}recommended: {_label(best)}: {_interval(best)} vs eager fp32, "
                          f"{best['metric']} {delta:+.2f}" + (f", agreement {agree:.1%}" if agree is not None else "")
-                         + runner_up(best, rows))
+                         + runner_up(best, rows, min_effect))
             continue
         if good:
             top = max(good, key=speed)

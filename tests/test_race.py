@@ -499,6 +499,21 @@ def test_raced_rows_get_paired_speedups_and_the_runner_up_is_named():
     assert by[1]["speedup_method"] == "unpaired"
 
 
+def test_a_difference_inside_min_effect_is_within_noise():
+    """Two processes of one configuration differ by a few percent that paired rounds cannot see (A/A on the quiet
+    Xeon: 1.035x [1.005-1.077]); summary.min_effect is the band an interval must clear."""
+    assert stats.within_noise(1.005, 1.077, 0.05) and not stats.within_noise(1.005, 1.077)
+    assert not stats.within_noise(1.06, 1.2, 0.05) and not stats.within_noise(0.80, 0.95, 0.05)
+    assert stats.within_noise(0.80, 0.96, 0.05)  # 0.96 > 1 / 1.05
+    base = {r: 100.0 * (1 + 0.01 * (r % 3)) for r in range(1, 11)}
+    rows = _rows({0: ("eager", base), 1: ("jit", {r: v * (1.035 + 0.004 * (r % 2)) for r, v in base.items()})})
+    verdict.assess(rows, 0.99, 0.95, lambda t: __import__(
+        "orchestrator.tasks.text_classification", fromlist=["x"]).TextClassification, lambda r: None, 0.05)
+    assert rows[1]["speedup_ci_low"] > 1.0 and rows[1]["noise"] == "within noise"
+    assert verdict.recommend(rows, 0.05).startswith("no recommendation: nothing beat eager fp32 beyond noise")
+    assert verdict.recommend(rows).startswith("recommended: job 1 (jit/fp32)")  # without the band: "faster"
+
+
 def test_no_recommendation_from_an_interval_wider_than_2x_either_way():
     rng = np.random.default_rng(0)
     base = {r: 100.0 for r in range(1, 7)}
