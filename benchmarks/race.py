@@ -41,6 +41,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from orchestrator import cpu, stats, verdict  # noqa: E402
 from orchestrator.config import SummaryConfig  # noqa: E402
+from orchestrator.records import shown_precision  # noqa: E402
 
 MIN_EFFECT = SummaryConfig().min_effect  # what the summary calls beyond noise
 
@@ -151,7 +152,8 @@ def winner(result: Dict[str, Any]) -> Optional[str]:
     if not done:
         return None
     best = max(done.items(), key=lambda kv: kv[1].get("metrics", {}).get("throughput") or 0.0)
-    return f"job {best[0]} ({best[1].get('stack')}/{best[1].get('precision')})"
+    shown = shown_precision(str(best[1].get("precision")), best[1].get("compute"), best[1].get("weights"))
+    return f"job {best[0]} ({best[1].get('stack')}/{shown})"
 
 
 def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
@@ -159,7 +161,8 @@ def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
     for label, args in (("raced", ["race.mode=on"]),
                         ("exhaustive sequential", ["race.mode=off", f"runtime.repeats={max_rounds}"])):
         res = sweep(workdir, ["sweep=engines", "experiment=sst2_minilm", *args, *extra])
-        lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}")
+        lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}; "
+                     f"recommendation: {res.get('recommendation')}")
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
