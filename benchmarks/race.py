@@ -192,7 +192,10 @@ def run_twice(extra: List[str], workdir: Path) -> List[str]:
         agree.append(inside)
         lines.append(f"  {key}: {s1:.2f}x [{l1:.2f}-{h1:.2f}] then {s2:.2f}x [{l2:.2f}-{h2:.2f}]"
                      f"{'' if inside else '  NOT within each other'}")
-    lines.append(f"same recommendation: {first.get('recommendation') == second.get('recommendation')}; speedups "
+    def chosen(res):  # "recommended: job 3 (jit/bf16): 3.58x ..." -> "recommended: job 3 (jit/bf16)"
+        return str(res.get("recommendation") or "").split(": ")[:2]
+
+    lines.append(f"same recommendation: {chosen(first) == chosen(second)}; speedups "
                  f"within each other's intervals: {sum(agree)}/{len(agree)}; {load()}")
     print("\n".join(lines), file=sys.stderr, flush=True)
     return lines
