@@ -65,6 +65,7 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
     assert len(runs_of(uri)[1]) == 3
 
 
+@pytest.mark.slow  # four LoadGen runs, the server's with its max-QPS search: ~2 min on 2 cores
 def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
     """sweep=scenario (conf/sweep/scenario.yaml since 73f96bd): one job per MLPerf LoadGen scenario."""
     uri = mlflow_store(tmp_path / "store.db")
