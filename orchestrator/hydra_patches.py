@@ -94,7 +94,8 @@ def _checked_load_configuration(original: Callable) -> Callable:
 
 def check_output_dir(cfg: Any, run_mode: Any) -> None:
     """The run (or sweep) folder Hydra will create must be creatable: said with its key, before Hydra's own mkdir
-    fails with a bare OSError naming no key."""
+    fails with a bare OSError naming no key. A sweep folder must also be free (records.refuse_taken_sweep_dir):
+    checked here, before anything launches, because Hydra turns an exception in a sweep callback into a warning."""
     import os
     from pathlib import Path
 

@@ -82,7 +82,9 @@ def run_name(rc: Any, ctx: Any, stack: Optional[str] = None, compute: Optional[s
     overrides = list(getattr(ctx, "overrides", ()) or ())
     model = model_name(rc.model.name_or_path, choices.get("model"), overrides)
     dataset = dataset_name(rc.dataset.data_files, rc.dataset.path, choices.get("dataset"), overrides)
-    # a recipe's name says what it is (e.g. an engine_int8 recipe): no key before it, so MLflow's ~18 visible characters show it
+    # a recipe's name says what it is (e.g. an engine_int8 recipe): no key before it, so MLflow's ~18 visible
+    # characters show it
     parts = [str(v) if k == "recipe" else f"{k}={v}" for k, v in ctx.swept_values().items()]
-    parts += [stack or stack_label(rc.optimization), shown_precision(rc.precision.name, compute, weights), model, dataset]
+    parts += [stack or stack_label(rc.optimization), shown_precision(rc.precision.name, compute, weights), model,
+              dataset]
     return "-".join(parts)

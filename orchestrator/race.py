@@ -309,8 +309,10 @@ class Race:
         return stats.paired_speedup_interval(c.throughputs, other.throughputs, confidence)
 
     def _below(self, c: Contender, lead: Contender, confidence: float) -> bool:
+        from . import stats
+
         vs = self._vs(c, lead, confidence)
-        return vs is not None and vs[2] is not None and vs[2] < 1.0 / (1.0 + self.min_effect)
+        return vs is not None and stats.slower_beyond(vs[2], self.min_effect)
 
     def leader(self, workload: str) -> Optional[Contender]:
         """The fastest live job of the workload that passes the accuracy gate (or whose gate is not known)."""

@@ -81,9 +81,21 @@ def speedup_interval(job: Tuple[float, float, float], base: Tuple[float, float, 
     return s, s * math.exp(-half), s * math.exp(half)
 
 
+def faster_beyond(low: Optional[float], margin: float = 0.0) -> bool:
+    """A ratio interval whose low end clears the band [1 / (1 + margin), 1 + margin] around "no difference"
+    (summary.min_effect) on the fast side."""
+    return low is not None and low > 1.0 + margin
+
+
+def slower_beyond(high: Optional[float], margin: float = 0.0) -> bool:
+    """... and whose high end clears it on the slow side."""
+    return high is not None and high < 1.0 / (1.0 + margin)
+
+
 def within_noise(low: Optional[float], high: Optional[float], margin: float = 0.0) -> bool:
-    """The interval reaches the band [1 / (1 + margin), 1 + margin] around "no difference" (summary.min_effect)."""
-    return low is not None and high is not None and low <= 1.0 + margin and high >= 1.0 / (1.0 + margin)
+    """The interval reaches the band: neither faster nor slower beyond it."""
+    return (low is not None and high is not None
+            and not faster_beyond(low, margin) and not slower_beyond(high, margin))
 
 
 def sign_rank(n: int, confidence: float = 0.95) -> Optional[int]:

@@ -490,11 +490,13 @@ def ui_link(client, parent_id: str) -> Optional[str]:
     except Exception:
         return None
     uri = str(getattr(client, "tracking_uri", "") or "")
-    base = uri.rstrip("/") if urlparse(uri).scheme in ("http", "https") else "http://127.0.0.1:5000"
-    query = (f"workflowType=machine_learning&searchFilter={quote(f'tags.mlflow.parentRunId = {chr(39)}{parent_id}{chr(39)}')}"
+    served = urlparse(uri).scheme in ("http", "https")  # else a local store: `mlflow ui` serves it on its default
+    base = uri.rstrip("/") if served else "http://127.0.0.1:5000"
+    jobs = quote(f"tags.mlflow.parentRunId = '{parent_id}'")
+    query = (f"workflowType=machine_learning&searchFilter={jobs}"
              f"&orderByKey={quote('metrics.`summary/speedup`')}&orderByAsc=false&compareRunsMode=CHART")
     link = f"{base}/#/experiments/{exp_id}/runs?{query}"
-    return link if base != "http://127.0.0.1:5000" else f"{link}  (after: mlflow ui --backend-store-uri {uri})"
+    return link if served else f"{link}  (after: mlflow ui --backend-store-uri {uri})"
 
 
 def stored_line(stored: Optional[Dict[str, Optional[float]]]) -> str:

@@ -235,9 +235,9 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]], min_effect: floa
     if s is None:
         return f"; runner-up {_label(second)} (no interval to compare)"
     what = f"{s[0]:.2f}x [95% {s[1]:.2f}-{s[2]:.2f}, {s[3]}]"
-    if s[1] > 1.0 + min_effect:
+    if stats.faster_beyond(s[1], min_effect):
         return f"; beats the runner-up {_label(second)} by {what}"
-    if s[2] < 1.0 / (1.0 + min_effect):  # a faster job without a decided speedup of its own over eager fp32: no tie, an open question
+    if stats.slower_beyond(s[2], min_effect):  # a faster job, undecided vs eager fp32: no tie, an open question
         faster = f"{1 / s[0]:.2f}x [95% {1 / s[2]:.2f}-{1 / s[1]:.2f}, {s[3]}]"
         return (f"; but {_label(second)} is faster than it by {faster} and is not recommended only because its own "
                 "speedup over eager fp32 is undecided: race more rounds (race.max_rounds, race.budget_s) to settle it")
@@ -261,7 +261,7 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
         group = [r for r in rows if r.get("workload") == w and r.get("speedup") and r.get("gate") != "baseline"]
         # a scenario's figure is one LoadGen run: better is all it can say (its line says there is no interval)
         good = [r for r in group if r.get("gate") == "pass" and (
-            (r.get("speedup_ci_low") is not None and r["speedup_ci_low"] > 1.0 + min_effect)
+            stats.faster_beyond(r.get("speedup_ci_low"), min_effect)
             or (r.get("figure") and r["speedup"] > 1.0))]
         prefix = "" if len(workloads) == 1 else f"[{_group_name(rows, w)}] "
         decided = [r for r in good if not too_wide(r)]

@@ -95,7 +95,7 @@ class IsolatedLauncher(SweepLauncher):
                      "raced in interleaved timing rounds (race.mode=on; race.mode=off times them one after another)")
             for idx, overrides in enumerate(job_overrides):
                 log.info(f"\t#{initial_job_idx + idx} : {' '.join(filter_overrides(overrides))}")
-            min_effect = OmegaConf.select(configs[0], "summary.min_effect", default=None)
+            min_effect = float(OmegaConf.select(configs[0], "summary.min_effect", default=0.0))
             return Racer(self, race, sweep_dir, min_effect).run([(initial_job_idx + i, list(o), c) for i, (o, c)
                                                      in enumerate(zip(job_overrides, configs))])
         log.info(f"Launching {len(job_overrides)} jobs, each in a fresh process (hydra/launcher=isolated)")
@@ -333,11 +333,11 @@ class JobProcess:
 class Racer:
     """Starts and prepares the jobs, drives orchestrator.race over them, ends them, collects their returns."""
 
-    def __init__(self, launcher: IsolatedLauncher, cfg: Any, sweep_dir: Path, min_effect: Optional[float] = None):
+    def __init__(self, launcher: IsolatedLauncher, cfg: Any, sweep_dir: Path, min_effect: float = 0.0):
         from orchestrator.race import Race
 
         self.launcher, self.cfg, self.sweep_dir = launcher, cfg, sweep_dir
-        self.race = Race(cfg, min_effect=float(min_effect or 0.0))
+        self.race = Race(cfg, min_effect=min_effect)
         self.procs: Dict[int, JobProcess] = {}
         self.returns: Dict[int, JobReturn] = {}
         self.current: Optional[JobProcess] = None
