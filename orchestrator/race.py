@@ -17,6 +17,9 @@ beaten (Kalibera & Jones 2013; Google Benchmark's random interleaving; MLPerf's 
   that passes the accuracy gate) lies wholly below 1 at :data:`ELIMINATION_CONFIDENCE` (eliminated); when it fails
   the accuracy gate (it is timed only ``min_rounds``, enough for its row); at ``race.max_rounds``; or when
   ``race.budget_s`` is spent. A reference is timed as long as a job paired with it is.
+- **Processes.** Each job is timed in ``race.processes`` processes (its own, which records the run, and extra ones
+  that only serve rounds): their spread, measured across the sweep, widens the paired intervals
+  (orchestrator/stats.py, process-level variation); stopping on the target half-width looks at the rounds' part.
 - **Memory.** At most ``race.max_alive`` job processes at once (default: as many as free memory holds at 1.5x the
   largest prepared job's peak RSS); beyond it the jobs race in groups and the references stay alive for every group.
 
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import random
 import socket
@@ -40,6 +44,8 @@ log = logging.getLogger(__name__)
 
 # the inherited socket (a file descriptor number) a raced job talks to its launcher through
 RACE_FD_ENV = "ORCH_RACE_FD"
+# which of a job's processes this one is ("1 of 2": 0-based index, count); only process 0 records the job
+RACE_PROCESS_ENV = "ORCH_RACE_PROCESS"
 RACE_FILE = "race.json"
 # elimination looks at the data after every round: a stricter level than the reported 95 % keeps the chance that
 # an identical job is ever called "slower beyond noise" over all looks of a race near 5 % (tests/test_race.py)
@@ -73,6 +79,11 @@ class RaceConfig:
     seed: int = 0
     # changes nothing that is computed: `-m race.replica=0,1` runs the same configuration twice (an A/A sweep)
     replica: int = 0
+    # processes timed per job: two processes of one configuration differ by a few per cent for their whole lives,
+    # which no number of rounds shows; with 2+ the spread between them is measured and widens the speedup's
+    # interval (orchestrator/stats.py, process-level variation). Each process's round is 1/processes as long, so
+    # a round takes as long as with one; preparing the extra processes (load, stack; no accuracy pass) is the cost
+    processes: int = 2
 
 
 def check_config(cfg: Any) -> None:
@@ -93,8 +104,12 @@ def check_config(cfg: Any) -> None:
         raise ConfigError(f"race.target_halfwidth={get('target_halfwidth')} must be > 0 (e.g. 0.05 for +-5 %)")
     if get("budget_s") is not None and not get("budget_s") > 0:
         raise ConfigError(f"race.budget_s={get('budget_s')} must be > 0, or null for no limit")
-    if get("max_alive") is not None and get("max_alive") < 2:
-        raise ConfigError(f"race.max_alive={get('max_alive')} must be >= 2 (a job and its reference), or null")
+    if not 1 <= get("processes") <= 8:
+        raise ConfigError(f"race.processes={get('processes')} is not valid; valid: 1 to 8 (2: the spread between "
+                          "two processes of a job is measured and in the interval; 1: it is not)")
+    if get("max_alive") is not None and get("max_alive") < 2 * get("processes"):
+        raise ConfigError(f"race.max_alive={get('max_alive')} must be >= {2 * get('processes')} (a job and its "
+                          f"reference, race.processes={get('processes')} process(es) each), or null")
 
 
 # ---- the job side ---------------------------------------------------------------------------------------------
@@ -106,8 +121,10 @@ class RaceLost(RuntimeError):
 class RaceWorker:
     """A raced job's end of the socket: says when it is ready, then serves timing rounds until told to stop."""
 
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock: socket.socket, process: int = 0, processes: int = 1):
         self._sock = sock
+        # which of the job's processes this is (0: the one that records the job) and how many share its rounds
+        self.process, self.processes = process, max(1, processes)
         self._reader = sock.makefile("rb")
         self._done = False
         self.outcome: Dict[str, Any] = {}
@@ -150,8 +167,10 @@ class RaceWorker:
             t0 = time.time()
             for i in range(int(runtime.warmup)):  # untimed: caches and clocks come back after the wait
                 step(batches[order[i % len(order)]].inputs)
-            part = measure.timing_pass(step, batches, 0, runtime.min_iterations, runtime.min_duration_s,
-                                       runtime.max_iterations, progress=False, order=order)
+            # the job's processes share its round: together they time as long as one process alone would
+            part = measure.timing_pass(step, batches, 0, -(-int(runtime.min_iterations) // self.processes),
+                                       runtime.min_duration_s / self.processes, runtime.max_iterations,
+                                       progress=False, order=order)
             out.extend(part, r)
             thr = stats.round_throughputs([(part.batch_rows, part.latencies_s)])[0]
             self._send({"type": "round", "round": r, "throughput": thr, "start": t0, "end": time.time(),
@@ -178,15 +197,20 @@ class RaceWorker:
 def worker_from_env() -> Optional[RaceWorker]:
     """This job's race worker when its launcher races the sweep's jobs (it set ORCH_RACE_FD), else None."""
     fd = os.environ.pop(RACE_FD_ENV, None)  # popped: nothing this job starts may think it is raced
+    process = os.environ.pop(RACE_PROCESS_ENV, "0 of 1")
     if not fd:
         return None
+    try:
+        index, count = (int(v) for v in process.split(" of "))
+    except ValueError:
+        index, count = 0, 1
     try:
         sock = socket.socket(fileno=int(fd))
     except (ValueError, OSError) as e:
         log.warning("%s=%s is not a socket this process holds (%s): timed alone", RACE_FD_ENV, fd, e)
         return None
     sock.set_inheritable(False)
-    return RaceWorker(sock)
+    return RaceWorker(sock, index, count)
 
 
 # ---- the decision logic ---------------------------------------------------------------------------------------
@@ -202,8 +226,12 @@ class Contender:
     gate: Optional[bool] = None  # the accuracy gate against its baseline; None: not known (no baseline)
     gate_reason: str = ""
     reference: Optional[int] = None
+    # {round: rows/s} of the job: the geometric mean over its processes that ran the round
     throughputs: Dict[int, float] = field(default_factory=dict)
     spans: Dict[int, Tuple[float, float]] = field(default_factory=dict)
+    # {process: {round: rows/s}}, and the processes still timed (0: the job's own; more with race.processes)
+    per_process: Dict[int, Dict[int, float]] = field(default_factory=dict)
+    processes: List[int] = field(default_factory=lambda: [0])
     live: bool = True
     entered: bool = False  # its group has started racing
     stopped: Optional[str] = None
@@ -212,6 +240,11 @@ class Contender:
     def median(self) -> float:
         values = sorted(self.throughputs.values())
         return float(values[len(values) // 2]) if values else 0.0
+
+
+def _timed(c: Contender) -> int:
+    """How many processes a job's rounds average over."""
+    return max(1, sum(1 for p in c.per_process.values() if p))
 
 
 class Race:
@@ -270,21 +303,50 @@ class Race:
                     or any(o.reference == c.job and o is not c for o in live))
 
         order = sorted(c.job for c in live if needed(c))
-        random.Random(self.cfg.seed * 1_000_003 + self.round).shuffle(order)
-        self.rounds.append({"round": self.round, "order": list(order), "throughputs": {}, "spans": {}})
+        rng = random.Random(self.cfg.seed * 1_000_003 + self.round)
+        rng.shuffle(order)
+        units = [(j, p) for j in order for p in self.jobs[j].processes]
+        if len(units) > len(order):  # a job's processes are interleaved with the others' too
+            rng.shuffle(units)
+        self.rounds.append({"round": self.round, "order": list(order), "units": units, "throughputs": {},
+                            "spans": {}, "processes": {}})
         return self.round, order
 
-    def record(self, job: int, r: int, throughput: float, start: Optional[float] = None,
-               end: Optional[float] = None) -> None:
+    def units(self) -> List[Tuple[int, int]]:
+        """The current round's (job, process) in the order they are timed."""
+        return list(self.rounds[-1]["units"]) if self.rounds else []
+
+    def add_process(self, job: int, process: int) -> None:
+        """Another process of ``job`` is ready: it is timed from the next round on."""
         c = self.jobs[job]
-        c.throughputs[r] = float(throughput)
+        if process not in c.processes:
+            c.processes.append(process)
+
+    def lost_process(self, job: int, process: int, r: int, why: str) -> None:
+        """One of a job's extra processes is gone: the job goes on with the others."""
+        c = self.jobs[job]
+        if process in c.processes:
+            c.processes.remove(process)
+        self.events.append({"round": r, "job": c.job, "process": process, "stopped": why})
+        log.warning("race: process %d of job %d is gone (%s); the job goes on with %d", process, job, why,
+                    len(c.processes))
+
+    def record(self, job: int, r: int, throughput: float, start: Optional[float] = None,
+               end: Optional[float] = None, process: int = 0) -> None:
+        c = self.jobs[job]
+        c.per_process.setdefault(process, {})[r] = float(throughput)
+        ran = [p[r] for p in c.per_process.values() if p.get(r, 0.0) > 0]
+        c.throughputs[r] = float(math.exp(sum(map(math.log, ran)) / len(ran))) if ran else float(throughput)
         entry = self.rounds[-1] if self.rounds and self.rounds[-1]["round"] == r else None
         if entry is not None:
-            entry["throughputs"][job] = float(throughput)
+            entry["throughputs"][job] = c.throughputs[r]
+            if len(c.processes) > 1 or process:
+                entry["processes"][f"{job}.{process}"] = float(throughput)
         if start is not None and end is not None:
-            c.spans[r] = (start, end)
+            old = c.spans.get(r)
+            c.spans[r] = (min(start, old[0]), max(end, old[1])) if old else (start, end)
             if entry is not None:
-                entry["spans"][job] = [start, end]
+                entry["spans"][job] = list(c.spans[r])
 
     def lost(self, job: int, r: int, why: str) -> None:
         """A job that ended on its own (failed, killed): out of the race."""
@@ -301,12 +363,33 @@ class Race:
 
         if c.reference is None or c.reference == c.job:
             return None
-        return stats.paired_speedup_interval(c.throughputs, self.jobs[c.reference].throughputs, confidence)
+        return self._vs(c, self.jobs[c.reference], confidence)
 
-    def _vs(self, c: Contender, other: Contender, confidence: float):
+    def round_speedup(self, c: Contender, confidence: float = CONFIDENCE):
+        """The same from the rounds alone, without the process-level term: what more rounds can narrow."""
         from . import stats
 
-        return stats.paired_speedup_interval(c.throughputs, other.throughputs, confidence)
+        if c.reference is None or c.reference == c.job:
+            return None
+        return stats.paired_speedup_interval(c.throughputs, self.jobs[c.reference].throughputs, confidence)
+
+    def process_spread(self) -> Tuple[Optional[float], int]:
+        """(sd, degrees of freedom) of the process-level effect, from every job timed in 2+ processes."""
+        from . import stats
+
+        return stats.process_spread([list(c.per_process.values()) for c in self.jobs.values()])
+
+    def _vs(self, c: Contender, other: Contender, confidence: float):
+        """c over other, paired by round, widened by the process-level spread when it is measured."""
+        from . import stats
+
+        s = stats.paired_speedup_interval(c.throughputs, other.throughputs, confidence)
+        if s is None or s[1] is None:
+            return s
+        sd, dof = self.process_spread()
+        point, low, high = stats.widen_for_processes(s[0], s[1], s[2], sd, dof, _timed(c), _timed(other),
+                                                     confidence)
+        return point, low, high, s[3]
 
     def _below(self, c: Contender, lead: Contender, confidence: float) -> bool:
         from . import stats
@@ -340,7 +423,8 @@ class Race:
                 if lead is not None and c is not lead and self._below(c, lead, ELIMINATION_CONFIDENCE):
                     stops[c.job] = beaten
                     continue
-                s = self.speedup(c, STOPPING_CONFIDENCE)
+                # more rounds narrow only the rounds' part: the process-level part is what it is
+                s = self.round_speedup(c, STOPPING_CONFIDENCE)
                 hw = stats.half_width(s[1], s[2]) if s else None
                 if hw is not None and hw < cfg.target_halfwidth:
                     # settled: said as beaten when its (one, final) 95 % interval against the leader is below 1
@@ -394,10 +478,16 @@ class Race:
             s = self.speedup(c)
             if s is not None:
                 metrics.update({"race_speedup": s[0], "race_speedup_ci_low": s[1], "race_speedup_ci_high": s[2]})
+        sd, dof = self.process_spread()
+        metrics.update({"race_processes": float(_timed(c)), "race_process_sd": sd})
         outcome = {"stopped": c.stopped, "rounds": len(c.throughputs), "stopped_round": c.stopped_round,
                    "order_seed": self.cfg.seed, "reference_job": c.reference,
                    "throughputs": {str(k): v for k, v in sorted(c.throughputs.items())},
-                   "paired": {str(k): v for k, v in sorted(paired.items())}}
+                   "paired": {str(k): v for k, v in sorted(paired.items())},
+                   # what the summary widens the paired interval with (orchestrator/stats.py)
+                   "processes": _timed(c), "process_sd": sd, "process_dof": dof,
+                   "per_process": {str(p): {str(k): v for k, v in sorted(t.items())}
+                                   for p, t in sorted(c.per_process.items())}}
         return {"cmd": "stop", "outcome": outcome, "metrics": {k: v for k, v in metrics.items() if v is not None},
                 "paired": {str(k): v for k, v in paired.items()}}
 
@@ -421,9 +511,14 @@ class Race:
                                 "gate_reason": c.gate_reason, "rounds": len(c.throughputs),
                                 "stopped": c.stopped, "stopped_round": c.stopped_round,
                                 "throughputs": {str(k): v for k, v in sorted(c.throughputs.items())},
+                                "per_process": {str(p): {str(k): v for k, v in sorted(t.items())}
+                                                for p, t in sorted(c.per_process.items())},
                                 "speedup": list(s[:3]) if s else None}
+        sd, dof = self.process_spread()
         return {"config": cfg, "order_seed": self.cfg.seed, "elimination_confidence": ELIMINATION_CONFIDENCE,
-                "rounds": [{**e, "throughputs": {str(k): v for k, v in e["throughputs"].items()},
+                "process_sd": sd, "process_dof": dof,
+                "rounds": [{**e, "units": [list(u) for u in e.get("units", [])],
+                            "throughputs": {str(k): v for k, v in e["throughputs"].items()},
                             "spans": {str(k): v for k, v in e["spans"].items()}} for e in self.rounds],
                 "groups": self.groups, "events": self.events, "jobs": jobs, "stopped": self.stop_reason(),
                 "elapsed_s": (self.clock() - self.started) if self.started is not None else 0.0}
@@ -441,7 +536,18 @@ class RoundRunner:
     why_lost: str = "its process ended"
 
 
-def run_group(race: Race, runners: Mapping[int, RoundRunner], jobs: Iterable[int],
+Runners = Mapping[Any, RoundRunner]  # job -> its process 0; (job, p) -> its process p (race.processes)
+
+
+def _stop_job(race: Race, runners: Runners, job: int) -> None:
+    """Tell a job's extra processes, then the job itself (which records the job), that it stopped."""
+    message = race.stop_message(job)
+    for p in sorted(p for p in race.jobs[job].processes if p):
+        runners[(job, p)].stop(message)
+    runners[job].stop(message)
+
+
+def run_group(race: Race, runners: Runners, jobs: Iterable[int],
               on_round: Optional[Callable[[int, List[int]], None]] = None) -> None:
     """Race ``jobs`` (with the references still alive) until the group is done; each job that stops is told so."""
     race.begin_group(jobs)
@@ -449,21 +555,28 @@ def run_group(race: Race, runners: Mapping[int, RoundRunner], jobs: Iterable[int
         r, order = race.next_round()
         if on_round is not None:
             on_round(r, order)
-        for job in order:
-            if not race.jobs[job].live:
+        for job, p in race.units():
+            c = race.jobs[job]
+            if not c.live or p not in c.processes:
                 continue
-            res = runners[job].time_round(r)
+            runner = runners[job] if p == 0 else runners[(job, p)]
+            res = runner.time_round(r)
+            if res is None and p == 0:
+                race.lost(job, r, runner.why_lost)
+                for q in [q for q in c.processes if q]:  # nothing to time them for: end them
+                    runners[(job, q)].stop(race.stop_message(job))
+                continue
             if res is None:
-                race.lost(job, r, runners[job].why_lost)
+                race.lost_process(job, p, r, runner.why_lost)
                 continue
-            race.record(job, r, *res)
+            race.record(job, r, *res, process=p)
         for job, _ in race.decide(r):
-            runners[job].stop(race.stop_message(job))
+            _stop_job(race, runners, job)
 
 
-def end_race(race: Race, runners: Mapping[int, RoundRunner]) -> None:
+def end_race(race: Race, runners: Runners) -> None:
     for job, _ in race.finish():
-        runners[job].stop(race.stop_message(job))
+        _stop_job(race, runners, job)
 
 
 def write_log(race: Race, sweep_dir: Any) -> None:

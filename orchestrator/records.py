@@ -400,7 +400,10 @@ def race_fields(race: Any) -> Dict[str, Any]:
         per_round = {int(k): float(v) for k, v in rounds.items()}
     except (TypeError, ValueError):
         per_round = {}
-    return {"race_rounds": per_round or None, "stopped": race.get("stopped"), "rounds": race.get("rounds")}
+    return {"race_rounds": per_round or None, "stopped": race.get("stopped"), "rounds": race.get("rounds"),
+            # the race's process-level spread when then, and how many processes the rounds average over
+            "race_processes": race.get("processes") or 1, "race_process_sd": race.get("process_sd"),
+            "race_process_dof": race.get("process_dof") or 0}
 
 
 def row_of_run(run: Any) -> Dict[str, Any]:

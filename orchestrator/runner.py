@@ -61,6 +61,8 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     started = time.time()
     _quiet_libraries()
     ctx = (ctx or JobContext()).with_run_dir()
+    if ctx.race is not None and getattr(ctx.race, "process", 0):
+        return _extra_process(rc, ctx)
     container = OmegaConf.to_container(OmegaConf.structured(rc), resolve=True)
     run_dir = Path(ctx.run_dir)
     refuse_taken_run_dir(run_dir, rc.resume)
@@ -139,6 +141,36 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
         elif skipped is None:
             _finish(rec, state, rc)
     return results
+
+
+def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
+    """One of a raced job's extra processes (race.processes > 1): the job's load, precision and stack in a process
+    of its own, then the race's timing rounds; nothing is recorded here (the job's process 0 records the job, its
+    rounds averaged over all its processes). No parity or accuracy pass: process 0 checked both for this config."""
+    worker = ctx.race
+    run_dir = Path(ctx.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = RunRecord.new(run_name=f"process {worker.process}", stack=stack_label(rc.optimization),
+                           precision=rc.precision.name, task=rc.dataset.task, config={}, run_dir=run_dir,
+                           tracking_uri=None, keys={}, overrides="", tags={})
+    rec = phases.Recorder(record, Tracker(rc.tracking, "", None), run_dir)  # never started: records nothing
+    try:
+        checked = phases.preflight(rc)
+        rec.record(checked.thread_metrics)
+        torch.manual_seed(rc.runtime.seed)
+        random.seed(rc.runtime.seed)
+        with measure.PeakRSS() as rss, contextlib.ExitStack() as hooks:
+            tag_fns = [hooks.enter_context(cm) for cm in process_states(list(rc.optimization))]
+            loaded = phases.load(checked, rec)
+            prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))
+            opt = phases.optimize(checked, loaded, prepared, rec, [f for f in tag_fns if f is not None])
+            worker.ready({"job": ctx.job_num, "process": worker.process, "status": "ok", "rss_mb": rss.peak_mb})
+            log.info("process %d of job %s: timed in the race's rounds", worker.process, ctx.job_num)
+            worker.timing(opt.step, prepared.batches, rc.runtime)
+    except BaseException as e:
+        worker.abort(describe_error(e))
+        raise
+    return {"status": "FINISHED", "process": worker.process}
 
 
 def _measure(checked: phases.Checked, rec: phases.Recorder, ctx: JobContext, state: "_State") -> None:

@@ -23,6 +23,10 @@ assumes normal ratios while a disturbed round is an outlier. The sign interval o
 are independent draws from one continuous distribution whose median is the speedup; its coverage is then at least
 the promised level for every n (conservative: 96.9 % at n = 6, 97.9 % at n = 10, 95.9 % at n = 20). Its price: no
 95 % interval exists below 6 rounds (2 · 0.5^5 = 6.25 % > 5 %), hence race.min_rounds = 6.
+
+**Process-level variation** (race.processes, below): rounds of one process cannot see how that process differs
+from another of the same configuration, so a job is timed in several processes, the spread between them is
+measured per sweep and the paired interval widened by it (:func:`widen_for_processes`).
 """
 from __future__ import annotations
 
@@ -152,3 +156,55 @@ def half_width(low: Optional[float], high: Optional[float]) -> Optional[float]:
     if low is None or high is None or low <= 0 or high <= 0:
         return None
     return math.sqrt(high / low) - 1.0
+
+
+# ---- process-level variation ------------------------------------------------------------------------------------
+# Two processes of one configuration differ by a few per cent for the whole of their lives (memory layout, which
+# kernels and code paths were picked at start-up): measured here, identical jobs raced against each other came out
+# 2-4 % apart with intervals of +-3 %, and the same sweep run twice moved 5-8 %. Rounds of one process cannot see
+# that; more rounds do not shrink it. Kalibera & Jones's remedy is process replicas: each configuration timed in
+# several processes (race.processes), the spread between them measured, and the speedup's interval widened by it.
+
+def process_effects(processes: Sequence[Mapping[int, float]], min_shared: int = 3) -> Optional[list]:
+    """Each process's log-throughput effect (median over the rounds all of them ran of its deviation from that
+    round's mean), or None with fewer than two processes or ``min_shared`` shared rounds. Per round, so drift
+    common to the processes cancels."""
+    procs = [p for p in processes if p]
+    if len(procs) < 2:
+        return None
+    shared = sorted(set.intersection(*(set(r for r, v in p.items() if v and v > 0) for p in procs)))
+    if len(shared) < min_shared:
+        return None
+    logs = np.log(np.array([[p[r] for r in shared] for p in procs], dtype=float))
+    return [float(e) for e in np.median(logs - logs.mean(axis=0), axis=1)]
+
+
+def process_spread(jobs: Sequence[Sequence[Mapping[int, float]]]) -> Tuple[Optional[float], int]:
+    """(sd of the process effect on log throughput, its degrees of freedom), pooled over the configurations with
+    two or more processes: sum of squared deviations from each configuration's mean effect / sum of (processes - 1).
+    It includes what is left of round-to-round noise in each median: an overestimate, on the safe side."""
+    ss, dof = 0.0, 0
+    for processes in jobs:
+        effects = process_effects(processes)
+        if effects is None:
+            continue
+        mean = sum(effects) / len(effects)
+        ss += sum((e - mean) ** 2 for e in effects)
+        dof += len(effects) - 1
+    return (math.sqrt(ss / dof), dof) if dof else (None, 0)
+
+
+def widen_for_processes(point: float, low: Optional[float], high: Optional[float], sd: Optional[float], dof: int,
+                        m_job: int, m_base: int, confidence: float = 0.95
+                        ) -> Tuple[float, Optional[float], Optional[float]]:
+    """A paired speedup interval (rounds) widened by the process-level term: each side's log half-width combined
+    in quadrature with ``t(dof) * sd * sqrt(1/m_job + 1/m_base)`` (the uncertainty of the processes' mean effects,
+    m processes per configuration; Student's t because sd is estimated from dof). Unchanged without an estimate."""
+    if low is None or high is None or sd is None or not dof or point <= 0:
+        return point, low, high
+    from scipy.stats import t
+
+    q = float(t.ppf(0.5 + confidence / 2.0, dof)) * sd * math.sqrt(1.0 / max(m_job, 1) + 1.0 / max(m_base, 1))
+    below, above = math.log(point / low), math.log(high / point)
+    return (point, point * math.exp(-math.sqrt(below ** 2 + q ** 2)),
+            point * math.exp(math.sqrt(above ** 2 + q ** 2)))

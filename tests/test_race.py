@@ -102,6 +102,78 @@ def test_calibration_identical_jobs_with_noise_and_drift_exclude_one_in_at_most_
     assert false / races <= 0.05, false / races
 
 
+def race_of_processes(speeds, process_sd, seed, processes=2, sigma=0.02):
+    """A race whose jobs each run in ``processes`` processes, each process with a fixed speed effect of its own
+    (log-normal, sd ``process_sd``) for its whole life, as two processes of one configuration have."""
+    world = World(seed, sigma=sigma, p_out=0.0)
+    rng = np.random.default_rng(seed + 50_000)
+    race = R.Race(R.RaceConfig(seed=seed, processes=processes), clock=lambda: world.t)
+    runners = {}
+    for j, speed in enumerate(speeds):
+        race.add(R.Contender(job=j, key="k", workload="w", baseline=(j == 0), gate=True))
+        for p in range(processes):
+            runner = FakeJob(world, speed * math.exp(rng.normal(0.0, process_sd)))
+            runners[j if p == 0 else (j, p)] = runner
+            race.add_process(j, p)
+    R.run_group(race, runners, list(range(len(speeds))))
+    R.end_race(race, runners)
+    return race, runners
+
+
+def test_process_replicas_put_the_spread_between_processes_into_the_interval():
+    """Identical configurations whose processes differ by ~4 % for life (what was measured here between two
+    processes of one job): intervals from the rounds alone exclude 1.0 far more often than 5 %, since more rounds
+    cannot see a process's own speed; with two processes per job and the measured spread, at most 5 % do."""
+    rounds_only = widened = 0
+    trials = 200
+    for seed in range(trials):
+        race, runners = race_of_processes([1.0, 1.0, 1.0], process_sd=0.04, seed=seed)
+        for job in (1, 2):
+            c = race.jobs[job]
+            assert sorted(c.per_process) == [0, 1]
+            r = race.round_speedup(c)
+            s = race.speedup(c)
+            rounds_only += not (r[1] <= 1.0 <= r[2])
+            widened += not (s[1] <= 1.0 <= s[2]) or c.stopped.startswith("eliminated")
+            assert s[1] <= r[1] and s[2] >= r[2]
+    assert rounds_only / (2 * trials) > 0.15, rounds_only
+    assert widened / (2 * trials) <= 0.05, widened
+    sd, dof = race.process_spread()
+    assert dof == 3 and 0.0 < sd < 0.2
+    # every process of a job told to stop, and its message carries what the summary widens with
+    msg = runners[(1, 1)].stopped
+    assert msg["outcome"]["processes"] == 2 and msg["outcome"]["process_dof"] >= 1
+    assert sorted(msg["outcome"]["per_process"]) == ["0", "1"]
+
+
+def test_a_real_difference_still_shows_with_process_replicas():
+    """Two jobs: the spread has two degrees of freedom (t = 4.3), the interval is wide, but 1.5x shows."""
+    race, _ = race_of_processes([1.0, 1.5], process_sd=0.02, seed=7)
+    s = race.speedup(race.jobs[1])
+    assert stats.faster_beyond(s[1], 0.05) and s[1] <= 1.5 <= s[2]
+
+
+def test_process_spread_and_widening_arithmetic():
+    # two processes 10 % apart in every round: effects +-log(1.1)/2, sd log(1.1)/sqrt(2) with one degree of freedom
+    a, b = {r: 110.0 for r in range(6)}, {r: 100.0 for r in range(6)}
+    sd, dof = stats.process_spread([[a, b]])
+    assert dof == 1 and sd == pytest.approx(math.log(1.1) / math.sqrt(2))
+    assert stats.process_spread([[a]]) == (None, 0)  # one process: nothing measured
+    point, low, high = stats.widen_for_processes(2.0, 1.9, 2.1, None, 0, 2, 2)
+    assert (low, high) == (1.9, 2.1)  # nothing to widen with
+    point, low, high = stats.widen_for_processes(2.0, 1.9, 2.1, 0.03, 10, 2, 2)
+    q = 2.2281388519649385 * 0.03  # t(10) 97.5 % quantile x sd x sqrt(1/2 + 1/2)
+    assert low == pytest.approx(2.0 * math.exp(-math.hypot(math.log(2.0 / 1.9), q)))
+    assert high == pytest.approx(2.0 * math.exp(math.hypot(math.log(2.1 / 2.0), q)))
+    # the summary widens a raced row's paired speedup with the spread its race measured
+    base = {"race_rounds": {r: 100.0 for r in range(6)}, "race_processes": 2, "race_process_sd": 0.03,
+            "race_process_dof": 10}
+    row = {**base, "race_rounds": {r: 200.0 * (1 + 0.01 * (r % 3 - 1)) for r in range(6)}}
+    s = verdict.paired(row, base)
+    bare = stats.paired_speedup_interval(row["race_rounds"], base["race_rounds"])
+    assert s[1] < bare[1] and s[2] > bare[2] and s[0] == bare[0]
+
+
 def test_pairing_gives_the_right_answer_under_drift_where_unpaired_does_not():
     """The machine is twice as slow in odd rounds. Timed one after another, the baseline's rounds fell in slow
     periods and the job's in fast ones: the unpaired interval excludes the true 1.2x. Raced, the drift cancels."""
@@ -228,7 +300,9 @@ def test_race_settings_are_checked_in_one_line():
                        ({"min_rounds": 3}, "race.min_rounds=3 must be >= 6"),
                        ({"max_rounds": 5}, "race.max_rounds=5 must be >= race.min_rounds=6"),
                        ({"target_halfwidth": 0}, "race.target_halfwidth=0 must be > 0"),
-                       ({"max_alive": 1}, "race.max_alive=1 must be >= 2")):
+                       ({"max_alive": 3}, "race.max_alive=3 must be >= 4 (a job and its reference, "
+                                          "race.processes=2 process(es) each)"),
+                       ({"processes": 0}, "race.processes=0 is not valid; valid: 1 to 8")):
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             R.check_config({**vars(R.RaceConfig()), **bad})
 
@@ -372,6 +446,7 @@ def _spans_alternate(log):
 
 
 def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, tiny_encoder, sts_file):
+    """Four jobs, two processes each (race.processes=2, the default), at most six processes alive: two groups."""
     import json
 
     from mlflow.tracking import MlflowClient
@@ -382,10 +457,11 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "optimization=[],[jit]", "runtime.batch_size=8,16", f"tracking.uri={uri}",
-                   "race.max_alive=3", "race.max_rounds=6", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
+                   "race.max_alive=6", "race.max_rounds=6", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path,
                    timeout=900)
     out = proc.stdout + proc.stderr
     assert "raced in interleaved timing rounds" in out, out[-3000:]
+    assert proc.returncode == 0, out[-3000:]
     log = json.loads((sweep_dir / R.RACE_FILE).read_text())
     assert sorted(log["jobs"]) == ["0", "1", "2", "3"] and log["order_seed"] == 0
     assert _spans_alternate(log)
@@ -395,8 +471,15 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
     assert log["jobs"]["2"]["reference_job"] == 0
     for job in log["jobs"].values():
         assert 6 <= job["rounds"] and job["stopped"]
-    # three processes at most: the eager fp32 jobs (prepared first) and job 2, then job 3 with the references
-    assert log["groups"] == [[0, 1, 2], [0, 1, 3]] and log["max_alive"] == 3
+    # six processes at most: the eager fp32 jobs (prepared first) and job 2, then job 3 with the references
+    assert log["groups"] == [[0, 1, 2], [0, 1, 3]] and log["max_alive"] == 6
+    # every job timed in two processes, in the same rounds, interleaved with the other jobs' processes
+    for job in log["jobs"].values():
+        assert sorted(job["per_process"]) == ["0", "1"]
+        assert set(job["per_process"]["0"]) == set(job["per_process"]["1"]) == set(job["throughputs"])
+    assert any(r["units"] != [[j, p] for j in r["order"] for p in (0, 1)] for r in log["rounds"])
+    assert log["process_sd"] is not None and log["process_dof"] == 4
+    assert not list(sweep_dir.glob(".isolated-*"))  # the extra processes' folders are gone
     assert min(map(int, log["jobs"]["3"]["throughputs"])) > max(map(int, log["jobs"]["2"]["throughputs"]))
     # job 3 pairs with job 1 (batch size 16), timed in its rounds; job 0 has nothing left to pair with
     assert set(log["jobs"]["1"]["throughputs"]) >= set(log["jobs"]["3"]["throughputs"])
@@ -412,6 +495,14 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
         res = json.loads((sweep_dir / num / "results.json").read_text())
         assert res["race"]["stopped"] == log["jobs"][num]["stopped"]
         assert res["metrics"]["race_rounds"] == log["jobs"][num]["rounds"]
+        assert res["metrics"]["race_processes"] == 2
+    # the speedup's interval holds the process-level spread: wider than the rounds alone give
+    res = json.loads((sweep_dir / "2" / "results.json").read_text())
+    rounds = stats.paired_speedup_interval(log["jobs"]["2"]["throughputs"] and
+                                           {int(k): v for k, v in log["jobs"]["2"]["throughputs"].items()},
+                                           {int(k): v for k, v in log["jobs"]["0"]["throughputs"].items()})
+    m = res["metrics"]
+    assert m["race_speedup_ci_low"] < rounds[1] and m["race_speedup_ci_high"] > rounds[2]
 
 
 @pytest.mark.slow

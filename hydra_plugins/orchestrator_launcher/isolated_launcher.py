@@ -20,7 +20,9 @@ each when its answer is known (or it is beaten, fails the accuracy gate, or roun
 stopped job to finish its run before timing the next, so nothing else runs while a job is timed. At most
 ``race.max_alive`` job processes are alive (default: what free memory holds); beyond it the jobs race in groups and
 each eager fp32 reference stays alive across groups. The race's log (rounds, orders, seed, stops) is written to
-``<sweep dir>/race.json``. ``race.mode=off``: one job after another, as before.
+``<sweep dir>/race.json``. With ``race.processes`` > 1 each job that passes the accuracy gate gets extra processes
+(same job payload, ``ORCH_RACE_PROCESS``: "1 of 2"; Hydra output in the job's temporary folder) that prepare
+after it and only serve rounds. ``race.mode=off``: one job after another, as before.
 
 Signals: the job runs in its own process group, so a terminal's Ctrl-C reaches the sweep process only, which passes
 it on: one Ctrl-C ends the current job (the one being timed or prepared; its run ends KILLED) and the sweep goes on;
@@ -29,6 +31,7 @@ sweep stops once they have ended KILLED. Every job process also gets a parent-de
 ``_job.py``): whatever ends the sweep process — ``kill -9`` included — ends its jobs.
 """
 
+import copy
 import json
 import logging
 import os
@@ -46,7 +49,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV
 from orchestrator.interrupts import DOUBLE_INTERRUPT_S, DoubleInterrupt
@@ -239,17 +242,25 @@ def job_identity(config: DictConfig) -> Tuple[str, str, bool]:
 class JobProcess:
     """One raced job: its process, its socket, and the race's commands to it (a RoundRunner of orchestrator/race)."""
 
-    def __init__(self, racer: "Racer", idx: int, overrides: List[str], config: DictConfig):
-        from orchestrator.race import RACE_FD_ENV
+    def __init__(self, racer: "Racer", idx: int, overrides: List[str], config: DictConfig, process: int = 0):
+        from orchestrator.race import RACE_FD_ENV, RACE_PROCESS_ENV
 
         self.racer, self.idx, self.overrides, self.config = racer, idx, overrides, config
+        # process 0 is the job (it records the run); 1.. are its extra processes (race.processes), timed only
+        self.process = process
         self.key, self.workload, self.baseline = job_identity(config)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".isolated-{idx}-", dir=racer.sweep_dir))
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".isolated-{idx}-{process}-" if process else f".isolated-{idx}-",
+                                         dir=racer.sweep_dir))
         self.job_in, self.job_out = self.tmp / "job.pkl", self.tmp / "return.pkl"
         launcher = racer.launcher
+        if process:  # its Hydra output folder (config, log) inside this temporary one, not the job's own
+            config = copy.deepcopy(config)
+            with read_write(config), open_dict(config):
+                config.hydra.sweep.subdir = f"{self.tmp.name}/process-{process}"
         self.job_in.write_bytes(job_payload(launcher.hydra_context, launcher.task_function, config))
         self.sock, child = socket.socketpair()
-        env = {**launcher.job_env(), RACE_FD_ENV: str(child.fileno())}
+        env = {**launcher.job_env(), RACE_FD_ENV: str(child.fileno()),
+               RACE_PROCESS_ENV: f"{process} of {int(getattr(racer.cfg, 'processes', 1))}"}
         self.proc = subprocess.Popen([launcher.python, "-m", "hydra_plugins.orchestrator_launcher._job",
                                       str(self.job_in), str(self.job_out)], env=env, start_new_session=True,
                                      pass_fds=(child.fileno(),))
@@ -339,6 +350,7 @@ class Racer:
         self.launcher, self.cfg, self.sweep_dir = launcher, cfg, sweep_dir
         self.race = Race(cfg, min_effect=min_effect)
         self.procs: Dict[int, JobProcess] = {}
+        self.extra: Dict[Tuple[int, int], JobProcess] = {}  # (job, process): a job's extra processes
         self.returns: Dict[int, JobReturn] = {}
         self.current: Optional[JobProcess] = None
         self.stop: Optional[BaseException] = None
@@ -356,16 +368,22 @@ class Racer:
         if cur is not None and cur.alive() and not cur.signalled:
             log.warning("Ctrl-C: ending job %d (KILLED); Ctrl-C again within %g s stops the sweep", cur.idx,
                         DOUBLE_INTERRUPT_S)
-            cur.signalled = True
-            _signal(cur.proc, signal.SIGINT)
+            # the job is all its processes (race.processes): the one being timed may be an extra one
+            for p in self.all_procs():
+                if p.idx == cur.idx and p.alive() and not p.signalled:
+                    p.signalled = True
+                    _signal(p.proc, signal.SIGINT)
 
     def _on_term(self, signum, frame) -> None:
         log.error("SIGTERM: ending the sweep's jobs (KILLED), then stopping the sweep")
         self.stop = SystemExit(128 + signal.SIGTERM)
-        for p in self.procs.values():
+        for p in self.all_procs():
             if p.alive() and not p.signalled:
                 p.signalled = True
                 _signal(p.proc, signal.SIGTERM)
+
+    def all_procs(self) -> List[JobProcess]:
+        return [*self.procs.values(), *self.extra.values()]
 
     def check_stop(self) -> None:
         if self.stop is not None:
@@ -417,25 +435,46 @@ class Racer:
             log.info("race: preparing job %d (load, stack, accuracy pass)", idx)
             jp = JobProcess(self, idx, overrides, config)
             self.procs[idx] = jp
-            self.max_alive_seen = max(self.max_alive_seen, sum(p.alive() for p in self.procs.values()))
+            self._count_alive()
             info = jp.wait_ready()
             if info is None:
                 continue
-            self.race.add(self._contender(jp, info))
+            contender = self._contender(jp, info)
+            self.race.add(contender)
             group.append(idx)
+            if contender.gate is not False:  # a job that fails the gate is timed only for its row: one process
+                self._extra_processes(idx, overrides, config)
         if group:
             self._race(group)
-        end_race(self.race, self.procs)
+        end_race(self.race, self._runners())
+
+    def _extra_processes(self, idx: int, overrides: List[str], config: DictConfig) -> None:
+        """race.processes > 1: more processes of the job, each prepared (load, precision, stack) alone."""
+        for process in range(1, int(getattr(self.cfg, "processes", 1))):
+            self.check_stop()
+            log.info("race: preparing process %d of job %d (load, stack)", process, idx)
+            jp = JobProcess(self, idx, overrides, config, process)
+            self.extra[(idx, process)] = jp
+            self._count_alive()
+            if jp.wait_ready() is not None:
+                self.race.add_process(idx, process)
+
+    def _count_alive(self) -> None:
+        self.max_alive_seen = max(self.max_alive_seen, sum(p.alive() for p in self.all_procs()))
+
+    def _runners(self) -> Dict[Any, JobProcess]:
+        return {**self.procs, **self.extra}
 
     def _group_full(self, group: List[int]) -> bool:
-        alive = [p for p in self.procs.values() if p.alive()]
+        alive = [p for p in self.all_procs() if p.alive()]
+        per_job = int(getattr(self.cfg, "processes", 1))  # the next job needs room for all its processes
         if self.cfg.max_alive is not None:
-            full = len(alive) >= self.cfg.max_alive
+            full = len(alive) + per_job > self.cfg.max_alive
             why = f"race.max_alive={self.cfg.max_alive}"
         else:
             import psutil
 
-            need = MEMORY_HEADROOM * max((p.rss_mb() for p in alive), default=0.0)
+            need = MEMORY_HEADROOM * per_job * max((p.rss_mb() for p in alive), default=0.0)
             free = psutil.virtual_memory().available / 2**20
             full = len(alive) >= 2 and free < need
             why = f"free memory {free:.0f} MB < {MEMORY_HEADROOM:g} x the largest prepared job's {need / 1.5:.0f} MB"
@@ -450,7 +489,7 @@ class Racer:
         def on_round(r: int, order: List[int]) -> None:
             log.info("race round %d: jobs %s", r, " ".join(map(str, order)))
 
-        run_group(self.race, self.procs, group, on_round)
+        run_group(self.race, self._runners(), group, on_round)
 
     def _contender(self, jp: JobProcess, info: Dict[str, Any]):
         from orchestrator.race import Contender
@@ -499,9 +538,21 @@ class Racer:
         return (not reasons), "; ".join(reasons)
 
     def finish(self, jp: JobProcess) -> None:
-        """Wait for a job that is ending, then read back what it returned."""
+        """Wait for a job that is ending, then read back what it returned (an extra process returns nothing)."""
+        if jp.process:
+            if jp.tmp.exists():
+                self._wait_ended(jp)
+                shutil.rmtree(jp.tmp, ignore_errors=True)
+            return
         if jp.idx in self.returns:
             return
+        self._wait_ended(jp)
+        self.returns[jp.idx] = self.launcher._read_return(jp.job_out, jp.proc.returncode, jp.idx, jp.overrides,
+                                                          jp.config, jp.proc.pid)
+        shutil.rmtree(jp.tmp, ignore_errors=True)
+        configure_log(self.launcher.config.hydra.hydra_logging, self.launcher.config.hydra.verbose)
+
+    def _wait_ended(self, jp: JobProcess) -> None:
         while True:
             try:
                 jp.proc.wait(timeout=0.5 if self.stop is None else GRACE_S)
@@ -514,19 +565,15 @@ class Racer:
             jp.sock.close()
         except OSError:
             pass
-        self.returns[jp.idx] = self.launcher._read_return(jp.job_out, jp.proc.returncode, jp.idx, jp.overrides,
-                                                          jp.config, jp.proc.pid)
-        shutil.rmtree(jp.tmp, ignore_errors=True)
-        configure_log(self.launcher.config.hydra.hydra_logging, self.launcher.config.hydra.verbose)
 
     def _end_all(self) -> None:
         """The sweep stops: every live job ends KILLED (those already signalled are not signalled again)."""
         sig = signal.SIGTERM
-        for p in self.procs.values():
+        for p in self.all_procs():
             if p.alive() and not p.signalled:
                 p.signalled = True
                 _signal(p.proc, sig)
-        for p in self.procs.values():
+        for p in self.all_procs():
             self.finish(p)
 
     def _write_log(self) -> None:
