@@ -17,6 +17,10 @@ What it does, with real parts only:
    REST API) and exits 1 naming what is missing. The PNGs are for a person to look at.
 
 Exit status 0: the sweep ran and the pages were shot. Needs no network beyond 127.0.0.1.
+
+Not part of the test suite (a sweep plus headless Chromium takes minutes): run it by hand after a change to what the
+dashboard shows. The suite checks the same tags and metrics without a browser: a sweep into a real `mlflow server`
+(tests/test_tracking_server.py) and the parent run's note and metrics (tests/test_dashboard.py).
 """
 from __future__ import annotations
 

@@ -1,4 +1,6 @@
-"""A real `mlflow server` on loopback (sqlite backend, artifact folder): a sweep logs to it, MlflowClient reads it."""
+"""A real `mlflow server` on loopback (sqlite backend, artifact folder): a sweep logs to it, MlflowClient reads it,
+and the experiment and parent run carry what the UI's dashboard shows (the checks benchmarks/dashboard_screenshots.py
+makes before it shoots the pages)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,7 +16,7 @@ def test_sweep_against_a_real_tracking_server(tmp_path, mlflow_server, tiny_enco
     url, artifacts = mlflow_server.url, mlflow_server.artifacts  # the session's server, in its own folder
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "tracking=server", f"tracking.uri={url}", "tracking.experiment=server-sweep",
-                   "optimization=[],[jit]", cwd=tmp_path)
+                   "optimization=[],[jit]", "race.processes=1", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     client, runs = runs_of(url, "server-sweep")
     parent = [r for r in runs if r.data.tags.get("sweep") == "true"]
@@ -28,7 +30,15 @@ def test_sweep_against_a_real_tracking_server(tmp_path, mlflow_server, tiny_enco
         names = {a.path for a in client.list_artifacts(child.info.run_id)}
         assert {"results.json", "predictions_sample.json", "hydra"} <= names
     assert {"summary.csv", "summary.png"} <= {a.path for a in client.list_artifacts(parent[0].info.run_id)}
+    # the dashboard, read back through the server: the experiment opens on the runs view, the parent's description
+    # names the outcome, and every job has its figures on the parent
+    exp = client.get_experiment_by_name("server-sweep")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags, metrics = parent[0].data.tags, parent[0].data.metrics
+    assert tags["mlflow.note.content"].startswith("### ") and tags["winner"]
+    jobs = sorted(c.data.tags["job_num"] for c in children)
+    assert all(f"job{j}_throughput" in metrics for j in jobs)
+    assert any(k.startswith("job") and k.endswith("_speedup") for k in metrics), sorted(metrics)
     # artifacts went through the server into its own folder, not into the client's working directory
-    exp_id = client.get_experiment_by_name("server-sweep").experiment_id
-    assert any((Path(artifacts) / exp_id).rglob("results.json"))
+    assert any((Path(artifacts) / exp.experiment_id).rglob("results.json"))
     assert not (tmp_path / "mlartifacts").exists()
