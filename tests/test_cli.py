@@ -29,8 +29,9 @@ def test_default_run_offline(tmp_path):
 def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_file):
     uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
-                   "optimization=[],[jit]", "dataset.max_samples=12,0", cwd=tmp_path,
-                   env={"ORCH_TRACKING_URI": uri})
+                   "optimization=[],[jit]", "dataset.max_samples=12,0",
+                   "race.processes=1",  # the sweep's records are under test, not a job's process replicas
+                   cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "job 1 failed: dataset.max_samples=0: must be >= 1" in proc.stdout + proc.stderr
     assert proc.stderr.splitlines()[-1] == "error: 2 sweep job(s) did not finish; see the summary above"

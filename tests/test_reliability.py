@@ -63,7 +63,7 @@ def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
     # the first sweep only fills the store (in process: faster); the resumed one runs with the default launcher
     first = run_cli(*args, "hydra/launcher=basic", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert first.returncode == 1  # two jobs FAILED
-    second = run_cli(*args, "resume=true", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+    second = run_cli(*args, "resume=true", "race.processes=1", cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     assert second.returncode == 1
     assert second.stdout.count("skipped (resume=true)") == 2
     client, runs = runs_of(uri)

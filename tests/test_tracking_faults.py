@@ -125,7 +125,10 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", "dataset.path=csv",
                          f"dataset.data_files={sts_file}", "runtime=quick", "tracking=server", f"tracking.uri={url}",
                          f"hydra.sweep.dir={sweep_dir}", "runtime.max_iterations=null",
-                         "runtime.min_duration_s=0,8,0", cwd=tmp_path)
+                         "runtime.min_duration_s=0,8,0",
+                         # job 1 stays RUNNING through the race's rounds (the window to kill the server in); six
+                         # rounds of one process each are enough for that, the race itself is tests/test_race.py's
+                         "race.processes=1", "race.max_rounds=6", cwd=tmp_path)
         wait_for(lambda: measuring(store, "1"), "job 1 to measure")
         server.kill()  # -9, mid-job
         done = finish(proc, timeout=600)
@@ -188,7 +191,7 @@ def test_a_job_killed_with_sigkill_ends_killed_in_mlflow_and_results_json(tmp_pa
 def test_report_and_resume_close_runs_whose_process_died(tmp_path, tiny_encoder, sts_file):
     uri = mlflow_store(tmp_path / "mlflow.db")
     sweep_dir = tmp_path / "sweep"
-    args = ["-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), "runtime.max_iterations=null"]
+    args = ["-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), "runtime.max_iterations=null", "race.processes=1"]
     proc = start_cli(*args, f"hydra.sweep.dir={sweep_dir}", "runtime.min_duration_s=600", cwd=tmp_path)
     run = wait_for(lambda: measuring(uri, "0"), "job 0 to measure")
     job_pid = int(run.data.tags["process.pid"])

@@ -220,7 +220,10 @@ def default_sweep(tmp_path_factory, lossy_package):
     env = {"PYTHONPATH": os.pathsep.join([str(lossy_package), os.environ.get("PYTHONPATH", "")])}
     # an engine beside them when its extra is installed: its job must pass the gate like any fp32 stack
     stacks = "[],[jit],[lossy]" + (",[openvino]" if HAS_OPENVINO else "")
-    proc = run_cli("-m", *cls_overrides(model, data, uri), f"optimization={stacks}", cwd=tmp, env=env)
+    # one process per job: isolation, the gate and the recommendation are under test here, the race's process
+    # replicas in tests/test_race.py
+    proc = run_cli("-m", *cls_overrides(model, data, uri), f"optimization={stacks}", "race.processes=1", cwd=tmp,
+                   env=env)
     return proc, uri
 
 
