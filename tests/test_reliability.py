@@ -1,24 +1,13 @@
 """Faults: timeouts, signals, resume — every run ends in a known state and keeps what it measured."""
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
-from mlflow.tracking import MlflowClient
 
-from conftest import SHARED, run_cli, tiny_sts_overrides
+from conftest import finish, measuring, mlflow_store, run_cli, runs_of, start_cli, tiny_sts_overrides, wait_for
 from orchestrator.errors import RunInterrupted
 from orchestrator.runner import run
-
-
-def runs_of(uri: str):
-    client = MlflowClient(uri)
-    exp = client.get_experiment_by_name("orchestrator")
-    return client, client.search_runs([exp.experiment_id]) if exp else []
 
 
 def test_timeout_ends_the_run_killed_with_its_measurements(compose, tiny_encoder, sts_file, tracking_uri):
@@ -33,23 +22,15 @@ def test_timeout_ends_the_run_killed_with_its_measurements(compose, tiny_encoder
 
 @pytest.mark.slow
 def test_sigterm_ends_the_run_killed_and_says_so(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
-    MlflowClient(uri).search_experiments()  # create the store first: polling a sqlite file mid-creation races
-    cmd = [sys.executable, "-m", "orchestrator", f"model.name_or_path={tiny_encoder}",
-           f"dataset.data_files={sts_file}", f"tracking.uri={uri}", "runtime.min_duration_s=600",
-           "runtime.progress=false"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "ORCH_SHARED_DIR": str(SHARED)})
-    deadline = time.time() + 300
-    while time.time() < deadline:  # wait until the accuracy pass has been logged, then stop the job
-        time.sleep(1)
-        _, runs = runs_of(uri)
-        if runs and "spearman" in runs[0].data.metrics:
-            break
+    uri = mlflow_store(tmp_path / "store.db")  # the store exists first: polling a sqlite file mid-creation races
+    # started through conftest: killed with what it started if the test fails before it ends
+    proc = start_cli(f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", f"tracking.uri={uri}",
+                     "runtime.min_duration_s=600", "runtime.progress=false", cwd=tmp_path)
+    wait_for(lambda: measuring(uri), "the run's accuracy pass to be logged", 300)  # then stop it mid-timing
     proc.send_signal(signal.SIGTERM)
-    out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 128 + signal.SIGTERM, err  # as a shell reports a SIGTERM; 2 is for bad input
-    assert err.strip().splitlines()[-1] == "error: terminated by signal SIGTERM"
+    done = finish(proc, timeout=120)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr  # as a shell reports a SIGTERM; 2 is for bad input
+    assert done.stderr.strip().splitlines()[-1] == "error: terminated by signal SIGTERM"
     _, runs = runs_of(uri)
     assert runs[0].info.status == "KILLED" and "spearman" in runs[0].data.metrics
 
