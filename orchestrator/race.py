@@ -165,10 +165,10 @@ class RaceWorker:
             r = int(msg["round"])
             order = measure.timing_order(len(batches), int(getattr(runtime, "seed", 0)) + r)
             t0 = time.time()
-            for i in range(int(runtime.warmup)):  # untimed: caches and clocks come back after the wait
-                step(batches[order[i % len(order)]].inputs)
-            # the job's processes share its round: together they time as long as one process alone would
-            part = measure.timing_pass(step, batches, 0, -(-int(runtime.min_iterations) // self.processes),
+            # its own untimed warm-up first (caches and clocks come back after the wait), inside the timing pass as
+            # when timed alone; the job's processes share its round: together they time as long as one would alone
+            part = measure.timing_pass(step, batches, int(runtime.warmup),
+                                       -(-int(runtime.min_iterations) // self.processes),
                                        runtime.min_duration_s / self.processes, runtime.max_iterations,
                                        progress=False, order=order)
             out.extend(part, r)

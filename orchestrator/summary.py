@@ -439,8 +439,15 @@ def summarize_sweep(client, parent_id: Optional[str], sweep_dir: Optional[Path],
     if race is not None and race.is_file() and not race.is_symlink():
         out["files"].append(race)  # the race's log (rounds, orders, eliminations, why it ended), for the parent
         try:
-            out["race_stopped"] = str(json.loads(race.read_text()).get("stopped") or "")
-        except (OSError, ValueError, AttributeError):
+            log_ = json.loads(race.read_text())
+            out["race_stopped"] = str(log_.get("stopped") or "")
+            sd, dof = log_.get("process_sd"), log_.get("process_dof") or 0
+            processes = (log_.get("config") or {}).get("processes", 1)
+            # what every raced interval was widened by (orchestrator/stats.py, process-level variation)
+            out["race_processes"] = (f"{processes} processes per job; spread between processes {100 * sd:.1f} % "
+                                     f"({dof} dof), in every interval" if sd is not None
+                                     else f"{processes} process(es) per job; spread between processes not measured")
+        except (OSError, ValueError, AttributeError, TypeError):
             pass
     if store is not None and parent_id:
         out["ui"] = ui_link(store, parent_id)
@@ -652,6 +659,8 @@ def log_to_parent(client, parent_id: str, out: Dict[str, Any], stopped: Optional
         tags.append(RunTag("error", stopped))
     if out.get("race_stopped"):
         tags.append(RunTag("race.stopped", out["race_stopped"][:5000]))
+    if out.get("race_processes"):
+        tags.append(RunTag("race.processes", out["race_processes"]))
     metrics = [Metric("n_jobs", float(len(rows)), ts, 0), Metric("failed_jobs", float(out["failed"]), ts, 0),
                Metric("fallback_jobs", float(len(out["fell_back"])), ts, 0)]
     metrics += [Metric(k, v, ts, 0) for k, v in dashboard_metrics(out).items()]

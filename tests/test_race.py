@@ -487,7 +487,9 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("orchestrator").experiment_id])
     children = {r.data.tags["job_num"]: r for r in runs if r.data.tags.get("mlflow.parentRunId")}
-    assert sorted(children) == ["0", "1", "2", "3"]
+    assert sorted(children) == ["0", "1", "2", "3"]  # the extra processes record no run
+    parent = next(r for r in runs if not r.data.tags.get("mlflow.parentRunId"))
+    assert parent.data.tags["race.processes"].startswith("2 processes per job; spread between processes ")
     for num, run in children.items():
         assert run.info.status == "FINISHED", (num, run.data.tags.get("error"))
         history = client.get_metric_history(run.info.run_id, "round_throughput")
@@ -524,10 +526,11 @@ def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_fil
     while time.time() < deadline and proc.poll() is None:
         jobs = [p for p in psutil.Process(proc.pid).children(recursive=True)
                 if "hydra_plugins.orchestrator_launcher._job" in " ".join(p.cmdline())]
-        if len(jobs) == 2 and (tmp_path / "sweep" / "1" / "decisions.json").exists():
+        if len(jobs) == 4 and (tmp_path / "sweep" / "1" / "decisions.json").exists():
             break
         time.sleep(0.5)
-    assert len(jobs) == 2, "both jobs should be alive (one timing, one waiting)"
+    # two jobs, two processes each (race.processes=2): one timing, three waiting
+    assert len(jobs) == 4, "both jobs' processes should be alive (one timing, the others waiting)"
     time.sleep(2)
     proc.kill()
     proc.wait(30)
@@ -657,8 +660,9 @@ def test_ctrl_c_in_a_race_ends_the_job_being_timed_and_the_race_goes_on(tmp_path
 
     from conftest import finish
 
-    # job 0 times 600 s rounds, job 1 quick ones: both eager fp32 of different settings, each its own reference
-    proc, uri = _start_race(tmp_path, tiny_encoder, sts_file, "runtime.min_duration_s=600,0")
+    # job 0 times 600 s rounds, job 1 quick ones: both eager fp32 of different settings, each its own reference;
+    # one process each, so that job 1's readiness means the race has begun (an extra process would prepare next)
+    proc, uri = _start_race(tmp_path, tiny_encoder, sts_file, "runtime.min_duration_s=600,0", "race.processes=1")
     _wait_for_round(tmp_path, proc)
     proc.send_signal(signal.SIGINT)
     done = finish(proc, 600)
