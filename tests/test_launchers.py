@@ -31,7 +31,9 @@ def sweep(tmp_path: Path, model: Path, data: Path, *launcher: str, fresh_store: 
     # fresh: the store is then created while the sweep starts (the first-use race parallel workers could meet)
     uri = sqlite_uri(tmp_path / "store.db") if fresh_store else mlflow_store(tmp_path / "store.db")
     proc = run_cli("-m", f"model.name_or_path={model}", f"dataset.data_files={data}", "runtime=quick",
-                   "optimization=[],[jit]", *launcher, cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
+                   # one process per raced job: these tests are about launchers, not process replicas
+                   "optimization=[],[jit]", "race.processes=1", *launcher, cwd=tmp_path,
+                   env={"ORCH_TRACKING_URI": uri})
     return proc, uri
 
 
