@@ -264,6 +264,15 @@ def _default_sigint() -> None:  # in the child, before exec
     # a suite started from a script (`nohup ... &`, `setsid nohup ...`) runs with SIGINT ignored; a child inherits
     # SIG_IGN, and Python raises KeyboardInterrupt only when it starts with SIGINT at its default
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+    # a suite killed from outside (`timeout`, CI's end) runs no fixture teardown: the child, in a session of its
+    # own, would outlive it (a session's mlflow server was left serving). SIGTERM when the test process dies
+    # lets it end what it started itself (Linux only; elsewhere nothing changes)
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def start_process(cmd: List[str], *, cwd: Path, env: Optional[dict] = None, stdout=subprocess.PIPE,
