@@ -161,8 +161,10 @@ def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
     for label, args in (("raced", ["race.mode=on"]),
                         ("exhaustive sequential", ["race.mode=off", f"runtime.repeats={max_rounds}"])):
         res = sweep(workdir, ["sweep=engines", "experiment=sst2_minilm", *args, *extra])
+        failed = {j: r.get("error") for j, r in res["jobs"].items() if r.get("status") != "FINISHED"}
         lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}; "
-                     f"recommendation: {res.get('recommendation')}")
+                     f"recommendation: {res.get('recommendation')}"
+                     + (f"; not finished: {failed}" if failed else ""))
         print(lines[-1], file=sys.stderr, flush=True)
     return lines
 
