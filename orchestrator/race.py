@@ -373,6 +373,18 @@ class Race:
             return None
         return stats.paired_speedup_interval(c.throughputs, self.jobs[c.reference].throughputs, confidence)
 
+    def process_halfwidth(self, c: Contender, confidence: float = CONFIDENCE) -> Optional[float]:
+        """The process-level part of c's interval against its reference (relative: exp(t * sd * sqrt(...)) - 1);
+        None while the spread is not measured."""
+        from scipy.stats import t
+
+        sd, dof = self.process_spread()
+        if sd is None or not dof or c.reference is None or c.reference == c.job:
+            return None
+        q = float(t.ppf(0.5 + confidence / 2.0, dof)) * sd * math.sqrt(1.0 / _timed(c)
+                                                                         + 1.0 / _timed(self.jobs[c.reference]))
+        return math.exp(q) - 1.0
+
     def process_spread(self) -> Tuple[Optional[float], int]:
         """(sd, degrees of freedom) of the process-level effect, from every job timed in 2+ processes."""
         from . import stats
@@ -426,10 +438,18 @@ class Race:
                 # more rounds narrow only the rounds' part: the process-level part is what it is
                 s = self.round_speedup(c, STOPPING_CONFIDENCE)
                 hw = stats.half_width(s[1], s[2]) if s else None
-                if hw is not None and hw < cfg.target_halfwidth:
+                # once the rounds' part is below the process-level part, more rounds can narrow the interval by
+                # less than a third (sqrt(hw^2 + q^2) >= q): Kalibera & Jones spend repetitions where the variance is
+                q = self.process_halfwidth(c)
+                settled = hw is not None and q is not None and hw < q
+                if hw is not None and (hw < cfg.target_halfwidth or settled):
                     # settled: said as beaten when its (one, final) 95 % interval against the leader is below 1
+                    why = (f"target half-width reached at round {r} (+-{100 * hw:.1f} %)" if hw < cfg.target_halfwidth
+                           else f"target half-width in rounds reached at round {r}: the rounds' +-{100 * hw:.1f} % "
+                                f"is below the +-{100 * q:.1f} % spread between processes, which more rounds "
+                                "cannot narrow")
                     stops[c.job] = (beaten if lead is not None and c is not lead and self._below(c, lead, CONFIDENCE)
-                                    else f"target half-width reached at round {r} (+-{100 * hw:.1f} %)")
+                                    else why)
                 elif n >= cfg.max_rounds:
                     stops[c.job] = f"max_rounds ({cfg.max_rounds}) reached"
                 elif cfg.budget_s is not None and elapsed >= cfg.budget_s:

@@ -146,6 +146,20 @@ def test_process_replicas_put_the_spread_between_processes_into_the_interval():
     assert sorted(msg["outcome"]["per_process"]) == ["0", "1"]
 
 
+def test_rounds_stop_once_the_spread_between_processes_dominates():
+    """Noisy rounds (8 %) and processes 15 % apart: the interval cannot get near +-5 % however many rounds run, so
+    a job stops once its rounds' part is below the processes' part instead of running to max_rounds."""
+    race, _ = race_of_processes([1.0, 1.0, 1.0], process_sd=0.15, seed=3, sigma=0.08)
+    for job in (1, 2):
+        c = race.jobs[job]
+        assert len(c.throughputs) < race.cfg.max_rounds, c.stopped
+        assert "spread between processes, which more rounds cannot narrow" in c.stopped
+        s = race.speedup(c)
+        assert s[1] <= 1.0 <= s[2]  # wide, and honest about it
+    one, _ = race_of([1.0, 1.0, 1.0], world=World(3, sigma=0.08, p_out=0.0))  # one process: no such stop
+    assert all("spread between processes" not in (c.stopped or "") for c in one.jobs.values())
+
+
 def test_a_real_difference_still_shows_with_process_replicas():
     """Two jobs: the spread has two degrees of freedom (t = 4.3), the interval is wide, but 1.5x shows."""
     race, _ = race_of_processes([1.0, 1.5], process_sd=0.02, seed=7)
