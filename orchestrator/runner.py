@@ -143,6 +143,20 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     return results
 
 
+@contextlib.contextmanager
+def _measured_process(checked: phases.Checked, rec: phases.Recorder):
+    """What every process that times a stack sets up (a job's own and a race's extra ones alike): its thread
+    settings recorded, the seeds, the process-wide state the stack's plugins guard and the peak-RSS sampler.
+    Yields (the sampler, the plugins' tag functions)."""
+    rc = checked.rc
+    rec.record(checked.thread_metrics)
+    torch.manual_seed(rc.runtime.seed)
+    random.seed(rc.runtime.seed)
+    with measure.PeakRSS() as rss, contextlib.ExitStack() as hooks:
+        entered = [hooks.enter_context(cm) for cm in process_states(list(rc.optimization))]
+        yield rss, [f for f in entered if f is not None]
+
+
 def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
     """One of a raced job's extra processes (race.processes > 1): the job's load, precision and stack in a process
     of its own, then the race's timing rounds; nothing is recorded here (the job's process 0 records the job, its
@@ -156,14 +170,10 @@ def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
     rec = phases.Recorder(record, Tracker(rc.tracking, "", None), run_dir)  # never started: records nothing
     try:
         checked = phases.preflight(rc)
-        rec.record(checked.thread_metrics)
-        torch.manual_seed(rc.runtime.seed)
-        random.seed(rc.runtime.seed)
-        with measure.PeakRSS() as rss, contextlib.ExitStack() as hooks:
-            tag_fns = [hooks.enter_context(cm) for cm in process_states(list(rc.optimization))]
+        with _measured_process(checked, rec) as (rss, tag_fns):
             loaded = phases.load(checked, rec)
             prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))
-            opt = phases.optimize(checked, loaded, prepared, rec, [f for f in tag_fns if f is not None])
+            opt = phases.optimize(checked, loaded, prepared, rec, tag_fns)
             worker.ready({"job": ctx.job_num, "process": worker.process, "status": "ok", "rss_mb": rss.peak_mb})
             log.info("process %d of job %s: timed in the race's rounds", worker.process, ctx.job_num)
             worker.timing(opt.step, prepared.batches, rc.runtime)
@@ -177,15 +187,11 @@ def _measure(checked: phases.Checked, rec: phases.Recorder, ctx: JobContext, sta
     """The measured phases in order (orchestrator/phases.py), inside the process-wide state the stack's plugins
     guard and the peak-RSS sampler."""
     rc = checked.rc
-    rec.record(checked.thread_metrics)
-    torch.manual_seed(rc.runtime.seed)
-    random.seed(rc.runtime.seed)
-    with measure.PeakRSS() as rss, contextlib.ExitStack() as hooks:
-        tag_fns = [hooks.enter_context(cm) for cm in process_states(list(rc.optimization))]
+    with _measured_process(checked, rec) as (rss, tag_fns):
         loaded = phases.load(checked, rec)
         prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))
         ref = phases.reference(checked, loaded, prepared)
-        opt = phases.optimize(checked, loaded, prepared, rec, [f for f in tag_fns if f is not None])
+        opt = phases.optimize(checked, loaded, prepared, rec, tag_fns)
         # the run is named after what ran: the stack that applied, the precision its arithmetic ran in
         name = naming.run_name(rc, ctx, stack_label(opt.applied), opt.compute, opt.weights)
         if name != rec.results["run_name"]:
