@@ -376,14 +376,12 @@ class Race:
     def process_halfwidth(self, c: Contender, confidence: float = CONFIDENCE) -> Optional[float]:
         """The process-level part of c's interval against its reference (relative: exp(t * sd * sqrt(...)) - 1);
         None while the spread is not measured."""
-        from scipy.stats import t
+        from . import stats
 
-        sd, dof = self.process_spread()
-        if sd is None or not dof or c.reference is None or c.reference == c.job:
+        if c.reference is None or c.reference == c.job:
             return None
-        q = float(t.ppf(0.5 + confidence / 2.0, dof)) * sd * math.sqrt(1.0 / _timed(c)
-                                                                         + 1.0 / _timed(self.jobs[c.reference]))
-        return math.exp(q) - 1.0
+        q = stats.process_term(*self.process_spread(), _timed(c), _timed(self.jobs[c.reference]), confidence)
+        return None if q is None else math.exp(q) - 1.0
 
     def process_spread(self) -> Tuple[Optional[float], int]:
         """(sd, degrees of freedom) of the process-level effect, from every job timed in 2+ processes."""

@@ -194,17 +194,26 @@ def process_spread(jobs: Sequence[Sequence[Mapping[int, float]]]) -> Tuple[Optio
     return (math.sqrt(ss / dof), dof) if dof else (None, 0)
 
 
+def process_term(sd: Optional[float], dof: int, m_job: int, m_base: int, confidence: float = 0.95
+                 ) -> Optional[float]:
+    """The process-level half-width on the log scale: ``t(dof) * sd * sqrt(1/m_job + 1/m_base)``, the uncertainty of
+    two configurations' mean process effects with m processes each (Student's t: sd is estimated from dof); None
+    without an estimate."""
+    if sd is None or not dof:
+        return None
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2.0, dof)) * sd * math.sqrt(1.0 / max(m_job, 1) + 1.0 / max(m_base, 1))
+
+
 def widen_for_processes(point: float, low: Optional[float], high: Optional[float], sd: Optional[float], dof: int,
                         m_job: int, m_base: int, confidence: float = 0.95
                         ) -> Tuple[float, Optional[float], Optional[float]]:
-    """A paired speedup interval (rounds) widened by the process-level term: each side's log half-width combined
-    in quadrature with ``t(dof) * sd * sqrt(1/m_job + 1/m_base)`` (the uncertainty of the processes' mean effects,
-    m processes per configuration; Student's t because sd is estimated from dof). Unchanged without an estimate."""
-    if low is None or high is None or sd is None or not dof or point <= 0:
+    """A paired speedup interval (rounds) widened by the process-level term (:func:`process_term`): each side's log
+    half-width combined with it in quadrature. Unchanged without an estimate."""
+    q = process_term(sd, dof, m_job, m_base, confidence)
+    if low is None or high is None or q is None or point <= 0:
         return point, low, high
-    from scipy.stats import t
-
-    q = float(t.ppf(0.5 + confidence / 2.0, dof)) * sd * math.sqrt(1.0 / max(m_job, 1) + 1.0 / max(m_base, 1))
     below, above = math.log(point / low), math.log(high / point)
     return (point, point * math.exp(-math.sqrt(below ** 2 + q ** 2)),
             point * math.exp(math.sqrt(above ** 2 + q ** 2)))
