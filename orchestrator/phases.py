@@ -77,6 +77,7 @@ class Checked:
     thread_metrics: Dict[str, float]
     scenario: Any = None  # the chosen LoadGen scenario (an instance) and its parsed options, or None
     scenario_options: Any = None
+    busy: Optional["BusyCores"] = None  # the other processes' CPU use, sampled from preflight on
 
     def batches_of(self, rows, pad_id: int, sort: bool) -> List[measure.Batch]:
         r = self.rc.runtime
@@ -137,29 +138,53 @@ def set_threads(rc: RunConfig) -> Dict[str, float]:
         except RuntimeError:  # settable once per process; later jobs of a sweep keep the first value
             log.warning("runtime.interop_threads could not be changed after first use in this process; using %d",
                         torch.get_num_interop_threads())
-    threads, available = torch.get_num_threads(), len(available_cpus())
-    busy = cores_busy_elsewhere()
-    why = busy_cores_warning(busy, available, threads)
-    if why:
-        log.warning("%s", why)
-    return {"threads": float(threads), "interop_threads": float(torch.get_num_interop_threads()),
-            **({"cores_busy_at_start": busy} if busy is not None else {})}
+    return {"threads": float(torch.get_num_threads()), "interop_threads": float(torch.get_num_interop_threads())}
+
+
+class BusyCores:
+    """Cores other processes keep busy as a run starts: the whole machine's CPU use minus this process's, over a
+    window that opens at preflight and is read once the model is loaded (so the sample costs a run no wall time;
+    the subtraction keeps the load's own work out). Not the load average: that lags a minute and would count a
+    sweep's previous job."""
+
+    def __init__(self, window_s: float = 0.5):
+        self.window_s, self.t0 = window_s, time.monotonic()
+        try:
+            import psutil
+
+            self._me = psutil.Process()
+            self._me.cpu_percent(None)
+            psutil.cpu_percent(None)
+        except Exception:  # no /proc (a sandbox): nothing to say
+            self._me = None
+
+    def read(self) -> Optional[float]:
+        if self._me is None:
+            return None
+        time.sleep(max(0.0, self.window_s - (time.monotonic() - self.t0)))
+        try:
+            import psutil
+
+            total = psutil.cpu_percent(None) / 100.0 * (psutil.cpu_count() or 1)
+            return max(0.0, total - self._me.cpu_percent(None) / 100.0)
+        except Exception:
+            return None
 
 
 def cores_busy_elsewhere(window_s: float = 0.5) -> Optional[float]:
-    """Cores other processes keep busy right now (the whole machine's CPU use over ``window_s`` minus this
-    process's). Not the load average: that lags a minute and would count a sweep's previous job."""
-    try:
-        import psutil
+    """Cores other processes keep busy over the next ``window_s`` (BusyCores read at once)."""
+    return BusyCores(window_s).read()
 
-        me = psutil.Process()
-        me.cpu_percent(None)
-        psutil.cpu_percent(None)
-        time.sleep(window_s)
-        total = psutil.cpu_percent(None) / 100.0 * (psutil.cpu_count() or 1)
-        return max(0.0, total - me.cpu_percent(None) / 100.0)
-    except Exception:  # no /proc (a sandbox): nothing to say
-        return None
+
+def busy_at_start(checked: Checked, rec: Recorder) -> None:
+    """The cores other work held while this run started, recorded, and one warning when its threads need them."""
+    busy = checked.busy.read() if checked.busy is not None else None
+    if busy is None:
+        return
+    why = busy_cores_warning(busy, len(available_cpus()), torch.get_num_threads())
+    if why:
+        log.warning("%s", why)
+    rec.record({"cores_busy_at_start": busy})
 
 
 def busy_cores_warning(load: Optional[float], available: int, threads: int) -> Optional[str]:
@@ -186,6 +211,7 @@ def preflight(rc: RunConfig) -> Checked:
     check() (an unavailable plugin costs no model load and no MLflow run)."""
     rc, task_cls, plugins = validated(rc)
     thread_metrics = set_threads(rc)
+    busy = BusyCores()
     ctx = check_context(rc)
     # an unavailable plugin costs no load (or, under on_plugin_error=fallback, is dropped now and recorded)
     plugins, early_fallbacks = pipeline.check_stack(plugins, ctx, rc.runtime.on_plugin_error)
@@ -203,7 +229,7 @@ def preflight(rc: RunConfig) -> Checked:
         cls = scenarios.get(str(rc.scenario.get("name")))
         cls.check()  # LoadGen installed: one line naming the extra otherwise
         scenario, options = cls(), cls.parse_options(rc.scenario)
-    return Checked(rc, task_cls, plugins, early_fallbacks, thread_metrics, scenario, options)
+    return Checked(rc, task_cls, plugins, early_fallbacks, thread_metrics, scenario, options, busy)
 
 
 def load(checked: Checked, rec: Recorder) -> Loaded:

@@ -189,6 +189,7 @@ def _measure(checked: phases.Checked, rec: phases.Recorder, ctx: JobContext, sta
     rc = checked.rc
     with _measured_process(checked, rec) as (rss, tag_fns):
         loaded = phases.load(checked, rec)
+        phases.busy_at_start(checked, rec)
         prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))
         ref = phases.reference(checked, loaded, prepared)
         opt = phases.optimize(checked, loaded, prepared, rec, tag_fns)

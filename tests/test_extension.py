@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, run_cli, tiny_sts_overrides
+from conftest import REPO, mlflow_store, run_cli, tiny_sts_overrides
 
 EXAMPLE = REPO / "examples" / "orchestrator-attention-plugin"
 
@@ -45,7 +45,7 @@ def test_an_installed_plugins_options_are_validated_like_the_builtins(tmp_path, 
 
 @pytest.mark.slow
 def test_an_installed_plugin_runs_through_the_cli(tmp_path, installed, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     proc = run_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), "optimization=[attention,jit]",
                    "optimization.attention.implementation=eager", cwd=tmp_path, env=installed)
     assert proc.returncode == 0, proc.stderr[-3000:]

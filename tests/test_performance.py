@@ -131,6 +131,8 @@ def test_threads_beyond_the_available_cores_warn_and_the_thread_environment_is_r
         torch.set_num_threads(before)
     assert f"runtime.threads={too_many} is more than the {too_many - 1} cores" in caplog.text
     assert res["metrics"]["threads"] == too_many
+    # the cores other work held as the run started (sampled from preflight to the model's load)
+    assert 0 <= res["metrics"]["cores_busy_at_start"] <= len(available_cpus()) + 0.01
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)

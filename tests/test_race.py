@@ -459,15 +459,16 @@ def _spans_alternate(log):
     return True
 
 
+@pytest.mark.slow  # eight job processes through the CLI (the race's logic is tested fast above, in simulation)
 def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, tiny_encoder, sts_file):
     """Four jobs, two processes each (race.processes=2, the default), at most six processes alive: two groups."""
     import json
 
     from mlflow.tracking import MlflowClient
 
-    from conftest import run_cli
+    from conftest import mlflow_store, run_cli
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                    "optimization=[],[jit]", "runtime.batch_size=8,16", f"tracking.uri={uri}",
@@ -529,9 +530,9 @@ def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_fil
 
     import psutil
 
-    from conftest import start_cli
+    from conftest import mlflow_store, start_cli
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
                      "runtime.max_iterations=null", "runtime.min_duration_s=600", "optimization=[],[jit]",
                      f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
@@ -634,9 +635,9 @@ def test_no_recommendation_from_an_interval_wider_than_2x_either_way():
 
 
 def _start_race(tmp_path, tiny_encoder, sts_file, *extra):
-    from conftest import start_cli
+    from conftest import mlflow_store, start_cli
 
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     from mlflow.tracking import MlflowClient
 
     MlflowClient(uri).search_experiments()  # the store exists before anything polls it
@@ -726,7 +727,7 @@ def test_timed_outputs_that_differ_from_the_evaluated_ones_fail_the_gate(tmp_pat
     import json
     import os
 
-    from conftest import REPO, run_cli
+    from conftest import REPO, mlflow_store, run_cli
 
     info = tmp_path / "site" / "timing_cheat-0.0.1.dist-info"
     info.mkdir(parents=True)
@@ -736,7 +737,7 @@ def test_timed_outputs_that_differ_from_the_evaluated_ones_fail_the_gate(tmp_pat
                                           os.environ.get("PYTHONPATH", "")])}
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("-m", f"model.name_or_path={tiny_classifier}", "dataset=sst2", f"dataset.data_files={cls_file}",
-                   "runtime=quick", f"tracking.uri=sqlite:///{tmp_path / 'store.db'}", "optimization=[],[timing_cheat]",
+                   "runtime=quick", f"tracking.uri={mlflow_store(tmp_path / 'store.db')}", "optimization=[],[timing_cheat]",
                    f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, env=env, timeout=900)
     assert "raced in interleaved timing rounds" in proc.stdout + proc.stderr, proc.stderr[-3000:]
     res = json.loads((sweep_dir / "1" / "results.json").read_text())

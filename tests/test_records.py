@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
+from conftest import mlflow_store
 from orchestrator.errors import ConfigError
 from orchestrator.records import RunRecord, refuse_taken_run_dir, refuse_taken_sweep_dir
 
@@ -54,7 +55,7 @@ def hostile_sweep(tmp_path):
 
 def test_import_of_a_hostile_sweep_names_each_bad_file_and_goes_on(hostile_sweep, tmp_path):
     sweep, _ = hostile_sweep
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     done = _cli("import", str(sweep), "--tracking-uri", uri, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -224,7 +225,7 @@ def test_import_of_a_job_left_running_by_a_dead_process_ends_it_killed(tmp_path)
     record = json.loads((job / "results.json").read_text())
     record["tags"].update({"process.pid": "999999999", "host": "this-host"})
     (job / "results.json").write_text(json.dumps(record))
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     done = _cli("import", str(sweep), "--tracking-uri", uri, cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     client = MlflowClient(uri)

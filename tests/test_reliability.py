@@ -37,7 +37,7 @@ def test_sigterm_ends_the_run_killed_and_says_so(tmp_path, tiny_encoder, sts_fil
 
 @pytest.mark.slow
 def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
-    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    uri = mlflow_store(tmp_path / "store.db")
     missing = tmp_path / "missing.tsv"  # fails once the run has started (a FAILED run to re-run)
     args = ["-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file},{missing}", "runtime=quick",
             "dataset.max_samples=10,12"]

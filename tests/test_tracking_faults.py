@@ -125,9 +125,9 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", "dataset.path=csv",
                          f"dataset.data_files={sts_file}", "runtime=quick", "tracking=server", f"tracking.uri={url}",
                          f"hydra.sweep.dir={sweep_dir}", "runtime.max_iterations=null",
-                         "runtime.min_duration_s=0,8,0",
-                         # job 1 stays RUNNING through the race's rounds (the window to kill the server in); six
-                         # rounds of one process each are enough for that, the race itself is tests/test_race.py's
+                         "runtime.min_duration_s=0,2,0",
+                         # job 1 stays RUNNING while job 2 prepares and through the race's rounds (the window to
+                         # kill the server in: >= 6 x 2 s); the race itself is tests/test_race.py's
                          "race.processes=1", "race.max_rounds=6", cwd=tmp_path)
         wait_for(lambda: measuring(store, "1"), "job 1 to measure")
         server.kill()  # -9, mid-job
