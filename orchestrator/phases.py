@@ -152,7 +152,7 @@ class BusyCores:
         try:
             import psutil
 
-            self._me = psutil.Process()
+            self._psutil, self._me = psutil, psutil.Process()
             self._me.cpu_percent(None)
             psutil.cpu_percent(None)
         except Exception:  # no /proc (a sandbox): nothing to say
@@ -163,17 +163,10 @@ class BusyCores:
             return None
         time.sleep(max(0.0, self.window_s - (time.monotonic() - self.t0)))
         try:
-            import psutil
-
-            total = psutil.cpu_percent(None) / 100.0 * (psutil.cpu_count() or 1)
+            total = self._psutil.cpu_percent(None) / 100.0 * (self._psutil.cpu_count() or 1)
             return max(0.0, total - self._me.cpu_percent(None) / 100.0)
         except Exception:
             return None
-
-
-def cores_busy_elsewhere(window_s: float = 0.5) -> Optional[float]:
-    """Cores other processes keep busy over the next ``window_s`` (BusyCores read at once)."""
-    return BusyCores(window_s).read()
 
 
 def busy_at_start(checked: Checked, rec: Recorder) -> None:

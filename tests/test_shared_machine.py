@@ -22,11 +22,11 @@ def test_the_warning_names_the_busy_cores_and_the_thread_setting_that_fits():
     assert "runtime.threads=2" in phases.busy_cores_warning(2.0, 4, 4)
 
 
-def test_cores_busy_elsewhere_sees_a_busy_process():
+def test_busy_cores_sees_a_busy_process():
     hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         time.sleep(0.5)
-        busy = phases.cores_busy_elsewhere(1.0)
+        busy = phases.BusyCores(1.0).read()
     finally:
         hog.kill()
     assert busy is not None and 0.5 <= busy <= (psutil.cpu_count() or 1) + 0.01
