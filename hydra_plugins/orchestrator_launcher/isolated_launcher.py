@@ -21,8 +21,11 @@ stopped job to finish its run before timing the next, so nothing else runs while
 ``race.max_alive`` job processes are alive (default: what free memory holds); beyond it the jobs race in groups and
 each eager fp32 reference stays alive across groups. The race's log (rounds, orders, seed, stops) is written to
 ``<sweep dir>/race.json``. With ``race.processes`` > 1 each job that passes the accuracy gate gets extra processes
-(same job payload, ``ORCH_RACE_PROCESS``: "1 of 2"; Hydra output in the job's temporary folder) that prepare
-after it and only serve rounds. ``race.mode=off``: one job after another, as before.
+(same job payload, ``ORCH_RACE_PROCESS``: "1 of 2"; Hydra output in the job's temporary folder) that only serve
+rounds. They are prepared after the group's jobs, :data:`PREPARE_AT_ONCE` at a time: they record nothing of their
+preparation (a job's own load and apply times are measured alone, as before), and a preparation is mostly
+single-threaded Python (imports, tracing, export), so two share a 2-core machine well. ``race.mode=off``: one job
+after another, as before.
 
 Signals: the job runs in its own process group, so a terminal's Ctrl-C reaches the sweep process only, which passes
 it on: one Ctrl-C ends the current job (the one being timed or prepared; its run ends KILLED) and the sweep goes on;
@@ -62,6 +65,8 @@ log = logging.getLogger(__name__)
 SWEEP_PID_ENV = "ORCH_SWEEP_PID"
 # how much more memory than the largest prepared job's peak RSS must be free to start another job
 MEMORY_HEADROOM = 1.5
+# extra processes (race.processes) prepared at once; see the module's docstring
+PREPARE_AT_ONCE = 2
 # after the sweep is stopped, how long a job may take to record itself KILLED before it is killed outright
 GRACE_S = 60.0
 
@@ -427,11 +432,13 @@ class Racer:
         # eager fp32 jobs first: the others' accuracy gate is judged against them as soon as they are ready
         pending = sorted(jobs, key=lambda j: (not job_identity(j[2])[2], j[0]))
         group: List[int] = []
+        extras: List[Tuple[int, List[str], DictConfig]] = []  # the group's jobs whose extra processes are to come
         for idx, overrides, config in pending:
             self.check_stop()
-            if group and self._group_full(group):
+            if group and self._group_full(group, len(extras)):
+                self._extra_processes(extras)
                 self._race(group)
-                group = []
+                group, extras = [], []
             log.info("race: preparing job %d (load, stack, accuracy pass)", idx)
             jp = JobProcess(self, idx, overrides, config)
             self.procs[idx] = jp
@@ -443,21 +450,32 @@ class Racer:
             self.race.add(contender)
             group.append(idx)
             if contender.gate is not False:  # a job that fails the gate is timed only for its row: one process
-                self._extra_processes(idx, overrides, config)
+                extras.append((idx, overrides, config))
         if group:
+            self._extra_processes(extras)
             self._race(group)
         end_race(self.race, self._runners())
 
-    def _extra_processes(self, idx: int, overrides: List[str], config: DictConfig) -> None:
-        """race.processes > 1: more processes of the job, each prepared (load, precision, stack) alone."""
-        for process in range(1, int(getattr(self.cfg, "processes", 1))):
+    def _extra_processes(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
+        """race.processes > 1: more processes of each job (load, precision, stack), PREPARE_AT_ONCE at a time."""
+        todo = [(idx, process, overrides, config) for idx, overrides, config in jobs
+                for process in range(1, int(getattr(self.cfg, "processes", 1)))]
+        preparing: List[JobProcess] = []
+        while todo or preparing:
             self.check_stop()
-            log.info("race: preparing process %d of job %d (load, stack)", process, idx)
-            jp = JobProcess(self, idx, overrides, config, process)
-            self.extra[(idx, process)] = jp
-            self._count_alive()
-            if jp.wait_ready() is not None:
-                self.race.add_process(idx, process)
+            while todo and len(preparing) < PREPARE_AT_ONCE:
+                idx, process, overrides, config = todo.pop(0)
+                if not self.procs[idx].alive():  # the job itself ended (Ctrl-C while its extras prepared)
+                    continue
+                log.info("race: preparing process %d of job %d (load, stack)", process, idx)
+                jp = JobProcess(self, idx, overrides, config, process)
+                self.extra[(idx, process)] = jp
+                preparing.append(jp)
+                self._count_alive()
+            if preparing:
+                jp = preparing.pop(0)
+                if jp.wait_ready() is not None:
+                    self.race.add_process(jp.idx, jp.process)
 
     def _count_alive(self) -> None:
         self.max_alive_seen = max(self.max_alive_seen, sum(p.alive() for p in self.all_procs()))
@@ -465,19 +483,23 @@ class Racer:
     def _runners(self) -> Dict[Any, JobProcess]:
         return {**self.procs, **self.extra}
 
-    def _group_full(self, group: List[int]) -> bool:
+    def _group_full(self, group: List[int], waiting: int = 0) -> bool:
+        """No room for another job; ``waiting``: the group's jobs whose extra processes are not started yet."""
         alive = [p for p in self.all_procs() if p.alive()]
         per_job = int(getattr(self.cfg, "processes", 1))  # the next job needs room for all its processes
+        coming = waiting * (per_job - 1)
         if self.cfg.max_alive is not None:
-            full = len(alive) + per_job > self.cfg.max_alive
+            full = len(alive) + coming + per_job > self.cfg.max_alive
             why = f"race.max_alive={self.cfg.max_alive}"
         else:
             import psutil
 
-            need = MEMORY_HEADROOM * per_job * max((p.rss_mb() for p in alive), default=0.0)
+            largest = max((p.rss_mb() for p in alive), default=0.0)
+            need = MEMORY_HEADROOM * (per_job + coming) * largest
             free = psutil.virtual_memory().available / 2**20
             full = len(alive) >= 2 and free < need
-            why = f"free memory {free:.0f} MB < {MEMORY_HEADROOM:g} x the largest prepared job's {need / 1.5:.0f} MB"
+            why = (f"free memory {free:.0f} MB < {MEMORY_HEADROOM:g} x {per_job + coming} processes to come x the "
+                   f"largest prepared one's {largest:.0f} MB")
         if full:
             self.limit = why
             log.info("race: %d job processes alive (%s): racing them before preparing more", len(alive), why)
