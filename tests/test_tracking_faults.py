@@ -128,7 +128,9 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
                          "runtime.min_duration_s=0,2,0",
                          # job 1 stays RUNNING while job 2 prepares and through the race's rounds (the window to
                          # kill the server in: >= 6 x 2 s); the race itself is tests/test_race.py's
-                         "race.processes=1", "race.max_rounds=6", cwd=tmp_path)
+                         "race.processes=1", "race.max_rounds=6",
+                         # a refused connection is not retried (the bounds themselves are tested above)
+                         "tracking.http_max_retries=0", cwd=tmp_path)
         wait_for(lambda: measuring(store, "1"), "job 1 to measure")
         server.kill()  # -9, mid-job
         done = finish(proc, timeout=600)
