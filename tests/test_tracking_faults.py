@@ -125,9 +125,9 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", "dataset.path=csv",
                          f"dataset.data_files={sts_file}", "runtime=quick", "tracking=server", f"tracking.uri={url}",
                          f"hydra.sweep.dir={sweep_dir}", "runtime.max_iterations=null",
-                         "runtime.min_duration_s=0,2,0",
+                         "runtime.min_duration_s=0,1,0",
                          # job 1 stays RUNNING while job 2 prepares and through the race's rounds (the window to
-                         # kill the server in: >= 6 x 2 s); the race itself is tests/test_race.py's
+                         # kill the server in: job 2's preparation + 6 x 1 s); the race itself is tests/test_race.py's
                          "race.processes=1", "race.max_rounds=6",
                          # a refused connection is not retried (the bounds themselves are tested above)
                          "tracking.http_max_retries=0", cwd=tmp_path)
