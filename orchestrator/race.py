@@ -82,7 +82,8 @@ class RaceConfig:
     # processes timed per job: two processes of one configuration differ by a few per cent for their whole lives,
     # which no number of rounds shows; with 2+ the spread between them is measured and widens the speedup's
     # interval (orchestrator/stats.py, process-level variation). Each process's round is 1/processes as long, so
-    # a round takes as long as with one; preparing the extra processes (load, stack; no accuracy pass; two at a time) is the cost
+    # a round takes as long as with one; preparing the extra processes (load, stack; no accuracy pass; two at a
+    # time) is the cost
     processes: int = 2
 
 

@@ -737,8 +737,8 @@ def test_timed_outputs_that_differ_from_the_evaluated_ones_fail_the_gate(tmp_pat
                                           os.environ.get("PYTHONPATH", "")])}
     sweep_dir = tmp_path / "sweep"
     proc = run_cli("-m", f"model.name_or_path={tiny_classifier}", "dataset=sst2", f"dataset.data_files={cls_file}",
-                   "runtime=quick", f"tracking.uri={mlflow_store(tmp_path / 'store.db')}", "optimization=[],[timing_cheat]",
-                   f"hydra.sweep.dir={sweep_dir}",
+                   "runtime=quick", f"tracking.uri={mlflow_store(tmp_path / 'store.db')}",
+                   "optimization=[],[timing_cheat]", f"hydra.sweep.dir={sweep_dir}",
                    "race.processes=1",  # the job's own process compares timed and evaluated outputs
                    cwd=tmp_path, env=env, timeout=900)
     assert "raced in interleaved timing rounds" in proc.stdout + proc.stderr, proc.stderr[-3000:]
