@@ -13,7 +13,9 @@ Three questions, each on this machine as it is (the CPU model and the load avera
 - ``--twice``  **repeatability**: the README's sweep (``'optimization=[],[jit]' precision=fp32,bf16``, raced) run
   twice: the same recommendation, and every job's paired speedup inside the other run's interval?
 - ``--engines``  **time to answer** of ``sweep=engines experiment=sst2_minilm`` (needs ../shared): raced vs
-  exhaustive sequential (``race.mode=off runtime.repeats=<race.max_rounds>``): wall time and the winner of each.
+  exhaustive sequential (``race.mode=off runtime.repeats=<race.max_rounds>``): wall time and the winner of each;
+  also raced with rounds as long as sequential ones (``race.round_s=null``), which separates what the shorter race
+  round buys from what pairing, stopping and elimination buy.
 
     python benchmarks/race.py --aa 20 experiment=sst2_minilm dataset.max_samples=128
     python benchmarks/race.py --aa 20 --hog experiment=sst2_minilm dataset.max_samples=128
@@ -106,10 +108,10 @@ def start_hog(procs: int) -> List[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", code]) for _ in range(procs)]
 
 
-def run_aa(trials: int, extra: List[str], workdir: Path) -> Dict[str, Any]:
-    out: Dict[str, Any] = {"on": [], "off": []}
+def run_aa(trials: int, extra: List[str], workdir: Path, modes=("on", "off")) -> Dict[str, Any]:
+    out: Dict[str, Any] = {mode: [] for mode in modes}
     for t in range(trials):  # the two ways alternate: a load that changes over the hour hits both alike
-        for mode in ("on", "off"):
+        for mode in modes:
             res = sweep(workdir, ["race.replica=0,1", f"race.mode={mode}", f"race.seed={t}", *extra])
             v = aa_verdict(res)
             print(f"A/A race.mode={mode} trial {t + 1}/{trials}: "
@@ -158,7 +160,9 @@ def winner(result: Dict[str, Any]) -> Optional[str]:
 
 def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
     lines = []
+    # the middle way isolates the race's round length: raced, but each round as long as a sequential one
     for label, args in (("raced", ["race.mode=on"]),
+                        ("raced, rounds of runtime.min_duration_s", ["race.mode=on", "race.round_s=null"]),
                         ("exhaustive sequential", ["race.mode=off", f"runtime.repeats={max_rounds}"])):
         res = sweep(workdir, ["sweep=engines", "experiment=sst2_minilm", *args, *extra])
         failed = {j: r.get("error") for j, r in res["jobs"].items() if r.get("status") != "FINISHED"}
@@ -206,6 +210,7 @@ def run_twice(extra: List[str], workdir: Path) -> List[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--aa", type=int, default=0, help="A/A sweeps per mode")
+    ap.add_argument("--modes", default="on,off", help="A/A: the ways to run (on: raced, off: sequential)")
     ap.add_argument("--hog", action="store_true", help="a CPU hog in the background throughout")
     ap.add_argument("--hog-procs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--twice", action="store_true", help="the README's sweep twice: same answer?")
@@ -219,7 +224,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory(prefix="race-bench-") as tmp:
             if args.aa:
-                report["aa"] = run_aa(args.aa, extra, Path(tmp))
+                report["aa"] = run_aa(args.aa, extra, Path(tmp), tuple(args.modes.split(",")))
                 lines += summarize_aa(report["aa"])
             if args.twice:
                 lines += run_twice(extra, Path(tmp))

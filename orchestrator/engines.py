@@ -21,35 +21,35 @@ import time
 import traceback
 import warnings
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from .errors import PluginUnavailable, RunInterrupted, first_line
+
+if TYPE_CHECKING:  # annotations only: importing the engine helpers must not import torch
+    import torch
+
+
+def __getattr__(name: str):
+    # TupleOutputs is an nn.Module: it lives in tuple_outputs (torch at import) and stays importable from here
+    if name == "TupleOutputs":
+        from .tuple_outputs import TupleOutputs
+
+        return TupleOutputs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def output_names(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> List[str]:
     """Names of the tensor outputs of one eager call (a ModelOutput or a dict), in order."""
+    import torch
     with torch.inference_mode():
         out = model(**batch)
     return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
 
 
-class TupleOutputs(torch.nn.Module):
-    """``model(**inputs)`` as ``forward(*inputs) -> tuple`` in a fixed input/output order, for exporters."""
-
-    def __init__(self, model: torch.nn.Module, inputs: Sequence[str], outputs: Sequence[str]):
-        super().__init__()
-        self.model, self.inputs, self.outputs = model, list(inputs), list(outputs)
-
-    def forward(self, *args):
-        out = self.model(**dict(zip(self.inputs, args)))
-        return tuple(out[k] for k in self.outputs)
-
-
 def export_example(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The run's example batch with at least 2 rows and 2 tokens: exporters specialise a dimension whose example
     size is 1 (batch size 1 in runtime=single_stream), and the engine would then refuse every other batch."""
+    import torch
     out = dict(batch)
     if out["input_ids"].shape[0] < 2:
         out = {k: torch.cat([v, v]) for k, v in out.items()}
@@ -87,6 +87,7 @@ class EngineModel:
         self._run, self.inputs, self.outputs, self.engine = run, list(inputs), list(outputs), engine
 
     def __call__(self, **inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
+        import torch
         feed = {k: inputs[k].numpy() for k in self.inputs}
         return {k: torch.from_numpy(v) for k, v in zip(self.outputs, self._run(feed))}
 

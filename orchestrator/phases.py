@@ -454,7 +454,7 @@ def time_step(checked: Checked, prepared: Prepared, opt: Optimized, evaluated: E
                     "value": rec.results["metrics"].get(metric), "status": "ok", "rss_mb": rss_mb(),
                     "decisions_file": str((rec.run_dir / DECISIONS_FILE).resolve())})
         log.info("timing pass: raced against the sweep's other jobs, in interleaved rounds")
-        timing = race.timing(step, prepared.batches, r)
+        timing = race.timing(step, prepared.batches, r, checked.rc.race.round_s)
         rec.record(race.metrics())
         rec.results["race"] = dict(race.outcome)
         rec.tag({f"race.{k}": str(v) for k, v in race.outcome.items() if not isinstance(v, (dict, list))})

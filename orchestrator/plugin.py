@@ -35,11 +35,12 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Dict, Iterable, Iterator, List, Optional
 
 from .errors import ConfigError, PluginUnavailable
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import torch
 
 
 @dataclass
@@ -70,6 +71,7 @@ class PluginContext:
         return self.autocast_dtype is not None
 
     def autocast_context(self):
+        import torch
         return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast)
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from . import cpu
-from .engines import (EXPORT_LOG, EngineModel, Stopwatch, TupleOutputs, calibration_inputs, export_example,
+from .engines import (EXPORT_LOG, EngineModel, Stopwatch, calibration_inputs, export_example,
                       export_step, failure_cause, file_mb, output_names, quiet_loggers, shape_variants)
 from .errors import ConfigError, OrchestratorError, PluginUnavailable, RunInterrupted, describe, first_line
 from .plugin import (STAGE_CAPTURE, STAGE_PREPARE, STAGE_TRANSFORM, NoOptions, Plugin, PluginContext,
@@ -36,6 +36,16 @@ __all__ = [
     "calibration_inputs", "quiet_loggers", "export_step", "failure_cause", "EXPORT_LOG",
     "check_plugin", "PluginContractError",
 ]
+
+
+def __getattr__(name: str):
+    # TupleOutputs is an nn.Module (orchestrator/tuple_outputs.py): imported when asked for, so that importing this
+    # module for a plugin's options, as every CLI start does, does not import torch
+    if name == "TupleOutputs":
+        from .tuple_outputs import TupleOutputs
+
+        return TupleOutputs
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class PluginContractError(AssertionError):

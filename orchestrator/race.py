@@ -85,6 +85,12 @@ class RaceConfig:
     # a round takes as long as with one; preparing the extra processes (load, stack; no accuracy pass; two at a
     # time) is the cost
     processes: int = 2
+    # seconds each job is timed per round (its processes share them); null: runtime.min_duration_s, as when timed
+    # alone. Shorter than a sequential round because pairing, not length, is what steadies a race's comparison: a
+    # round's pair runs seconds apart, so drift cancels, and the spread between processes (item 6 of docs/sweeps.md
+    # "Racing"), which no round length reduces, dominates the interval; Google Benchmark likewise shortens
+    # repetitions when it interleaves them (--benchmark_min_time). runtime.min_iterations still holds per round
+    round_s: Optional[float] = 0.5
 
 
 def check_config(cfg: Any) -> None:
@@ -108,6 +114,9 @@ def check_config(cfg: Any) -> None:
     if not 1 <= get("processes") <= 8:
         raise ConfigError(f"race.processes={get('processes')} is not valid; valid: 1 to 8 (2: the spread between "
                           "two processes of a job is measured and in the interval; 1: it is not)")
+    if get("round_s") is not None and not get("round_s") >= 0:
+        raise ConfigError(f"race.round_s={get('round_s')} must be >= 0 (seconds each job is timed per round), or null "
+                          "for runtime.min_duration_s")
     if get("max_alive") is not None and get("max_alive") < 2 * get("processes"):
         raise ConfigError(f"race.max_alive={get('max_alive')} must be >= {2 * get('processes')} (a job and its "
                           f"reference, race.processes={get('processes')} process(es) each), or null")
@@ -146,10 +155,12 @@ class RaceWorker:
     def ready(self, info: Mapping[str, Any]) -> None:
         self._send({"type": "ready", **info})
 
-    def timing(self, step: Callable, batches: list, runtime: Any):
-        """Serve the launcher's rounds until it says stop; a TimingResult whose round_ids are the race's rounds."""
+    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None):
+        """Serve the launcher's rounds until it says stop; a TimingResult whose round_ids are the race's rounds.
+        A round times at least `round_s` seconds (None: runtime.min_duration_s), shared by the job's processes."""
         from . import measure, stats
 
+        round_s = float(runtime.min_duration_s if round_s is None else round_s)
         out = measure.TimingResult([], 0, 0.0)
         while True:
             msg = self._recv()
@@ -170,7 +181,7 @@ class RaceWorker:
             # when timed alone; the job's processes share its round: together they time as long as one would alone
             part = measure.timing_pass(step, batches, int(runtime.warmup),
                                        -(-int(runtime.min_iterations) // self.processes),
-                                       runtime.min_duration_s / self.processes, runtime.max_iterations,
+                                       round_s / self.processes, runtime.max_iterations,
                                        progress=False, order=order)
             out.extend(part, r)
             thr = stats.round_throughputs([(part.batch_rows, part.latencies_s)])[0]

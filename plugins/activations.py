@@ -6,12 +6,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch
-from torch import nn
 
 
 def probe_activation(fn) -> Optional[bool]:
     """True for exact GELU, False for ReLU, None for anything else."""
+    from torch import nn
+    import torch
     probe = torch.linspace(-6, 6, 97)
     try:
         with torch.no_grad():

@@ -15,11 +15,12 @@ import shutil
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Dict, Optional
-
-import torch
+from typing import TYPE_CHECKING, Dict, Optional
 
 from orchestrator.plugin_api import STAGE_CAPTURE, Plugin, PluginContext, shape_variants
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import torch
 
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
@@ -43,6 +44,7 @@ class CompileOptions:
 
 def _marked(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Copies of the batch's tensors with batch and sequence dimensions marked dynamic for dynamo."""
+    import torch
     out = {}
     for k, v in batch.items():
         t = v.clone()
@@ -70,6 +72,7 @@ class CompilePlugin(Plugin):
         cls.require_choice("mode", o.mode, MODES)
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         if not hasattr(torch, "compile"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.compile")
         from torch._inductor import config as inductor_config
@@ -79,6 +82,7 @@ class CompilePlugin(Plugin):
             raise self.unavailable(f"inductor's CPU backend needs a C++ compiler ({cxx}) on PATH")
 
     def _compile_options(self) -> Dict[str, object]:
+        import torch
         opts: Dict[str, object] = {}
         if self.options.mode != "default":
             opts.update(torch._inductor.list_mode_options(self.options.mode))
@@ -86,6 +90,7 @@ class CompilePlugin(Plugin):
         return opts
 
     def apply(self, model, ctx: PluginContext):
+        import torch
         o = self.options
         import torch._dynamo
 

@@ -25,17 +25,16 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, List, Optional, Tuple
 
 from orchestrator.plugin_api import STAGE_TRANSFORM, Plugin, PluginContext, describe
 from orchestrator_plugins.activations import probe_activation
 
+if TYPE_CHECKING:  # annotations only: importing the plugin for its options must not import torch
+    import torch
+
 # (linear attribute, activation attribute) pairs where the activation is applied right after that Linear
 GELU_SITES = (("dense", "intermediate_act_fn"), ("lin1", "activation"))
-OP = "orchestrator::packed_linear"
 
 
 @dataclass
@@ -51,43 +50,13 @@ class FusedLinearOptions:
     verify_atol_bf16: float = 0.25
 
 
-def _register_op():
-    """The traceable wrapper around mkldnn._linear_pointwise, registered once per process."""
-    if hasattr(torch.ops.orchestrator, "packed_linear"):
-        return torch.ops.orchestrator.packed_linear
+def __getattr__(name: str):
+    # the module lives in _packed_linear (torch at import); the name stays importable from here
+    if name == "PackedLinear":
+        from orchestrator_plugins._packed_linear import PackedLinear
 
-    @torch.library.custom_op(OP, mutates_args=())
-    def packed_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], out_features: int,
-                      attr: str) -> torch.Tensor:
-        # ``weight`` is oneDNN's blocked layout for [out_features, in_features]; x is 2-D
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, attr, [None] if attr != "none" else [], "none")
-
-    @packed_linear.register_fake
-    def _(x, weight, bias, out_features, attr):
-        return x.new_empty((x.shape[0], out_features))
-
-    return torch.ops.orchestrator.packed_linear
-
-
-class PackedLinear(nn.Module):
-    """``nn.Linear`` (optionally followed by exact GELU) as one oneDNN call on a prepacked weight."""
-
-    def __init__(self, linear: nn.Linear, post: str = "none"):
-        super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.post = post
-        w = linear.weight.detach()
-        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), None))
-        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().clone())
-        self._op = _register_op()
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, post={self.post}"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        y = self._op(x.reshape(-1, self.in_features), self.weight, self.bias, self.out_features, self.post)
-        return y.view(*lead, self.out_features)
+        return PackedLinear
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @functools.lru_cache(maxsize=None)  # the answer is fixed for the process: torch and the CPU
@@ -97,6 +66,9 @@ def _probe() -> Optional[str]:
     torch 2.8 (the IPEX environment) returns an opaque oneDNN tensor from _reorder_linear_weight, which a
     registered op cannot take ("Cannot access storage of OpaqueTensorImpl"); 2.13 returns a dense one.
     """
+    from orchestrator_plugins._packed_linear import PackedLinear
+    from torch import nn
+    import torch
     try:
         lin = nn.Linear(8, 4).eval()
         x = torch.randn(2, 8)
@@ -110,10 +82,12 @@ def _probe() -> Optional[str]:
 
 def _is_exact_gelu(fn) -> bool:
     """Probed numerically, not by class name (GELUActivation, nn.GELU(), ACT2FN['gelu'] all qualify)."""
+    from torch import nn
     return isinstance(fn, nn.Module) and probe_activation(fn) is True
 
 
 def _first_tensor(out) -> torch.Tensor:
+    import torch
     if isinstance(out, torch.Tensor):
         return out
     values = out.values() if hasattr(out, "values") else out
@@ -128,6 +102,7 @@ class FusedLinearPlugin(Plugin):
     Options = FusedLinearOptions
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         mk = torch.ops.mkldnn
         if not (torch.backends.mkldnn.is_available() and hasattr(mk, "_linear_pointwise")
                 and hasattr(mk, "_reorder_linear_weight") and hasattr(torch.library, "custom_op")):
@@ -146,6 +121,9 @@ class FusedLinearPlugin(Plugin):
             raise self.unavailable("this CPU has no oneDNN bf16 support (AVX512-BF16/AMX); use precision=fp32")
 
     def apply(self, model, ctx: PluginContext):
+        from orchestrator_plugins._packed_linear import PackedLinear
+        from torch import nn
+        import torch
         if model.training:
             raise self.unavailable("prepacked weights are inference-only; the model is in training mode")
         o = self.options
@@ -187,9 +165,11 @@ class FusedLinearPlugin(Plugin):
 
     @staticmethod
     def _swappable(m, ctx: PluginContext) -> bool:
+        from torch import nn
         return type(m) is nn.Linear and m.weight.dtype == ctx.dtype
 
     @staticmethod
     def _output(model, ctx: PluginContext) -> torch.Tensor:
+        import torch
         with torch.inference_mode():
             return _first_tensor(model(**ctx.example_batch)).float()

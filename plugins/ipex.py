@@ -35,8 +35,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import List, Optional, Tuple
 
-import torch
-
 from orchestrator.plugin_api import STAGE_PREPARE, Plugin, PluginContext, first_line, stack_label
 
 log = logging.getLogger(__name__)
@@ -160,6 +158,7 @@ def import_ipex_quietly():
 @contextlib.contextmanager
 def _quiet_runtime():
     """Harmless warnings on the optimize/trace/quantize path with torch 2.8 + IPEX 2.8 + transformers 5.23."""
+    import torch
     ipex_log = logging.getLogger("IPEX")
     level = ipex_log.level
     ipex_log.setLevel(logging.ERROR)  # e.g. "[NotSupported]BatchNorm folding failed during the prepare process"
@@ -223,6 +222,7 @@ class IpexPlugin(Plugin):
         return self.options.int8 == "static"
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         o = self.options
         problem = environment_problem()
         if problem:
@@ -238,6 +238,7 @@ class IpexPlugin(Plugin):
 
     @staticmethod
     def _precision_dtype(ctx: PluginContext) -> str:
+        import torch
         low = ctx.autocast_dtype if ctx.autocast else ctx.dtype
         return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(low, str(low).replace("torch.", ""))
 
@@ -249,6 +250,7 @@ class IpexPlugin(Plugin):
 
     # ---- apply ------------------------------------------------------------------------------------------------
     def apply(self, model, ctx: PluginContext):
+        import torch
         t0 = time.perf_counter()
         ipex = import_ipex_quietly()
         import_s = time.perf_counter() - t0
@@ -284,6 +286,7 @@ class IpexPlugin(Plugin):
         return steps + (" -> jit trace+freeze" if jit else " (eager; add jit after ipex to trace+freeze)")
 
     def _quantize(self, ipex, model, ctx: PluginContext, details: dict):
+        import torch
         from intel_extension_for_pytorch.quantization import convert, prepare
 
         o = self.options

@@ -9,8 +9,6 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 
-import torch
-
 from orchestrator.plugin_api import STAGE_CAPTURE, Plugin, PluginContext, quiet_transformers
 
 
@@ -33,6 +31,7 @@ class JitPlugin(Plugin):
         cls.require_at_least("warmup_calls", o.warmup_calls, 0)
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         if not hasattr(torch.jit, "trace"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.jit.trace")
 
@@ -41,6 +40,7 @@ class JitPlugin(Plugin):
             return self._trace(model, ctx, ctx.example_batch)
 
     def _trace(self, model, ctx: PluginContext, batch):
+        import torch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarning/DeprecationWarning noise from torch.jit on 2.13
             # autocast's weight-cast cache must be off while tracing, or cached casts get baked into the graph

@@ -21,10 +21,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Dict, List, Optional
 
-import torch
-
 from orchestrator.plugin_api import (STAGE_CAPTURE, ConfigError, EngineModel, Plugin, PluginContext, Stopwatch,
-                                     TupleOutputs, calibration_inputs, export_example, export_step, file_mb,
+                                     calibration_inputs, export_example, export_step, file_mb,
                                      output_names, quiet_loggers, quiet_transformers)
 
 
@@ -91,6 +89,7 @@ class OnnxRuntimePlugin(Plugin):
         return "int8" if self.options.int8 != Int8.none else "fp32"
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         o = self.options
         missing = [m for m in ("onnxruntime", "onnx") + (("onnxscript",) if o.exporter == Exporter.dynamo else ())
                    if importlib.util.find_spec(m) is None]
@@ -119,7 +118,7 @@ class OnnxRuntimePlugin(Plugin):
         # <plugin>_export.log, and a failure is one line naming the cause
         step = "torch.onnx.export" + (" (dynamo)" if o.exporter == Exporter.dynamo else " (torchscript)")
         with watch("export"), export_step(self, ctx, step):
-            self._export(TupleOutputs(model, inputs, outputs).eval(), example, inputs, outputs, path)
+            self._export(_tuple_outputs()(model, inputs, outputs).eval(), example, inputs, outputs, path)
         fp32_mb = file_mb(path, Path(f"{path}.data"))
         if o.int8 != Int8.none:
             with watch("quantize"), export_step(self, ctx, f"onnxruntime.quantization ({o.int8})"):
@@ -151,6 +150,7 @@ class OnnxRuntimePlugin(Plugin):
         return engine
 
     def _export(self, module, example, inputs: List[str], outputs: List[str], path: Path) -> None:
+        import torch
         args = tuple(example[k] for k in inputs)
         # the exporters log per-op warnings (and onnxscript's optimizer progress) the user cannot act on
         with warnings.catch_warnings(), quiet_loggers("torch.onnx", "onnxscript", "onnx_ir", "torch.export",
@@ -196,3 +196,10 @@ class OnnxRuntimePlugin(Plugin):
         self._calibration = f"{len(batches)} batches from dataset.calibration_split={ctx.calibration_split}"
         return out
 
+
+def _tuple_outputs():
+    """plugin_api.TupleOutputs, imported on use: it is an nn.Module, and importing this plugin for its options (as
+    every CLI start does) must not import torch."""
+    from orchestrator.plugin_api import TupleOutputs
+
+    return TupleOutputs

@@ -27,9 +27,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from orchestrator.plugin_api import (STAGE_CAPTURE, EngineModel, Plugin, PluginContext, Stopwatch, TupleOutputs,
+from orchestrator.plugin_api import (STAGE_CAPTURE, EngineModel, Plugin, PluginContext, Stopwatch,
                                      calibration_inputs, cpu, export_example, export_step, file_mb, output_names,
                                      quiet_loggers, quiet_transformers)
 
@@ -99,6 +97,7 @@ class OpenVinoPlugin(Plugin):
 
     @staticmethod
     def _wants_bf16(ctx: PluginContext) -> bool:
+        import torch
         return ctx.dtype == torch.bfloat16 or ctx.autocast_dtype == torch.bfloat16
 
     def wants_calibration(self) -> bool:
@@ -113,6 +112,7 @@ class OpenVinoPlugin(Plugin):
         return "int8" if self.options.int8 == Int8.weights else None
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         o = self.options
         missing = [m for m in ("openvino",) + (("nncf",) if o.int8 != Int8.none else ())
                    if importlib.util.find_spec(m) is None]
@@ -128,6 +128,7 @@ class OpenVinoPlugin(Plugin):
                                    "set (e.g. dataset.calibration_split=train); or use int8=weights")
 
     def apply(self, model, ctx: PluginContext):
+        import torch
         import openvino as ov
 
         o = self.options
@@ -144,7 +145,7 @@ class OpenVinoPlugin(Plugin):
         # the run's openvino_export.log, and the failure is one line naming those operations
         with watch("convert"), export_step(self, ctx, "openvino.convert_model", explain=unconverted_ops), \
                 quiet_loggers("torch", "openvino"), quiet_transformers():
-            ov_model = ov.convert_model(TupleOutputs(model, inputs, outputs).eval(),
+            ov_model = ov.convert_model(_tuple_outputs()(model, inputs, outputs).eval(),
                                         example_input=tuple(example[k] for k in inputs))
         # positional example inputs come out named input.1...; the runner feeds by the tokenizer's names
         for port, name in zip(ov_model.inputs, inputs):
@@ -204,3 +205,11 @@ class OpenVinoPlugin(Plugin):
         out = nncf.quantize(ov_model, data, model_type=nncf.ModelType.TRANSFORMER, subset_size=sum(
             b["input_ids"].shape[0] for b in batches))
         return out
+
+
+def _tuple_outputs():
+    """plugin_api.TupleOutputs, imported on use: it is an nn.Module, and importing this plugin for its options (as
+    every CLI start does) must not import torch."""
+    from orchestrator.plugin_api import TupleOutputs
+
+    return TupleOutputs

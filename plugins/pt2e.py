@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Optional
 
-import torch
-
 from orchestrator.plugin_api import (STAGE_CAPTURE, Plugin, PluginContext, calibration_inputs, cpu, export_example,
                                      export_step, quiet_loggers, quiet_transformers, shape_variants)
 
@@ -78,6 +76,7 @@ class Pt2ePlugin(Plugin):
             inductor_config.freezing = before
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         if importlib.util.find_spec("torchao") is None:
             raise self.unavailable("needs torchao for X86InductorQuantizer (pip install -e '.[pt2e]')")
         if ctx.dtype != torch.float32 or ctx.autocast:
@@ -90,6 +89,7 @@ class Pt2ePlugin(Plugin):
                                    "not set (e.g. dataset.calibration_split=train); or use mode=dynamic")
 
     def apply(self, model, ctx: PluginContext):
+        import torch
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
         from torch._inductor import config as inductor_config
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

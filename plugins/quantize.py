@@ -22,8 +22,6 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Optional
 
-import torch
-
 from orchestrator.plugin_api import STAGE_TRANSFORM, Plugin, PluginContext
 
 class Backend(StrEnum):
@@ -53,6 +51,7 @@ class QuantizePlugin(Plugin):
         return "int8"
 
     def check(self, ctx: PluginContext) -> None:
+        import torch
         o = self.options
         if o.backend == "ao_dynamic":
             if ctx.dtype != torch.float32 or ctx.autocast:
@@ -70,6 +69,7 @@ class QuantizePlugin(Plugin):
                                        "backend=ao_dynamic, or use compile instead of jit")
 
     def apply(self, model, ctx: PluginContext):
+        import torch
         n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         if n_linear == 0:
             raise self.unavailable(f"{type(model).__name__} has no nn.Linear layers to quantize")
@@ -82,6 +82,7 @@ class QuantizePlugin(Plugin):
         return out
 
     def _ao_dynamic(self, model):
+        import torch
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
         qconfig = per_channel_dynamic_qconfig if self.options.per_channel else default_dynamic_qconfig
@@ -99,6 +100,7 @@ class QuantizePlugin(Plugin):
         }
 
     def _torchao(self, model, ctx: PluginContext):
+        import torch
         import torchao
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

@@ -62,6 +62,21 @@ def test_core_import_graph_is_acyclic():
     assert "orchestrator.records" in order
 
 
+def test_composing_a_config_imports_no_framework():
+    """Every CLI start (a sweep's own process, --help, a one-line config error, orchestrator-report) registers the
+    tasks' and plugins' options: that must not import torch, transformers or a metrics library (~3 s of imports
+    per start, measured on the 2-core Xeon), only the job processes that run a model do."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import orchestrator.config as c; c.register_configs(); "
+            "print(sorted(m for m in ('torch', 'transformers', 'torchmetrics', 'scipy', 'pandas', 'numpy', "
+            "'matplotlib') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_record_owner_is_the_only_writer_of_results_json():
     """results.json is written through RunRecord only (runner, launchers, importer)."""
     writers = []

@@ -75,6 +75,9 @@ def test_sweep_preset_expands_into_jobs(tmp_path, tiny_encoder, sts_file):
                    "runtime.min_duration_s=0", "hydra/launcher=basic",
                    # every scenario's option: short LoadGen runs (the expansion is under test, not the figures)
                    "++scenario.min_duration_s=0.2", "++scenario.warmup_batches=1",
+                   # and each LoadGen run cut at 2 s (then INVALID): under load the server's search would otherwise
+                   # spend its whole budget descending to rates where a run takes minutes
+                   "++scenario.max_duration_s=2",
                    cwd=tmp_path, env={"ORCH_TRACKING_URI": uri})
     _, runs = runs_of(uri)
     children = {c.data.params["scenario.name"]: c for c in runs if c.data.tags.get("mlflow.parentRunId")}

@@ -316,7 +316,8 @@ def test_race_settings_are_checked_in_one_line():
                        ({"target_halfwidth": 0}, "race.target_halfwidth=0 must be > 0"),
                        ({"max_alive": 3}, "race.max_alive=3 must be >= 4 (a job and its reference, "
                                           "race.processes=2 process(es) each)"),
-                       ({"processes": 0}, "race.processes=0 is not valid; valid: 1 to 8")):
+                       ({"processes": 0}, "race.processes=0 is not valid; valid: 1 to 8"),
+                       ({"round_s": -1}, "race.round_s=-1 must be >= 0")):
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             R.check_config({**vars(R.RaceConfig()), **bad})
 
@@ -365,6 +366,35 @@ def test_the_worker_serves_rounds_until_stop_and_reports_the_race():
     assert worker.metrics() == {"race_rounds": 2.0}
     assert worker.history() == {"paired_ratio": {4: 1.1, 5: 0.9}}
     worker.abort("late")  # harmless after the race
+
+
+def test_a_round_lasts_race_round_s_shared_by_the_jobs_processes():
+    import time
+
+    def serve(worker, round_s):
+        ours, theirs = worker._sock, worker._peer
+        f = theirs.makefile("rb")
+        t = threading.Thread(target=lambda: worker.timing(lambda inputs: time.sleep(0.01), _batches(), Runtime,
+                                                          round_s))
+        t.start()
+        theirs.sendall(b'{"cmd": "round", "round": 1}\n')
+        got = R.json.loads(f.readline())
+        theirs.sendall(b'{"cmd": "stop", "outcome": {}}\n')
+        t.join()
+        return got
+
+    def worker(process=0, processes=1):
+        ours, theirs = socket.socketpair()
+        w = R.RaceWorker(ours, process, processes)
+        w._peer = theirs
+        return w
+
+    # runtime.min_duration_s is 0 here: the round's length is race.round_s's, halved for each of two processes
+    one = serve(worker(), 0.2)
+    assert one["end"] - one["start"] >= 0.2
+    half = serve(worker(1, 2), 0.2)
+    assert half["end"] - half["start"] >= 0.1
+    assert serve(worker(), None)["iterations"] == Runtime.min_iterations  # null: runtime.min_duration_s (0)
 
 
 def test_abort_is_harmless_without_a_launcher_and_a_lost_launcher_is_one_error():
@@ -534,7 +564,7 @@ def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_fil
 
     uri = mlflow_store(tmp_path / "store.db")
     proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
-                     "runtime.max_iterations=null", "runtime.min_duration_s=600", "optimization=[],[jit]",
+                     "runtime.max_iterations=null", "runtime.min_duration_s=600", "race.round_s=null", "optimization=[],[jit]",
                      f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     deadline = time.time() + 300
     jobs = []
@@ -642,7 +672,8 @@ def _start_race(tmp_path, tiny_encoder, sts_file, *extra):
 
     MlflowClient(uri).search_experiments()  # the store exists before anything polls it
     proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
-                     "runtime.max_iterations=null", f"tracking.uri={uri}", f"hydra.sweep.dir={tmp_path / 'sweep'}",
+                     "runtime.max_iterations=null", "race.round_s=null", f"tracking.uri={uri}",
+                     f"hydra.sweep.dir={tmp_path / 'sweep'}",
                      *extra, cwd=tmp_path)
     return proc, uri
 

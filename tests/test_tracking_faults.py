@@ -127,8 +127,9 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
                          f"hydra.sweep.dir={sweep_dir}", "runtime.max_iterations=null",
                          "runtime.min_duration_s=0,1,0",
                          # job 1 stays RUNNING while job 2 prepares and through the race's rounds (the window to
-                         # kill the server in: job 2's preparation + 6 x 1 s); the race itself is tests/test_race.py's
-                         "race.processes=1", "race.max_rounds=6",
+                         # kill the server in: job 2's preparation + 6 x 1 s: rounds of runtime.min_duration_s); the
+                         # race itself is tests/test_race.py's
+                         "race.processes=1", "race.max_rounds=6", "race.round_s=null",
                          # a refused connection is not retried (the bounds themselves are tested above)
                          "tracking.http_max_retries=0", cwd=tmp_path)
         wait_for(lambda: measuring(store, "1"), "job 1 to measure")
@@ -194,7 +195,8 @@ def test_report_and_resume_close_runs_whose_process_died(tmp_path, tiny_encoder,
     uri = mlflow_store(tmp_path / "mlflow.db")
     sweep_dir = tmp_path / "sweep"
     args = ["-m", *tiny_sts_overrides(tiny_encoder, sts_file, uri), "runtime.max_iterations=null", "race.processes=1"]
-    proc = start_cli(*args, f"hydra.sweep.dir={sweep_dir}", "runtime.min_duration_s=600", cwd=tmp_path)
+    proc = start_cli(*args, f"hydra.sweep.dir={sweep_dir}", "runtime.min_duration_s=600", "race.round_s=null",
+                     cwd=tmp_path)
     run = wait_for(lambda: measuring(uri, "0"), "job 0 to measure")
     job_pid = int(run.data.tags["process.pid"])
     proc.kill()  # the sweep process and its job, -9: nothing is left to close their runs

@@ -6,11 +6,12 @@ task the per-feature outputs of :meth:`Task.head`, in the original feature order
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Dict, List, Optional, Sequence, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Any, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from ..errors import ConfigError, DatasetError, ModelLoadError, RunInterrupted, first_line
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import torch
 
 
 @dataclass
@@ -199,4 +200,5 @@ class Task:
         return diff, (sum(agree) / len(agree) if agree else 1.0)
 
     def same_prediction(self, reference: torch.Tensor, candidate: torch.Tensor) -> bool:
+        import torch
         return bool(torch.equal(reference.argmax(-1), candidate.argmax(-1)))

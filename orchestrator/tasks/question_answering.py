@@ -25,14 +25,15 @@ from __future__ import annotations
 import collections
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, Dict, List, Optional, Tuple
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..errors import ConfigError, DatasetError, ModelLoadError
 from ..errors import first_line as describe_first_line
 from .base import Features, Task
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import numpy as np
+    import torch
 
 class Scoring(StrEnum):
     run_qa = "run_qa"
@@ -132,6 +133,7 @@ class QuestionAnswering(Task):
         return out
 
     def featurize(self, dataset) -> Features:
+        import numpy as np
         questions = [str(q).lstrip() for q in self.column(dataset, "question")]
         contexts = [str(c) for c in self.column(dataset, "context")]
         first, second = (questions, contexts) if self.pad_on_right else (contexts, questions)
@@ -174,6 +176,7 @@ class QuestionAnswering(Task):
     # -- model outputs -------------------------------------------------------------------------------------
     def head(self, outputs, batch) -> torch.Tensor:
         # [batch, 2, seq]: start and end logits per row
+        import torch
         return torch.stack([outputs["start_logits"], outputs["end_logits"]], dim=1).float()
 
     # -- postprocessing ------------------------------------------------------------------------------------
@@ -183,6 +186,7 @@ class QuestionAnswering(Task):
         The same pairs in the same order as run_qa's nested loop (start-major), so its stable sort ties the same
         way; ``chars`` is [tokens, 2] character spans with -1 outside the context.
         """
+        import numpy as np
         start_logits, end_logits = logits[0], logits[1]
         n_best, max_len = self.options.n_best_size, self.options.max_answer_length
         start_indexes = np.argsort(start_logits)[-1: -n_best - 1: -1]
@@ -198,6 +202,7 @@ class QuestionAnswering(Task):
 
     def _candidate_pipeline(self, logits: np.ndarray, feature: int, features: Features):
         """transformers 4.x QuestionAnsweringPipeline (top_k=1) for one window: (probability, (start, end)) or None."""
+        import numpy as np
         offsets = features.extra["offset_mapping"][feature]
         n = len(offsets)  # the window's own tokens; positions past it are padding
         start, end = logits[0][:n].copy(), logits[1][:n].copy()  # float32, as the pipeline computed

@@ -1,15 +1,13 @@
 """Sentence similarity (STS): mean-pooled, L2-normalised embeddings; cosine vs gold score; Spearman/Pearson x100."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
-import numpy as np
-import pandas as pd
-import torch
-from scipy.stats import pearsonr, spearmanr
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from ..errors import DatasetError, ModelLoadError
 from .base import Features, Task, max_abs_diff
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import torch
 
 # two sentences agree when their similarity moves less than this (the scale is cosine, -1..1)
 SIMILARITY_TOLERANCE = 0.01
@@ -34,6 +32,8 @@ class SentenceSimilarity(Task):
 
     def gold_scores(self, dataset) -> List[float]:
         """The score column as floats; refuses what would make the correlation fail or come out NaN."""
+        import numpy as np
+        import pandas as pd
         raw = pd.Series(self.column(dataset, "score"), dtype=object)
         scores = pd.to_numeric(raw, errors="coerce").astype(float)
         bad = ~np.isfinite(scores.to_numpy())
@@ -65,6 +65,7 @@ class SentenceSimilarity(Task):
         return Features(rows=self.rows_from(enc, len(texts)), example_index=[i // 2 for i in range(len(texts))])
 
     def head(self, outputs, batch) -> torch.Tensor:
+        import torch
         hidden = outputs["last_hidden_state"].float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -72,10 +73,13 @@ class SentenceSimilarity(Task):
 
     @staticmethod
     def similarities(outputs: List[torch.Tensor]) -> torch.Tensor:
+        import torch
         emb = torch.stack(outputs)
         return (emb[0::2] * emb[1::2]).sum(-1)
 
     def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
+        import numpy as np
+        from scipy.stats import pearsonr, spearmanr
         gold = self.gold_scores(dataset)
         sims = self.similarities(outputs).tolist()
         if np.ptp(sims) == 0:  # the gold side was checked before the run; a constant model makes the same NaN

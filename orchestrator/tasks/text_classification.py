@@ -1,13 +1,12 @@
 """Text (pair) classification: argmax of logits; accuracy and macro-F1 x100; labels mapped through the model config."""
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
-
-import pandas as pd
-import torch
-from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+from typing import TYPE_CHECKING, Dict, List, Tuple
 
 from .base import Features, Task
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import torch
 
 
 class TextClassification(Task):
@@ -30,6 +29,7 @@ class TextClassification(Task):
     def gold_labels(self, dataset) -> List[int]:
         """Label ids: names through the model's label2id (any case), or ids in range; anything else is refused
         with the row, including blanks and fractional ids (a csv column with a blank cell reads as floats)."""
+        import pandas as pd
         num = int(self.model_config.num_labels)
         label2id = {str(k).lower(): int(v) for k, v in (self.model_config.label2id or {}).items()}
         valid = f"valid: {', '.join(sorted(label2id))} or ids 0..{num - 1}"
@@ -57,6 +57,8 @@ class TextClassification(Task):
         return outputs["logits"].float()
 
     def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
+        import torch
+        from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
         gold = torch.tensor(self.gold_labels(dataset))
         logits = torch.stack(outputs)
         pred = logits.argmax(-1)

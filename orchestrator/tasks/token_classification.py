@@ -20,12 +20,13 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
-
-import torch
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ..errors import DatasetError, ModelLoadError
 from .base import Features, Task
+
+if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start does) must not import torch
+    import torch
 
 log = logging.getLogger(__name__)
 
