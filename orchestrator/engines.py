@@ -41,6 +41,7 @@ def __getattr__(name: str):
 def output_names(model: torch.nn.Module, batch: Dict[str, torch.Tensor]) -> List[str]:
     """Names of the tensor outputs of one eager call (a ModelOutput or a dict), in order."""
     import torch
+
     with torch.inference_mode():
         out = model(**batch)
     return [k for k, v in out.items() if isinstance(v, torch.Tensor)]
@@ -50,6 +51,7 @@ def export_example(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """The run's example batch with at least 2 rows and 2 tokens: exporters specialise a dimension whose example
     size is 1 (batch size 1 in runtime=single_stream), and the engine would then refuse every other batch."""
     import torch
+
     out = dict(batch)
     if out["input_ids"].shape[0] < 2:
         out = {k: torch.cat([v, v]) for k, v in out.items()}
@@ -88,6 +90,7 @@ class EngineModel:
 
     def __call__(self, **inputs: torch.Tensor) -> Dict[str, torch.Tensor]:
         import torch
+
         feed = {k: inputs[k].numpy() for k in self.inputs}
         return {k: torch.from_numpy(v) for k, v in zip(self.outputs, self._run(feed))}
 

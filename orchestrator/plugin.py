@@ -72,6 +72,7 @@ class PluginContext:
 
     def autocast_context(self):
         import torch
+
         return torch.autocast("cpu", dtype=self.autocast_dtype, enabled=self.autocast)
 
 

@@ -10,8 +10,9 @@ from typing import Optional
 
 def probe_activation(fn) -> Optional[bool]:
     """True for exact GELU, False for ReLU, None for anything else."""
-    from torch import nn
     import torch
+    from torch import nn
+
     probe = torch.linspace(-6, 6, 97)
     try:
         with torch.no_grad():

@@ -45,6 +45,7 @@ class CompileOptions:
 def _marked(batch: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     """Copies of the batch's tensors with batch and sequence dimensions marked dynamic for dynamo."""
     import torch
+
     out = {}
     for k, v in batch.items():
         t = v.clone()
@@ -73,6 +74,7 @@ class CompilePlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         if not hasattr(torch, "compile"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.compile")
         from torch._inductor import config as inductor_config
@@ -83,6 +85,7 @@ class CompilePlugin(Plugin):
 
     def _compile_options(self) -> Dict[str, object]:
         import torch
+
         opts: Dict[str, object] = {}
         if self.options.mode != "default":
             opts.update(torch._inductor.list_mode_options(self.options.mode))
@@ -91,6 +94,7 @@ class CompilePlugin(Plugin):
 
     def apply(self, model, ctx: PluginContext):
         import torch
+
         o = self.options
         import torch._dynamo
 

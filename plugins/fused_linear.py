@@ -66,9 +66,11 @@ def _probe() -> Optional[str]:
     torch 2.8 (the IPEX environment) returns an opaque oneDNN tensor from _reorder_linear_weight, which a
     registered op cannot take ("Cannot access storage of OpaqueTensorImpl"); 2.13 returns a dense one.
     """
-    from orchestrator_plugins._packed_linear import PackedLinear
-    from torch import nn
     import torch
+    from torch import nn
+
+    from orchestrator_plugins._packed_linear import PackedLinear
+
     try:
         lin = nn.Linear(8, 4).eval()
         x = torch.randn(2, 8)
@@ -83,11 +85,13 @@ def _probe() -> Optional[str]:
 def _is_exact_gelu(fn) -> bool:
     """Probed numerically, not by class name (GELUActivation, nn.GELU(), ACT2FN['gelu'] all qualify)."""
     from torch import nn
+
     return isinstance(fn, nn.Module) and probe_activation(fn) is True
 
 
 def _first_tensor(out) -> torch.Tensor:
     import torch
+
     if isinstance(out, torch.Tensor):
         return out
     values = out.values() if hasattr(out, "values") else out
@@ -103,6 +107,7 @@ class FusedLinearPlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         mk = torch.ops.mkldnn
         if not (torch.backends.mkldnn.is_available() and hasattr(mk, "_linear_pointwise")
                 and hasattr(mk, "_reorder_linear_weight") and hasattr(torch.library, "custom_op")):
@@ -121,9 +126,11 @@ class FusedLinearPlugin(Plugin):
             raise self.unavailable("this CPU has no oneDNN bf16 support (AVX512-BF16/AMX); use precision=fp32")
 
     def apply(self, model, ctx: PluginContext):
-        from orchestrator_plugins._packed_linear import PackedLinear
-        from torch import nn
         import torch
+        from torch import nn
+
+        from orchestrator_plugins._packed_linear import PackedLinear
+
         if model.training:
             raise self.unavailable("prepacked weights are inference-only; the model is in training mode")
         o = self.options
@@ -166,10 +173,12 @@ class FusedLinearPlugin(Plugin):
     @staticmethod
     def _swappable(m, ctx: PluginContext) -> bool:
         from torch import nn
+
         return type(m) is nn.Linear and m.weight.dtype == ctx.dtype
 
     @staticmethod
     def _output(model, ctx: PluginContext) -> torch.Tensor:
         import torch
+
         with torch.inference_mode():
             return _first_tensor(model(**ctx.example_batch)).float()

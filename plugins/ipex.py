@@ -159,6 +159,7 @@ def import_ipex_quietly():
 def _quiet_runtime():
     """Harmless warnings on the optimize/trace/quantize path with torch 2.8 + IPEX 2.8 + transformers 5.23."""
     import torch
+
     ipex_log = logging.getLogger("IPEX")
     level = ipex_log.level
     ipex_log.setLevel(logging.ERROR)  # e.g. "[NotSupported]BatchNorm folding failed during the prepare process"
@@ -223,6 +224,7 @@ class IpexPlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         o = self.options
         problem = environment_problem()
         if problem:
@@ -239,6 +241,7 @@ class IpexPlugin(Plugin):
     @staticmethod
     def _precision_dtype(ctx: PluginContext) -> str:
         import torch
+
         low = ctx.autocast_dtype if ctx.autocast else ctx.dtype
         return {torch.float32: "float32", torch.bfloat16: "bfloat16"}.get(low, str(low).replace("torch.", ""))
 
@@ -251,6 +254,7 @@ class IpexPlugin(Plugin):
     # ---- apply ------------------------------------------------------------------------------------------------
     def apply(self, model, ctx: PluginContext):
         import torch
+
         t0 = time.perf_counter()
         ipex = import_ipex_quietly()
         import_s = time.perf_counter() - t0
@@ -287,6 +291,7 @@ class IpexPlugin(Plugin):
 
     def _quantize(self, ipex, model, ctx: PluginContext, details: dict):
         import torch
+
         from intel_extension_for_pytorch.quantization import convert, prepare
 
         o = self.options

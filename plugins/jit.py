@@ -32,6 +32,7 @@ class JitPlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         if not hasattr(torch.jit, "trace"):
             raise self.unavailable(f"torch {torch.__version__} has no torch.jit.trace")
 
@@ -41,6 +42,7 @@ class JitPlugin(Plugin):
 
     def _trace(self, model, ctx: PluginContext, batch):
         import torch
+
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # TracerWarning/DeprecationWarning noise from torch.jit on 2.13
             # autocast's weight-cast cache must be off while tracing, or cached casts get baked into the graph

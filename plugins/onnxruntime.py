@@ -90,6 +90,7 @@ class OnnxRuntimePlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         o = self.options
         missing = [m for m in ("onnxruntime", "onnx") + (("onnxscript",) if o.exporter == Exporter.dynamo else ())
                    if importlib.util.find_spec(m) is None]
@@ -151,6 +152,7 @@ class OnnxRuntimePlugin(Plugin):
 
     def _export(self, module, example, inputs: List[str], outputs: List[str], path: Path) -> None:
         import torch
+
         args = tuple(example[k] for k in inputs)
         # the exporters log per-op warnings (and onnxscript's optimizer progress) the user cannot act on
         with warnings.catch_warnings(), quiet_loggers("torch.onnx", "onnxscript", "onnx_ir", "torch.export",

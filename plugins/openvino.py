@@ -98,6 +98,7 @@ class OpenVinoPlugin(Plugin):
     @staticmethod
     def _wants_bf16(ctx: PluginContext) -> bool:
         import torch
+
         return ctx.dtype == torch.bfloat16 or ctx.autocast_dtype == torch.bfloat16
 
     def wants_calibration(self) -> bool:
@@ -113,6 +114,7 @@ class OpenVinoPlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         o = self.options
         missing = [m for m in ("openvino",) + (("nncf",) if o.int8 != Int8.none else ())
                    if importlib.util.find_spec(m) is None]
@@ -129,6 +131,7 @@ class OpenVinoPlugin(Plugin):
 
     def apply(self, model, ctx: PluginContext):
         import torch
+
         import openvino as ov
 
         o = self.options

@@ -77,6 +77,7 @@ class Pt2ePlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         if importlib.util.find_spec("torchao") is None:
             raise self.unavailable("needs torchao for X86InductorQuantizer (pip install -e '.[pt2e]')")
         if ctx.dtype != torch.float32 or ctx.autocast:
@@ -90,6 +91,7 @@ class Pt2ePlugin(Plugin):
 
     def apply(self, model, ctx: PluginContext):
         import torch
+
         import torchao.quantization.pt2e.quantizer.x86_inductor_quantizer as xiq
         from torch._inductor import config as inductor_config
         from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e

@@ -52,6 +52,7 @@ class QuantizePlugin(Plugin):
 
     def check(self, ctx: PluginContext) -> None:
         import torch
+
         o = self.options
         if o.backend == "ao_dynamic":
             if ctx.dtype != torch.float32 or ctx.autocast:
@@ -70,6 +71,7 @@ class QuantizePlugin(Plugin):
 
     def apply(self, model, ctx: PluginContext):
         import torch
+
         n_linear = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
         if n_linear == 0:
             raise self.unavailable(f"{type(model).__name__} has no nn.Linear layers to quantize")
@@ -83,6 +85,7 @@ class QuantizePlugin(Plugin):
 
     def _ao_dynamic(self, model):
         import torch
+
         from torch.ao.quantization import default_dynamic_qconfig, per_channel_dynamic_qconfig, quantize_dynamic
 
         qconfig = per_channel_dynamic_qconfig if self.options.per_channel else default_dynamic_qconfig
@@ -101,6 +104,7 @@ class QuantizePlugin(Plugin):
 
     def _torchao(self, model, ctx: PluginContext):
         import torch
+
         import torchao
         from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 

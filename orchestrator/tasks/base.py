@@ -201,4 +201,5 @@ class Task:
 
     def same_prediction(self, reference: torch.Tensor, candidate: torch.Tensor) -> bool:
         import torch
+
         return bool(torch.equal(reference.argmax(-1), candidate.argmax(-1)))

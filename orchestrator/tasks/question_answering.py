@@ -134,6 +134,7 @@ class QuestionAnswering(Task):
 
     def featurize(self, dataset) -> Features:
         import numpy as np
+
         questions = [str(q).lstrip() for q in self.column(dataset, "question")]
         contexts = [str(c) for c in self.column(dataset, "context")]
         first, second = (questions, contexts) if self.pad_on_right else (contexts, questions)
@@ -177,6 +178,7 @@ class QuestionAnswering(Task):
     def head(self, outputs, batch) -> torch.Tensor:
         # [batch, 2, seq]: start and end logits per row
         import torch
+
         return torch.stack([outputs["start_logits"], outputs["end_logits"]], dim=1).float()
 
     # -- postprocessing ------------------------------------------------------------------------------------
@@ -187,6 +189,7 @@ class QuestionAnswering(Task):
         way; ``chars`` is [tokens, 2] character spans with -1 outside the context.
         """
         import numpy as np
+
         start_logits, end_logits = logits[0], logits[1]
         n_best, max_len = self.options.n_best_size, self.options.max_answer_length
         start_indexes = np.argsort(start_logits)[-1: -n_best - 1: -1]
@@ -203,6 +206,7 @@ class QuestionAnswering(Task):
     def _candidate_pipeline(self, logits: np.ndarray, feature: int, features: Features):
         """transformers 4.x QuestionAnsweringPipeline (top_k=1) for one window: (probability, (start, end)) or None."""
         import numpy as np
+
         offsets = features.extra["offset_mapping"][feature]
         n = len(offsets)  # the window's own tokens; positions past it are padding
         start, end = logits[0][:n].copy(), logits[1][:n].copy()  # float32, as the pipeline computed

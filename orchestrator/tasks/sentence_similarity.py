@@ -34,6 +34,7 @@ class SentenceSimilarity(Task):
         """The score column as floats; refuses what would make the correlation fail or come out NaN."""
         import numpy as np
         import pandas as pd
+
         raw = pd.Series(self.column(dataset, "score"), dtype=object)
         scores = pd.to_numeric(raw, errors="coerce").astype(float)
         bad = ~np.isfinite(scores.to_numpy())
@@ -66,6 +67,7 @@ class SentenceSimilarity(Task):
 
     def head(self, outputs, batch) -> torch.Tensor:
         import torch
+
         hidden = outputs["last_hidden_state"].float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
@@ -74,12 +76,14 @@ class SentenceSimilarity(Task):
     @staticmethod
     def similarities(outputs: List[torch.Tensor]) -> torch.Tensor:
         import torch
+
         emb = torch.stack(outputs)
         return (emb[0::2] * emb[1::2]).sum(-1)
 
     def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
         import numpy as np
         from scipy.stats import pearsonr, spearmanr
+
         gold = self.gold_scores(dataset)
         sims = self.similarities(outputs).tolist()
         if np.ptp(sims) == 0:  # the gold side was checked before the run; a constant model makes the same NaN

@@ -30,6 +30,7 @@ class TextClassification(Task):
         """Label ids: names through the model's label2id (any case), or ids in range; anything else is refused
         with the row, including blanks and fractional ids (a csv column with a blank cell reads as floats)."""
         import pandas as pd
+
         num = int(self.model_config.num_labels)
         label2id = {str(k).lower(): int(v) for k, v in (self.model_config.label2id or {}).items()}
         valid = f"valid: {', '.join(sorted(label2id))} or ids 0..{num - 1}"
@@ -59,6 +60,7 @@ class TextClassification(Task):
     def evaluate(self, dataset, features: Features, outputs) -> Tuple[Dict[str, float], List[dict]]:
         import torch
         from torchmetrics.functional.classification import multiclass_accuracy, multiclass_f1_score
+
         gold = torch.tensor(self.gold_labels(dataset))
         logits = torch.stack(outputs)
         pred = logits.argmax(-1)
