@@ -20,6 +20,11 @@ beaten (Kalibera & Jones 2013; Google Benchmark's random interleaving; MLPerf's 
 - **Processes.** Each job is timed in ``race.processes`` processes (its own, which records the run, and extra ones
   that only serve rounds): their spread, measured across the sweep, widens the paired intervals
   (orchestrator/stats.py, process-level variation); stopping on the target half-width looks at the rounds' part.
+  The launcher prepares them lazily (``lazy_extras``): the first :attr:`Race.extras_round` rounds (9, the first at
+  which the 99.5 % sign-test interval exists) run one process per job, and only the jobs still racing then get
+  their extra processes. Until a job has them, its intervals are widened by :data:`PRIOR_PROCESS_SD` (twice the
+  spread measured here) instead of a measured spread, and it stops only by elimination, the gate, max_rounds or
+  the budget, so a job beaten early never costs a preparation and no final interval lacks a measured spread.
 - **Memory.** At most ``race.max_alive`` job processes at once (default: as many as free memory holds at 1.5x the
   largest prepared job's peak RSS); beyond it the jobs race in groups and the references stay alive for every group.
 
@@ -52,6 +57,10 @@ RACE_FILE = "race.json"
 ELIMINATION_CONFIDENCE = 0.995
 CONFIDENCE = 0.95
 STOPPING_CONFIDENCE = 0.98
+# the spread between two processes of one configuration assumed while it is not measured yet (lazy extra processes,
+# Race.lazy_extras): about twice the largest measured on our machines (sd 0.03-0.05 of log throughput,
+# docs/sweeps.md), so that an elimination before the extra processes exist is no bolder than one after
+PRIOR_PROCESS_SD = 0.10
 
 
 class RaceMode(str, Enum):
@@ -171,6 +180,8 @@ class RaceWorker:
                 self._paired = {int(k): float(v) for k, v in (msg.get("paired") or {}).items()}
                 if not out.latencies_s:
                     raise RaceLost(f"the race stopped this job before it was timed ({self.outcome.get('stopped')})")
+                if msg.get("hold"):
+                    self._held()
                 return out
             if msg.get("cmd") != "round":
                 raise RaceLost(f"unexpected message from the sweep process: {msg!r}")
@@ -187,6 +198,14 @@ class RaceWorker:
             thr = stats.round_throughputs([(part.batch_rows, part.latencies_s)])[0]
             self._send({"type": "round", "round": r, "throughput": thr, "start": t0, "end": time.time(),
                         "iterations": len(part.latencies_s)})
+
+    def _held(self) -> None:
+        """Told to hold after it stopped: block (no CPU) until the launcher says finish, so that recording this run
+        does not run beside another job's timed round. The launcher gone: record it anyway, the rounds are done."""
+        while True:
+            line = self._reader.readline()
+            if not line or json.loads(line).get("cmd") == "finish":
+                return
 
     def metrics(self) -> Dict[str, float]:
         return dict(self._metrics)
@@ -246,6 +265,7 @@ class Contender:
     processes: List[int] = field(default_factory=lambda: [0])
     live: bool = True
     entered: bool = False  # its group has started racing
+    extras_tried: bool = False  # its extra processes were asked for (Race.lazy_extras)
     stopped: Optional[str] = None
     stopped_round: Optional[int] = None
 
@@ -254,17 +274,39 @@ class Contender:
         return float(values[len(values) // 2]) if values else 0.0
 
 
-def _timed(c: Contender) -> int:
-    """How many processes a job's rounds average over."""
-    return max(1, sum(1 for p in c.per_process.values() if p))
+def _sign_rank(n: int, confidence: float) -> Optional[int]:
+    from . import stats
+
+    return stats.sign_rank(n, confidence)
+
+
+def _timed(c: Contender) -> float:
+    """How many processes a job's rounds average over, in effect: 1 / sum over processes of (its share of the rounds'
+    weight)^2, a round's weight split equally among the processes that ran it. A job timed in 2 processes in every
+    round gives 2; one whose extra process joined at round 10 of 20 (lazy extras) about 1.7, since its own process's
+    lifelong effect weighs in every round."""
+    n = len(c.throughputs)
+    if not n:
+        return 1.0
+    weight = {p: 0.0 for p in c.per_process}
+    for r in c.throughputs:
+        ran = [p for p, t in c.per_process.items() if t.get(r, 0.0) > 0]
+        for p in ran:
+            weight[p] += 1.0 / len(ran)
+    share = sum((w / n) ** 2 for w in weight.values())
+    return 1.0 / share if share > 0 else 1.0
 
 
 class Race:
     """Which job runs when, and when each stops. Pure: the caller runs the rounds and reports throughputs."""
 
-    def __init__(self, cfg: RaceConfig, clock: Callable[[], float] = time.monotonic, min_effect: float = 0.0):
+    def __init__(self, cfg: RaceConfig, clock: Callable[[], float] = time.monotonic, min_effect: float = 0.0,
+                 lazy_extras: bool = False):
         self.cfg, self.clock = cfg, clock
         self.min_effect = min_effect  # summary.min_effect: a job is beaten only beyond this margin
+        # the caller prepares a job's extra processes (race.processes) only once the job has survived the first
+        # rounds at which it could be eliminated (extras_wanted); until then the process spread is PRIOR_PROCESS_SD
+        self.lazy_extras = lazy_extras and int(cfg.processes) > 1
         self.jobs: Dict[int, Contender] = {}
         self.round = 0
         self.started: Optional[float] = None
@@ -308,13 +350,7 @@ class Race:
     def next_round(self) -> Tuple[int, List[int]]:
         """The next round's number and its order of the live jobs (fresh, seeded by race.seed and the round)."""
         self.round += 1
-        live = self.live()
-
-        def needed(c: Contender) -> bool:  # a reference nothing is paired with any more has had its rounds
-            return (not self.is_reference(c) or len(c.throughputs) < self.cfg.min_rounds
-                    or any(o.reference == c.job and o is not c for o in live))
-
-        order = sorted(c.job for c in live if needed(c))
+        order = sorted(c.job for c in self.live() if self._needed(c))
         rng = random.Random(self.cfg.seed * 1_000_003 + self.round)
         rng.shuffle(order)
         units = [(j, p) for j in order for p in self.jobs[j].processes]
@@ -323,6 +359,42 @@ class Race:
         self.rounds.append({"round": self.round, "order": list(order), "units": units, "throughputs": {},
                             "spans": {}, "processes": {}})
         return self.round, order
+
+    def _needed(self, c: Contender) -> bool:
+        """A live job is timed in the next round; a reference nothing is paired with any more has had its rounds."""
+        return (not self.is_reference(c) or len(c.throughputs) < self.cfg.min_rounds
+                or any(o.reference == c.job and o is not c for o in self.live()))
+
+    @property
+    def extras_round(self) -> int:
+        """With lazy extras: the job's own round after which a live job gets its extra processes. The first at which
+        elimination can happen (the sign test's 99.5 % interval needs 9 rounds), so a job beaten by then never costs
+        a preparation; at most max_rounds - 3, so the spread is measured over 3+ rounds of every job."""
+        first_look = next(n for n in range(self.cfg.min_rounds, self.cfg.min_rounds + 64)
+                          if _sign_rank(n, ELIMINATION_CONFIDENCE) is not None)
+        return max(0, min(first_look, self.cfg.max_rounds - 3))
+
+    def awaiting_extras(self, c: Contender) -> bool:
+        """c is to get extra processes but has not yet: its process spread is not measured."""
+        return self.lazy_extras and not c.extras_tried and c.gate is not False
+
+    def _unmeasured(self, c: Contender) -> bool:
+        """Lazy extras: c's spread between processes is still to be measured (no extras yet, or too few rounds)."""
+        from . import stats
+
+        return self.awaiting_extras(c) or (self.lazy_extras and len(c.processes) > 1
+                                           and stats.process_effects(list(c.per_process.values())) is None)
+
+    def extras_wanted(self) -> List[int]:
+        """The jobs whose extra processes the caller should prepare now (then :meth:`extras_tried` for each, and
+        :meth:`add_process` for each that came up)."""
+        if not self.lazy_extras:
+            return []
+        return sorted(c.job for c in self.live() if self.awaiting_extras(c) and self._needed(c)
+                      and len(c.throughputs) >= self.extras_round)
+
+    def extras_tried(self, job: int) -> None:
+        self.jobs[job].extras_tried = True
 
     def units(self) -> List[Tuple[int, int]]:
         """The current round's (job, process) in the order they are timed."""
@@ -401,6 +473,14 @@ class Race:
 
         return stats.process_spread([list(c.per_process.values()) for c in self.jobs.values()])
 
+    def _spread_or_prior(self) -> Tuple[Optional[float], float]:
+        """What an interval is widened with: the measured spread, or (lazy extras, nothing measured yet) the prior
+        PRIOR_PROCESS_SD taken as known (infinite degrees of freedom: the normal quantile)."""
+        sd, dof = self.process_spread()
+        if sd is None and self.lazy_extras:
+            return PRIOR_PROCESS_SD, math.inf
+        return sd, dof
+
     def _vs(self, c: Contender, other: Contender, confidence: float):
         """c over other, paired by round, widened by the process-level spread when it is measured."""
         from . import stats
@@ -408,7 +488,7 @@ class Race:
         s = stats.paired_speedup_interval(c.throughputs, other.throughputs, confidence)
         if s is None or s[1] is None:
             return s
-        sd, dof = self.process_spread()
+        sd, dof = self._spread_or_prior()
         point, low, high = stats.widen_for_processes(s[0], s[1], s[2], sd, dof, _timed(c), _timed(other),
                                                      confidence)
         return point, low, high, s[3]
@@ -444,6 +524,13 @@ class Race:
                 beaten = f"eliminated at round {r}: slower than job {lead.job} beyond noise" if lead else ""
                 if lead is not None and c is not lead and self._below(c, lead, ELIMINATION_CONFIDENCE):
                     stops[c.job] = beaten
+                    continue
+                if self._unmeasured(c) or (c.reference is not None and self._unmeasured(self.jobs[c.reference])):
+                    # its spread between processes is not measured yet: no interval of its own is final
+                    if n >= cfg.max_rounds:
+                        stops[c.job] = f"max_rounds ({cfg.max_rounds}) reached"
+                    elif cfg.budget_s is not None and elapsed >= cfg.budget_s:
+                        stops[c.job] = f"budget_s ({cfg.budget_s:g} s) spent at round {r}"
                     continue
                 # more rounds narrow only the rounds' part: the process-level part is what it is
                 s = self.round_speedup(c, STOPPING_CONFIDENCE)
@@ -515,7 +602,7 @@ class Race:
                    "throughputs": {str(k): v for k, v in sorted(c.throughputs.items())},
                    "paired": {str(k): v for k, v in sorted(paired.items())},
                    # what the summary widens the paired interval with (orchestrator/stats.py)
-                   "processes": _timed(c), "process_sd": sd, "process_dof": dof,
+                   "processes": round(_timed(c), 3), "process_sd": sd, "process_dof": dof,
                    "per_process": {str(p): {str(k): v for k, v in sorted(t.items())}
                                    for p, t in sorted(c.per_process.items())}}
         return {"cmd": "stop", "outcome": outcome, "metrics": {k: v for k, v in metrics.items() if v is not None},
@@ -578,10 +665,18 @@ def _stop_job(race: Race, runners: Runners, job: int) -> None:
 
 
 def run_group(race: Race, runners: Runners, jobs: Iterable[int],
-              on_round: Optional[Callable[[int, List[int]], None]] = None) -> None:
-    """Race ``jobs`` (with the references still alive) until the group is done; each job that stops is told so."""
+              on_round: Optional[Callable[[int, List[int]], None]] = None,
+              add_extras: Optional[Callable[[List[int]], None]] = None) -> None:
+    """Race ``jobs`` (with the references still alive) until the group is done; each job that stops is told so.
+    ``add_extras(jobs)`` (lazy extras): prepare those jobs' extra processes and :meth:`Race.add_process` them."""
     race.begin_group(jobs)
     while not race.group_done() and race.live():
+        wanted = race.extras_wanted()
+        if wanted:
+            if add_extras is not None:
+                add_extras(wanted)
+            for job in wanted:
+                race.extras_tried(job)
         r, order = race.next_round()
         if on_round is not None:
             on_round(r, order)

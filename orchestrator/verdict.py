@@ -86,8 +86,8 @@ def paired(a: Dict[str, Any], b: Dict[str, Any]) -> Optional[tuple]:
     # the spread between a job's processes (race.processes), as measured by the latest of the two to stop
     later = max((a, b), key=lambda r: (r.get("race_process_dof") or 0, r.get("race_process_sd") or 0.0))
     return stats.widen_for_processes(s[0], s[1], s[2], later.get("race_process_sd"),
-                                     int(later.get("race_process_dof") or 0), int(a.get("race_processes") or 1),
-                                     int(b.get("race_processes") or 1))
+                                     int(later.get("race_process_dof") or 0), float(a.get("race_processes") or 1),
+                                     float(b.get("race_processes") or 1))
 
 
 def gate_reasons(metric: Optional[str], value: Optional[float], base_value: Optional[float],

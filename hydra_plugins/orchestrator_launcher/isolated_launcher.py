@@ -16,15 +16,19 @@ Racing (``race.mode=on``, the default for a multirun of two or more jobs; orches
 is started and prepares (load, stack, parity, accuracy pass) one at a time, eager fp32 jobs first, until it says it
 is ready; it then blocks on a socket inherited from this process (``ORCH_RACE_FD``) while the others prepare. The
 launcher then times the ready jobs in interleaved rounds, one job at a time in a fresh seeded order per round, stops
-each when its answer is known (or it is beaten, fails the accuracy gate, or rounds/budget run out) and waits for a
-stopped job to finish its run before timing the next, so nothing else runs while a job is timed. At most
+each when its answer is known (or it is beaten, fails the accuracy gate, or rounds/budget run out). A stopped job
+holds, blocked on its socket, until its group's race is over; the held jobs then record their runs,
+:data:`PREPARE_AT_ONCE` at a time (recording takes seconds that would otherwise sit between timed rounds, and
+nothing else may run while a job is timed). At most
 ``race.max_alive`` job processes are alive (default: what free memory holds); beyond it the jobs race in groups and
 each eager fp32 reference stays alive across groups. The race's log (rounds, orders, seed, stops) is written to
 ``<sweep dir>/race.json``. With ``race.processes`` > 1 each job that passes the accuracy gate gets extra processes
 (same job payload, ``ORCH_RACE_PROCESS``: "1 of 2"; Hydra output in the job's temporary folder) that only serve
-rounds. They are prepared after the group's jobs, :data:`PREPARE_AT_ONCE` at a time: they record nothing of their
-preparation (a job's own load and apply times are measured alone, as before), and a preparation is mostly
-single-threaded Python (imports, tracing, export), so two share a 2-core machine well. ``race.mode=off``: one job
+rounds. They are prepared during the race, once the first rounds that can eliminate a job have run
+(``Race.extras_round``, round 9 by default): a job beaten by then never costs a preparation. Between two rounds,
+:data:`PREPARE_AT_ONCE` at a time: they record nothing of their preparation (a job's own load and apply times are
+measured alone, as before), and a preparation is mostly single-threaded Python (imports, tracing, export), so two
+share a 2-core machine well. ``race.mode=off``: one job
 after another, as before.
 
 Signals: the job runs in its own process group, so a terminal's Ctrl-C reaches the sweep process only, which passes
@@ -48,6 +52,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
@@ -275,6 +280,9 @@ class JobProcess:
         self.why_lost = "its process ended"
         self.info: Dict[str, Any] = {}
         self.signalled = False
+        self.started = time.monotonic()
+        self.prep_s: Optional[float] = None  # spawn to ready: what its extra processes' preparation is ordered by
+        self.held = False  # told it stopped; records its run when released (Racer.release)
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -319,7 +327,14 @@ class JobProcess:
         msg = self._reply("ready")
         if msg is not None:
             self.info = msg
+            self.prep_s = time.monotonic() - self.started
         return msg
+
+    def has_message(self) -> bool:
+        """A whole message, or the end of the socket, is there to read: _message() will not wait."""
+        if b"\n" in self._buf or self._closed:
+            return True
+        return bool(select.select([self.sock], [], [], 0)[0])
 
     def time_round(self, r: int) -> Optional[Tuple[float, float, float]]:
         self.racer.current = self
@@ -330,10 +345,19 @@ class JobProcess:
         return None if msg is None else (float(msg["throughput"]), float(msg["start"]), float(msg["end"]))
 
     def stop(self, message: Dict[str, Any]) -> None:
-        """Tell the job why it stopped and wait until its run is recorded: nothing else runs while one is timed."""
-        self.racer.current = self
-        self._send(message)
-        self.racer.finish(self)
+        """Tell the job why it stopped. It holds (blocked on its socket, no CPU) until released: recording a run
+        (MLflow, artifacts, process exit) takes seconds that would otherwise sit between two timed rounds, and
+        nothing may run while one is timed. Held jobs record their runs together when the group's race is over."""
+        if self._send({**message, "hold": True}):
+            self.held = True
+            self.racer.held.append(self)
+        else:
+            self.racer.finish(self)
+
+    def release(self) -> None:
+        """A held job may now record its run."""
+        if not self._send({"cmd": "finish"}):
+            log.debug("race: job %d was gone before it was released", self.idx)
 
     def rss_mb(self) -> float:
         if self.info.get("rss_mb"):
@@ -346,6 +370,22 @@ class JobProcess:
             return 0.0
 
 
+class _Runners(Mapping):
+    """The race's runners (job -> process 0, (job, p) -> process p), read live: extra processes join mid-race."""
+
+    def __init__(self, racer: "Racer") -> None:
+        self.racer = racer
+
+    def __getitem__(self, key: Any) -> "JobProcess":
+        return self.racer.extra[key] if isinstance(key, tuple) else self.racer.procs[key]
+
+    def __iter__(self):
+        return iter([*self.racer.procs, *self.racer.extra])
+
+    def __len__(self) -> int:
+        return len(self.racer.procs) + len(self.racer.extra)
+
+
 class Racer:
     """Starts and prepares the jobs, drives orchestrator.race over them, ends them, collects their returns."""
 
@@ -353,7 +393,8 @@ class Racer:
         from orchestrator.race import Race
 
         self.launcher, self.cfg, self.sweep_dir = launcher, cfg, sweep_dir
-        self.race = Race(cfg, min_effect=min_effect)
+        # extra processes only for the jobs that survive the first rounds that can eliminate them
+        self.race = Race(cfg, min_effect=min_effect, lazy_extras=True)
         self.procs: Dict[int, JobProcess] = {}
         self.extra: Dict[Tuple[int, int], JobProcess] = {}  # (job, process): a job's extra processes
         self.returns: Dict[int, JobReturn] = {}
@@ -361,6 +402,7 @@ class Racer:
         self.stop: Optional[BaseException] = None
         self.max_alive_seen = 0
         self.limit: Optional[str] = None
+        self.held: List[JobProcess] = []  # stopped, waiting to record their runs (JobProcess.stop)
 
     # -- signals --------------------------------------------------------------------------------------------------
     def _on_int(self, signum, frame) -> None:
@@ -432,11 +474,12 @@ class Racer:
         # eager fp32 jobs first: the others' accuracy gate is judged against them as soon as they are ready
         pending = sorted(jobs, key=lambda j: (not job_identity(j[2])[2], j[0]))
         group: List[int] = []
-        extras: List[Tuple[int, List[str], DictConfig]] = []  # the group's jobs whose extra processes are to come
+        # the group's jobs whose extra processes may come (prepared during the race: Race.lazy_extras), for whom
+        # memory is kept free
+        extras: List[Tuple[int, List[str], DictConfig]] = []
         for idx, overrides, config in pending:
             self.check_stop()
             if group and self._group_full(group, len(extras)):
-                self._extra_processes(extras)
                 self._race(group)
                 group, extras = [], []
             log.info("race: preparing job %d (load, stack, accuracy pass)", idx)
@@ -452,14 +495,17 @@ class Racer:
             if contender.gate is not False:  # a job that fails the gate is timed only for its row: one process
                 extras.append((idx, overrides, config))
         if group:
-            self._extra_processes(extras)
             self._race(group)
         end_race(self.race, self._runners())
+        self.release()
 
     def _extra_processes(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
         """race.processes > 1: more processes of each job (load, precision, stack), PREPARE_AT_ONCE at a time."""
-        todo = [(idx, process, overrides, config) for idx, overrides, config in jobs
-                for process in range(1, int(getattr(self.cfg, "processes", 1)))]
+        # the longest preparations first (their job's own took longest), and a free slot refilled as soon as any
+        # process is ready: a long one (an inductor compile) then runs beside the short ones, not after them
+        todo = sorted(((idx, process, overrides, config) for idx, overrides, config in jobs
+                       for process in range(1, int(getattr(self.cfg, "processes", 1)))),
+                      key=lambda t: (-(self.procs[t[0]].prep_s or 0.0), t[0], t[1]))
         preparing: List[JobProcess] = []
         while todo or preparing:
             self.check_stop()
@@ -473,15 +519,45 @@ class Racer:
                 preparing.append(jp)
                 self._count_alive()
             if preparing:
-                jp = preparing.pop(0)
+                jp = self._first_ready(preparing)
+                preparing.remove(jp)
                 if jp.wait_ready() is not None:
                     self.race.add_process(jp.idx, jp.process)
+
+    def _first_ready(self, preparing: List[JobProcess]) -> JobProcess:
+        """The first of the preparing processes with something to say (ready, failed or gone)."""
+        while True:
+            self.check_stop()
+            for jp in preparing:
+                if jp.has_message():
+                    return jp
+            gone = next((jp for jp in preparing if not jp.alive()), None)
+            if gone is not None:
+                return gone
+            select.select([jp.sock for jp in preparing], [], [], 0.5)
+
+    def release(self) -> None:
+        """Let the held (stopped) jobs record their runs, PREPARE_AT_ONCE at a time, and wait until they have."""
+        running: List[JobProcess] = []
+        while self.held or running:
+            while self.held and len(running) < PREPARE_AT_ONCE:
+                jp = self.held.pop(0)  # what is still held when the sweep stops is released by _end_all
+                jp.release()
+                running.append(jp)
+            done = next((jp for jp in running if not jp.alive()), None)
+            if done is None:
+                self.check_stop()
+                time.sleep(0.05)
+                continue
+            running.remove(done)
+            self.current = done
+            self.finish(done)
 
     def _count_alive(self) -> None:
         self.max_alive_seen = max(self.max_alive_seen, sum(p.alive() for p in self.all_procs()))
 
-    def _runners(self) -> Dict[Any, JobProcess]:
-        return {**self.procs, **self.extra}
+    def _runners(self) -> "_Runners":
+        return _Runners(self)
 
     def _group_full(self, group: List[int], waiting: int = 0) -> bool:
         """No room for another job; ``waiting``: the group's jobs whose extra processes are not started yet."""
@@ -511,7 +587,13 @@ class Racer:
         def on_round(r: int, order: List[int]) -> None:
             log.info("race round %d: jobs %s", r, " ".join(map(str, order)))
 
-        run_group(self.race, self._runners(), group, on_round)
+        def add_extras(jobs: List[int]) -> None:
+            log.info("race: jobs %s are still racing after round %d: preparing their extra processes",
+                     " ".join(map(str, jobs)), self.race.round)
+            self._extra_processes([(j, self.procs[j].overrides, self.procs[j].config) for j in jobs])
+
+        run_group(self.race, self._runners(), group, on_round, add_extras)
+        self.release()  # the group's stopped jobs record their runs (and free their memory) before the next group
 
     def _contender(self, jp: JobProcess, info: Dict[str, Any]):
         from orchestrator.race import Contender
@@ -591,8 +673,13 @@ class Racer:
     def _end_all(self) -> None:
         """The sweep stops: every live job ends KILLED (those already signalled are not signalled again)."""
         sig = signal.SIGTERM
+        for p in self.held:  # their race is over: they record their runs as they are, FINISHED
+            p.release()
+        self.held = []
         for p in self.all_procs():
-            if p.alive() and not p.signalled:
+            if p.held or not p.alive():
+                continue
+            if not p.signalled:
                 p.signalled = True
                 _signal(p.proc, sig)
         for p in self.all_procs():
