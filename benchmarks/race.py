@@ -158,12 +158,19 @@ def winner(result: Dict[str, Any]) -> Optional[str]:
     return f"job {best[0]} ({best[1].get('stack')}/{shown})"
 
 
-def run_engines(extra: List[str], workdir: Path, max_rounds: int) -> List[str]:
+ENGINE_WAYS = {"raced": ["race.mode=on"],
+               # isolates the race's round length: raced, but each round as long as a sequential one
+               "long-rounds": ["race.mode=on", "race.round_s=null"],
+               "sequential": ["race.mode=off"]}
+
+
+def run_engines(extra: List[str], workdir: Path, max_rounds: int, ways=tuple(ENGINE_WAYS)) -> List[str]:
     lines = []
-    # the middle way isolates the race's round length: raced, but each round as long as a sequential one
-    for label, args in (("raced", ["race.mode=on"]),
-                        ("raced, rounds of runtime.min_duration_s", ["race.mode=on", "race.round_s=null"]),
-                        ("exhaustive sequential", ["race.mode=off", f"runtime.repeats={max_rounds}"])):
+    labels = {"raced": "raced", "long-rounds": "raced, rounds of runtime.min_duration_s",
+              "sequential": "exhaustive sequential"}
+    for way in ways:
+        label, args = labels[way], ENGINE_WAYS[way] + ([f"runtime.repeats={max_rounds}"] if way == "sequential"
+                                                        else [])
         res = sweep(workdir, ["sweep=engines", "experiment=sst2_minilm", *args, *extra])
         failed = {j: r.get("error") for j, r in res["jobs"].items() if r.get("status") != "FINISHED"}
         lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}; "
@@ -215,6 +222,8 @@ def main() -> None:
     ap.add_argument("--hog-procs", type=int, default=max(1, (os.cpu_count() or 2) - 1))
     ap.add_argument("--twice", action="store_true", help="the README's sweep twice: same answer?")
     ap.add_argument("--engines", action="store_true", help="time to answer of sweep=engines experiment=sst2_minilm")
+    ap.add_argument("--ways", default=",".join(ENGINE_WAYS),
+                    help=f"--engines: which ways to run, of {','.join(ENGINE_WAYS)}")
     ap.add_argument("--out", type=Path)
     args, extra = ap.parse_known_args()
     print(f"CPU: {cpu.describe()}; {load()}", file=sys.stderr)
@@ -229,7 +238,7 @@ def main() -> None:
             if args.twice:
                 lines += run_twice(extra, Path(tmp))
             if args.engines:
-                lines += run_engines(extra, Path(tmp), 20)
+                lines += run_engines(extra, Path(tmp), 20, tuple(args.ways.split(",")))
     finally:
         for p in hog:
             p.kill()

@@ -385,6 +385,18 @@ class Race:
         return self.awaiting_extras(c) or (self.lazy_extras and len(c.processes) > 1
                                            and stats.process_effects(list(c.per_process.values())) is None)
 
+    def _spread_known(self, c: Contender) -> bool:
+        """Lazy extras: c's and its reference's processes have shared min_rounds rounds. Before that the spread is
+        measured (3 shared rounds) but overestimated, round noise still in each process's median: on the safe side
+        for an interval, not for deciding that more rounds cannot help."""
+        from . import stats
+
+        if not self.lazy_extras:
+            return True
+        return all(len(o.processes) < 2 or stats.process_effects(list(o.per_process.values()),
+                                                                 min_shared=self.cfg.min_rounds) is not None
+                   for o in (c, self.jobs.get(c.reference)) if o is not None)
+
     def extras_wanted(self) -> List[int]:
         """The jobs whose extra processes the caller should prepare now (then :meth:`extras_tried` for each, and
         :meth:`add_process` for each that came up)."""
@@ -457,14 +469,18 @@ class Race:
             return None
         return stats.paired_speedup_interval(c.throughputs, self.jobs[c.reference].throughputs, confidence)
 
-    def process_halfwidth(self, c: Contender, confidence: float = CONFIDENCE) -> Optional[float]:
+    def process_halfwidth(self, c: Contender, confidence: float = CONFIDENCE, asymptotic: bool = False
+                          ) -> Optional[float]:
         """The process-level part of c's interval against its reference (relative: exp(t * sd * sqrt(...)) - 1);
-        None while the spread is not measured."""
+        None while the spread is not measured. ``asymptotic``: what it tends to with more rounds, each process of
+        the two jobs timed in every one (lazy extras: it shrinks as the rounds with all processes accumulate)."""
         from . import stats
 
         if c.reference is None or c.reference == c.job:
             return None
-        q = stats.process_term(*self.process_spread(), _timed(c), _timed(self.jobs[c.reference]), confidence)
+        ref = self.jobs[c.reference]
+        m = (len(c.processes), len(ref.processes)) if asymptotic else (_timed(c), _timed(ref))
+        q = stats.process_term(*self.process_spread(), *m, confidence)
         return None if q is None else math.exp(q) - 1.0
 
     def process_spread(self) -> Tuple[Optional[float], int]:
@@ -537,8 +553,8 @@ class Race:
                 hw = stats.half_width(s[1], s[2]) if s else None
                 # once the rounds' part is below the process-level part, more rounds can narrow the interval by
                 # less than a third (sqrt(hw^2 + q^2) >= q): Kalibera & Jones spend repetitions where the variance is
-                q = self.process_halfwidth(c)
-                settled = hw is not None and q is not None and hw < q
+                q = self.process_halfwidth(c, asymptotic=True)
+                settled = hw is not None and q is not None and hw < q and self._spread_known(c)
                 if hw is not None and (hw < cfg.target_halfwidth or settled):
                     # settled: said as beaten when its (one, final) 95 % interval against the leader is below 1
                     why = (f"target half-width reached at round {r} (+-{100 * hw:.1f} %)" if hw < cfg.target_halfwidth

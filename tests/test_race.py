@@ -192,6 +192,14 @@ def test_extra_processes_come_only_for_the_jobs_that_survive_the_first_rounds_th
     assert 1.0 < msg["outcome"]["processes"] < 2.0 and msg["outcome"]["process_dof"] == 2
     assert msg["outcome"]["processes"] == pytest.approx(rounds ** 2 / ((rounds - (rounds - 9) / 2) ** 2
                                                                       + ((rounds - 9) / 2) ** 2), abs=1e-3)
+    # processes 15 % apart and noisy rounds: "more rounds cannot narrow it" waits for min_rounds rounds of every
+    # process (a spread from 3 rounds still holds their noise: too large to stop on)
+    noisy, _, _ = race_with_lazy_extras([1.0, 1.0, 1.0], process_sd=0.15, seed=3, sigma=0.08)
+    for job in (1, 2):
+        c = noisy.jobs[job]
+        if "cannot narrow" in c.stopped:
+            assert len(c.per_process[1]) >= noisy.cfg.min_rounds, c.stopped
+    assert any("cannot narrow" in (c.stopped or "") for c in noisy.jobs.values())
     # max_rounds 6: the extras come after round 3, so the spread still gets three rounds
     short, _, prepared = race_with_lazy_extras([1.0, 1.0], 0.03, seed=1, cfg=R.RaceConfig(seed=1, max_rounds=6))
     assert short.extras_round == 3 and prepared == [(3, [0, 1])]
