@@ -274,12 +274,6 @@ class Contender:
         return float(values[len(values) // 2]) if values else 0.0
 
 
-def _sign_rank(n: int, confidence: float) -> Optional[int]:
-    from . import stats
-
-    return stats.sign_rank(n, confidence)
-
-
 def _timed(c: Contender) -> float:
     """How many processes a job's rounds average over, in effect: 1 / sum over processes of (its share of the rounds'
     weight)^2, a round's weight split equally among the processes that ran it. A job timed in 2 processes in every
@@ -370,32 +364,33 @@ class Race:
         """With lazy extras: the job's own round after which a live job gets its extra processes. The first at which
         elimination can happen (the sign test's 99.5 % interval needs 9 rounds), so a job beaten by then never costs
         a preparation; at most max_rounds - 3, so the spread is measured over 3+ rounds of every job."""
+        from . import stats
+
         first_look = next(n for n in range(self.cfg.min_rounds, self.cfg.min_rounds + 64)
-                          if _sign_rank(n, ELIMINATION_CONFIDENCE) is not None)
+                          if stats.sign_rank(n, ELIMINATION_CONFIDENCE) is not None)
         return max(0, min(first_look, self.cfg.max_rounds - 3))
 
     def awaiting_extras(self, c: Contender) -> bool:
         """c is to get extra processes but has not yet: its process spread is not measured."""
         return self.lazy_extras and not c.extras_tried and c.gate is not False
 
-    def _unmeasured(self, c: Contender) -> bool:
-        """Lazy extras: c's spread between processes is still to be measured (no extras yet, or too few rounds)."""
+    def _shared_short(self, c: Contender, min_shared: int = 3) -> bool:
+        """Lazy extras: c has extra processes that have not yet shared ``min_shared`` rounds with its own."""
         from . import stats
 
-        return self.awaiting_extras(c) or (self.lazy_extras and len(c.processes) > 1
-                                           and stats.process_effects(list(c.per_process.values())) is None)
+        return (self.lazy_extras and len(c.processes) > 1
+                and stats.process_effects(list(c.per_process.values()), min_shared=min_shared) is None)
+
+    def _unmeasured(self, c: Contender) -> bool:
+        """Lazy extras: c's spread between processes is still to be measured (no extras yet, or too few rounds)."""
+        return self.awaiting_extras(c) or self._shared_short(c)
 
     def _spread_known(self, c: Contender) -> bool:
         """Lazy extras: c's and its reference's processes have shared min_rounds rounds. Before that the spread is
         measured (3 shared rounds) but overestimated, round noise still in each process's median: on the safe side
         for an interval, not for deciding that more rounds cannot help."""
-        from . import stats
-
-        if not self.lazy_extras:
-            return True
-        return all(len(o.processes) < 2 or stats.process_effects(list(o.per_process.values()),
-                                                                 min_shared=self.cfg.min_rounds) is not None
-                   for o in (c, self.jobs.get(c.reference)) if o is not None)
+        return not any(self._shared_short(o, self.cfg.min_rounds)
+                       for o in (c, self.jobs.get(c.reference)) if o is not None)
 
     def extras_wanted(self) -> List[int]:
         """The jobs whose extra processes the caller should prepare now (then :meth:`extras_tried` for each, and
