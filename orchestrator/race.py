@@ -189,8 +189,14 @@ class RaceWorker:
             order = measure.timing_order(len(batches), int(getattr(runtime, "seed", 0)) + r)
             t0 = time.time()
             # its own untimed warm-up first (caches and clocks come back after the wait), inside the timing pass as
-            # when timed alone; the job's processes share its round: together they time as long as one would alone
-            part = measure.timing_pass(step, batches, int(runtime.warmup),
+            # when timed alone; the job's processes share its round: together they time as long as one would alone.
+            # An extra process ran no accuracy pass: before its first round it has never seen most batch shapes
+            # (oneDNN primitives, engines' shape specialisations are built on first sight), so that round was its
+            # slowest by 20-30 % in every measured race; one untimed pass over every batch first
+            warmup = int(runtime.warmup)
+            if self.process and not out.latencies_s:
+                warmup = max(warmup, len(batches))
+            part = measure.timing_pass(step, batches, warmup,
                                        -(-int(runtime.min_iterations) // self.processes),
                                        round_s / self.processes, runtime.max_iterations,
                                        progress=False, order=order)
@@ -222,6 +228,49 @@ class RaceWorker:
         try:
             self._send({"type": "abort", "reason": str(reason)[:2000]})
         except OSError:
+            pass
+
+
+def await_turn() -> None:
+    """A raced job's process, before it runs the job: import what every job imports before its first measured
+    phase, say "started", and wait for the launcher's "prepare". The launcher starts a job's process while another
+    one starts (their imports share the cores: nothing is measured yet) and lets it prepare only once the job before
+    it is ready, so each job's load, apply and accuracy pass still run alone. No-op outside a race."""
+    from .environment import SPAWNED_AT_ENV
+
+    fd = os.environ.get(RACE_FD_ENV)
+    if not fd:
+        return
+    try:
+        import mlflow  # noqa: F401  (what a run imports before its first measured phase; transformers is not)
+
+        from . import runner  # noqa: F401  (torch)
+    except ImportError:  # the job itself says what is missing, as it would have
+        pass
+    sock = socket.socket(fileno=int(fd))
+    try:
+        waited = time.time()
+        line = b""
+        sock.sendall(json.dumps({"type": "started"}).encode() + b"\n")
+        while not line.endswith(b"\n"):  # byte by byte: nothing after this line may be taken from the job's reader
+            byte = sock.recv(1)
+            if not byte:
+                break
+            line += byte
+        waited = time.time() - waited
+    except OSError:
+        line = b""
+    finally:
+        sock.detach()  # the fd stays open: the job's RaceWorker talks on it
+    if not line:
+        raise RaceLost("the sweep process that races this job is gone")
+    if json.loads(line).get("cmd") != "prepare":
+        raise RaceLost(f"unexpected message from the sweep process: {line!r}")
+    spawned = os.environ.get(SPAWNED_AT_ENV)
+    if spawned:  # process_startup_s is the start-up, not the wait for its turn
+        try:
+            os.environ[SPAWNED_AT_ENV] = repr(float(spawned) + waited)
+        except ValueError:
             pass
 
 

@@ -12,6 +12,7 @@ import threading
 import numpy as np
 import pytest
 
+from hydra_plugins.orchestrator_launcher import isolated_launcher
 from orchestrator import race as R
 from orchestrator import stats, verdict
 
@@ -503,6 +504,30 @@ def test_a_round_lasts_race_round_s_shared_by_the_jobs_processes():
     assert serve(worker(), None)["iterations"] == Runtime.min_iterations  # null: runtime.min_duration_s (0)
 
 
+def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
+    """An extra process ran no accuracy pass: its first round starts with an untimed pass over every batch (each
+    shape built once), later rounds with runtime.warmup batches only; the job's own process is unchanged."""
+    def calls_per_round(process, processes, rounds=2):
+        ours, theirs = socket.socketpair()
+        worker, seen = R.RaceWorker(ours, process, processes), []
+        f = theirs.makefile("rb")
+        t = threading.Thread(target=lambda: worker.timing(lambda inputs: seen.append(1), _batches(8), Runtime, 0.0))
+        t.start()
+        counts = []
+        for r in range(1, rounds + 1):
+            before = len(seen)
+            theirs.sendall(f'{{"cmd": "round", "round": {r}}}\n'.encode())
+            got = R.json.loads(f.readline())
+            counts.append((len(seen) - before, got["iterations"]))
+        theirs.sendall(b'{"cmd": "stop", "outcome": {}}\n')
+        t.join()
+        return counts
+
+    timed = -(-Runtime.min_iterations // 2)
+    assert calls_per_round(1, 2) == [(8 + timed, timed), (Runtime.warmup + timed, timed)]
+    assert calls_per_round(0, 2) == [(Runtime.warmup + timed, timed)] * 2
+
+
 def test_abort_is_harmless_without_a_launcher_and_a_lost_launcher_is_one_error():
     ours, theirs = socket.socketpair()
     worker = R.RaceWorker(ours)
@@ -526,6 +551,38 @@ def test_worker_from_env_is_none_unless_the_launcher_set_a_socket(monkeypatch):
     assert R.RACE_FD_ENV not in os.environ  # nothing this job starts thinks it is raced
     worker.abort("x")
     assert b"abort" in theirs.recv(100)
+
+
+def test_a_job_started_ahead_waits_for_its_turn_and_counts_no_wait_as_start_up(monkeypatch):
+    """await_turn: says "started", blocks until "prepare", takes nothing after that line from the socket (the
+    job's RaceWorker reads on), and moves the spawn time on by the wait: process_startup_s is the start-up alone."""
+    import json
+    import os
+    import time
+
+    from orchestrator.environment import SPAWNED_AT_ENV
+
+    monkeypatch.delenv(R.RACE_FD_ENV, raising=False)
+    R.await_turn()  # not raced: returns at once
+    ours, theirs = socket.socketpair()
+    monkeypatch.setenv(R.RACE_FD_ENV, str(ours.detach()))
+    spawned = time.time() - 1.0
+    monkeypatch.setenv(SPAWNED_AT_ENV, repr(spawned))
+    waiter = threading.Thread(target=R.await_turn)
+    waiter.start()
+    assert json.loads(theirs.makefile("rb").readline()) == {"type": "started"}
+    time.sleep(0.3)
+    assert waiter.is_alive()  # its turn has not come
+    theirs.sendall(b'{"cmd": "prepare"}\n{"cmd": "stop", "outcome": {"stopped": "x"}}\n')
+    waiter.join(10)
+    assert not waiter.is_alive()
+    assert float(os.environ[SPAWNED_AT_ENV]) >= spawned + 0.3
+    worker = R.worker_from_env()  # the same socket, the next line intact
+    assert worker._recv() == {"cmd": "stop", "outcome": {"stopped": "x"}}
+    theirs.close()
+    monkeypatch.setenv(R.RACE_FD_ENV, str(socket.socketpair()[0].detach()))
+    with pytest.raises(R.RaceLost, match="gone"):  # its launcher died while it waited
+        R.await_turn()
 
 
 # ---- a waiting job's CPU -----------------------------------------------------------------------------------------
@@ -624,6 +681,10 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
         assert 6 <= job["rounds"] and job["stopped"]
     # six processes at most: the eager fp32 jobs (prepared first) and job 2, then job 3 with the references
     assert log["groups"] == [[0, 1, 2], [0, 1, 3]] and log["max_alive"] == 6
+    # processes start two at a time (their imports side by side, one per core), unless the next job would not fit
+    # race.max_alive: job 3 races in the next group
+    assert log["started_together"] == {1: [[0], [1], [2], [3]], 2: [[0, 1], [2], [3]]}.get(
+        isolated_launcher.START_AHEAD, [[0, 1, 2], [3]])
     # every job timed in two processes, the extra one from its fourth round on (lazy extras: max_rounds 6 puts
     # them after round 3), interleaved with the other jobs' processes
     for job in log["jobs"].values():

@@ -33,6 +33,13 @@ def main(job_in: str, job_out: str) -> int:
 
     restore_sigint()  # a job started under an ignored SIGINT must still end on Ctrl-C
     _die_with_the_sweep()
+    from orchestrator.race import RaceLost, await_turn
+
+    try:
+        await_turn()  # raced: started beside another job's start-up, prepares when the launcher says so
+    except RaceLost as e:
+        sys.stderr.write(f"error: {e}\n")
+        return 1
     import cloudpickle
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton

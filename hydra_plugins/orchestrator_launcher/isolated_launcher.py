@@ -13,8 +13,11 @@ sweep's environment (so it nests under the sweep's MLflow parent run) plus ``ORC
 was started, from which the run logs ``process_startup_s``.
 
 Racing (``race.mode=on``, the default for a multirun of two or more jobs; orchestrator/race.py): every job's process
-is started and prepares (load, stack, parity, accuracy pass) one at a time, eager fp32 jobs first, until it says it
-is ready; it then blocks on a socket inherited from this process (``ORCH_RACE_FD``) while the others prepare. The
+prepares (load, stack, parity, accuracy pass) one at a time, eager fp32 jobs first, until it says it is ready; it
+then blocks on a socket inherited from this process (``ORCH_RACE_FD``) while the others prepare. The processes are
+started :data:`START_AHEAD` at a time (one per core): their start-up (Python, torch, MLflow imports: seconds of
+single-threaded work before anything is measured) runs side by side, then each waits, blocked, for its turn to
+prepare (``orchestrator.race.await_turn``), so each job's measured phases still run alone. The
 launcher then times the ready jobs in interleaved rounds, one job at a time in a fresh seeded order per round, stops
 each when its answer is known (or it is beaten, fails the accuracy gate, or rounds/budget run out). A stopped job
 holds, blocked on its socket, until its group's race is over; the held jobs then record their runs,
@@ -72,6 +75,8 @@ SWEEP_PID_ENV = "ORCH_SWEEP_PID"
 MEMORY_HEADROOM = 1.5
 # extra processes (race.processes) prepared at once; see the module's docstring
 PREPARE_AT_ONCE = 2
+# job processes started at once, their imports side by side (Racer._start_ahead): one per core, up to 4
+START_AHEAD = max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
 # after the sweep is stopped, how long a job may take to record itself KILLED before it is killed outright
 GRACE_S = 60.0
 
@@ -252,7 +257,8 @@ def job_identity(config: DictConfig) -> Tuple[str, str, bool]:
 class JobProcess:
     """One raced job: its process, its socket, and the race's commands to it (a RoundRunner of orchestrator/race)."""
 
-    def __init__(self, racer: "Racer", idx: int, overrides: List[str], config: DictConfig, process: int = 0):
+    def __init__(self, racer: "Racer", idx: int, overrides: List[str], config: DictConfig, process: int = 0,
+                 begin: bool = True):
         from orchestrator.race import RACE_FD_ENV, RACE_PROCESS_ENV
 
         self.racer, self.idx, self.overrides, self.config = racer, idx, overrides, config
@@ -283,6 +289,26 @@ class JobProcess:
         self.started = time.monotonic()
         self.prep_s: Optional[float] = None  # spawn to ready: what its extra processes' preparation is ordered by
         self.held = False  # told it stopped; records its run when released (Racer.release)
+        # it imports, says "started" and waits for "prepare" (orchestrator.race.await_turn): a job started ahead
+        # prepares only once the one before it is ready
+        self.begun = self.started_up = False
+        if begin:
+            self.begin()
+
+    def begin(self) -> None:
+        """Let it prepare (load, stack, accuracy pass) as soon as it has started up."""
+        if not self.begun:
+            self.begun = True
+            self.started = time.monotonic()
+            self._send({"cmd": "prepare"})
+
+    def wait_started(self) -> None:
+        """Until it has imported what every job imports and waits for its turn (or is gone)."""
+        if not self.started_up:
+            msg = self._message()
+            self.started_up = True
+            if msg is not None and msg.get("type") != "started":
+                self._buf = json.dumps(msg).encode() + b"\n" + self._buf
 
     def alive(self) -> bool:
         return self.proc.poll() is None
@@ -315,6 +341,9 @@ class JobProcess:
 
     def _reply(self, kind: str) -> Optional[Dict[str, Any]]:
         msg = self._message()
+        if msg is not None and msg.get("type") == "started" and not self.started_up:
+            self.started_up = True
+            msg = self._message()
         if msg is not None and msg.get("type") == kind:
             return msg
         if msg is not None and msg.get("type") == "abort":
@@ -403,6 +432,8 @@ class Racer:
         self.max_alive_seen = 0
         self.limit: Optional[str] = None
         self.held: List[JobProcess] = []  # stopped, waiting to record their runs (JobProcess.stop)
+        self.recording: List[JobProcess] = []  # released, recording their runs
+        self.started_together: List[List[int]] = []  # the jobs whose processes started (imported) at once
 
     # -- signals --------------------------------------------------------------------------------------------------
     def _on_int(self, signum, frame) -> None:
@@ -477,15 +508,18 @@ class Racer:
         # the group's jobs whose extra processes may come (prepared during the race: Race.lazy_extras), for whom
         # memory is kept free
         extras: List[Tuple[int, List[str], DictConfig]] = []
-        for idx, overrides, config in pending:
+        for i, (idx, overrides, config) in enumerate(pending):
             self.check_stop()
             if group and self._group_full(group, len(extras)):
+                self._drop_ahead()
                 self._race(group)
                 group, extras = [], []
+            if idx not in self.procs:  # not started ahead: start it with the next ones, all import at once
+                ahead = pending[i + 1:i + min(START_AHEAD, 1 + self._room_ahead(len(extras)))]
+                self._start_ahead([(idx, overrides, config)] + ahead)
             log.info("race: preparing job %d (load, stack, accuracy pass)", idx)
-            jp = JobProcess(self, idx, overrides, config)
-            self.procs[idx] = jp
-            self._count_alive()
+            jp = self.procs[idx]
+            jp.begin()
             info = jp.wait_ready()
             if info is None:
                 continue
@@ -498,6 +532,40 @@ class Racer:
             self._race(group)
         end_race(self.race, self._runners())
         self.release()
+
+    def _start_ahead(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
+        """Start these jobs' processes together and wait until each has imported what every job imports (torch,
+        MLflow: seconds of single-threaded Python): the imports share the cores, nothing is measured yet. Each then
+        waits for its turn to prepare, blocked (no CPU). A job's own preparation still runs alone."""
+        for idx, overrides, config in jobs:
+            self.procs[idx] = JobProcess(self, idx, overrides, config, begin=False)
+        self.started_together.append([idx for idx, _, _ in jobs])
+        self.current = self.procs[jobs[0][0]]  # Ctrl-C now ends the job whose turn is next
+        self._count_alive()
+        for idx, _, _ in jobs:
+            self.check_stop()
+            self.procs[idx].wait_started()
+
+    def _room_ahead(self, waiting: int) -> int:
+        """How many more jobs may start now, besides the one about to prepare: with race.max_alive, as many as fit
+        in the group with all their processes (``waiting``: the group's jobs whose extra processes may still come).
+        By memory it is decided once the prepared jobs' RSS is known (_group_full, _drop_ahead)."""
+        if self.cfg.max_alive is None:
+            return START_AHEAD
+        per_job = int(getattr(self.cfg, "processes", 1))
+        alive = sum(p.alive() and p.begun for p in self.all_procs())
+        room = self.cfg.max_alive - alive - 1 - (waiting + 1) * (per_job - 1)
+        return max(0, room // per_job)
+
+    def _drop_ahead(self) -> None:
+        """End the processes started ahead that have not begun: their group is full (race.max_alive, memory), so
+        they would wait through its race; each is started again when its turn comes. They ran nothing."""
+        for idx, jp in list(self.procs.items()):
+            if not jp.begun:
+                del self.procs[idx]
+                _signal(jp.proc, signal.SIGTERM)
+                self._wait_ended(jp)
+                shutil.rmtree(jp.tmp, ignore_errors=True)
 
     def _extra_processes(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
         """race.processes > 1: more processes of each job (load, precision, stack), PREPARE_AT_ONCE at a time."""
@@ -518,6 +586,7 @@ class Racer:
                 self.extra[(idx, process)] = jp
                 preparing.append(jp)
                 self._count_alive()
+            self.release(wait=False)  # the jobs stopped so far record their runs meanwhile: nothing is timed
             if preparing:
                 jp = self._first_ready(preparing)
                 preparing.remove(jp)
@@ -528,7 +597,10 @@ class Racer:
         """The first of the preparing processes with something to say (ready, failed or gone)."""
         while True:
             self.check_stop()
+            self.release(wait=False)
             for jp in preparing:
+                if jp.has_message() and not jp.started_up:
+                    jp.wait_started()  # "started" says nothing yet
                 if jp.has_message():
                     return jp
             gone = next((jp for jp in preparing if not jp.alive()), None)
@@ -536,20 +608,22 @@ class Racer:
                 return gone
             select.select([jp.sock for jp in preparing], [], [], 0.5)
 
-    def release(self) -> None:
-        """Let the held (stopped) jobs record their runs, PREPARE_AT_ONCE at a time, and wait until they have."""
-        running: List[JobProcess] = []
-        while self.held or running:
-            while self.held and len(running) < PREPARE_AT_ONCE:
+    def release(self, wait: bool = True) -> None:
+        """Let the held (stopped) jobs record their runs, PREPARE_AT_ONCE at a time, and wait until they have
+        (``wait=False``: release what there is room for, collect what has ended, and return)."""
+        while self.held or self.recording:
+            while self.held and len(self.recording) < PREPARE_AT_ONCE:
                 jp = self.held.pop(0)  # what is still held when the sweep stops is released by _end_all
                 jp.release()
-                running.append(jp)
-            done = next((jp for jp in running if not jp.alive()), None)
+                self.recording.append(jp)
+            done = next((jp for jp in self.recording if not jp.alive()), None)
             if done is None:
+                if not wait:
+                    return
                 self.check_stop()
                 time.sleep(0.05)
                 continue
-            running.remove(done)
+            self.recording.remove(done)
             self.current = done
             self.finish(done)
 
@@ -561,7 +635,8 @@ class Racer:
 
     def _group_full(self, group: List[int], waiting: int = 0) -> bool:
         """No room for another job; ``waiting``: the group's jobs whose extra processes are not started yet."""
-        alive = [p for p in self.all_procs() if p.alive()]
+        # a process started ahead (not begun) is the next job, counted below; or is ended if the group is full
+        alive = [p for p in self.all_procs() if p.alive() and p.begun]
         per_job = int(getattr(self.cfg, "processes", 1))  # the next job needs room for all its processes
         coming = waiting * (per_job - 1)
         if self.cfg.max_alive is not None:
@@ -591,6 +666,7 @@ class Racer:
             log.info("race: jobs %s are still racing after round %d: preparing their extra processes",
                      " ".join(map(str, jobs)), self.race.round)
             self._extra_processes([(j, self.procs[j].overrides, self.procs[j].config) for j in jobs])
+            self.release()  # every run recording meanwhile is done before the next timed round
 
         run_group(self.race, self._runners(), group, on_round, add_extras)
         self.release()  # the group's stopped jobs record their runs (and free their memory) before the next group
@@ -642,8 +718,9 @@ class Racer:
         return (not reasons), "; ".join(reasons)
 
     def finish(self, jp: JobProcess) -> None:
-        """Wait for a job that is ending, then read back what it returned (an extra process returns nothing)."""
-        if jp.process:
+        """Wait for a job that is ending, then read back what it returned (an extra process, or one that never
+        began, returns nothing)."""
+        if jp.process or not jp.begun:
             if jp.tmp.exists():
                 self._wait_ended(jp)
                 shutil.rmtree(jp.tmp, ignore_errors=True)
@@ -693,6 +770,7 @@ class Racer:
         data = self.race.log_dict()
         data["max_alive"] = self.max_alive_seen
         data["group_limit"] = self.limit
+        data["started_together"] = self.started_together
         data["stopped_by_signal"] = type(self.stop).__name__ if self.stop is not None else None
         try:
             path = self.sweep_dir / RACE_FILE
