@@ -58,7 +58,7 @@ def sweep(workdir: Path, args: List[str]) -> Dict[str, Any]:
     sweep_dir = workdir / f"sweep-{time.time_ns()}"
     cmd = [sys.executable, "-m", "orchestrator", "-m", f"tracking.uri=sqlite:///{workdir / 'mlflow.db'}",
            "runtime.progress=false", f"hydra.sweep.dir={sweep_dir}", *args]
-    t0 = time.perf_counter()
+    t0, started = time.perf_counter(), time.time()
     # presets name ../shared relative to the checkout; the sweeps run in a scratch folder
     env = {**os.environ, "ORCH_SHARED_DIR": os.environ.get("ORCH_SHARED_DIR", str(REPO.parent / "shared"))}
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, env=env)
@@ -70,7 +70,8 @@ def sweep(workdir: Path, args: List[str]) -> Dict[str, Any]:
     md = sweep_dir / "summary.md"  # "### Recommended: ...", the CPU, then the recommendation line
     parts = md.read_text().split("\n\n") if md.is_file() else []
     recommendation = " ".join(parts[2].split()) if len(parts) > 2 else None
-    return {"rc": proc.returncode, "wall_s": wall, "jobs": jobs, "race": race, "recommendation": recommendation,
+    return {"rc": proc.returncode, "wall_s": wall, "started": started, "jobs": jobs, "race": race,
+            "recommendation": recommendation,
             "error": proc.stderr.strip().splitlines()[-1:] if proc.returncode else None}
 
 
@@ -176,8 +177,34 @@ def run_engines(extra: List[str], workdir: Path, max_rounds: int, ways=tuple(ENG
         lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}; "
                      f"recommendation: {res.get('recommendation')}"
                      + (f"; not finished: {failed}" if failed else ""))
-        print(lines[-1], file=sys.stderr, flush=True)
+        if phases(res):
+            lines.append(phases(res))
+        print("\n".join(lines[-2:] if phases(res) else lines[-1:]), file=sys.stderr, flush=True)
     return lines
+
+
+def phases(res: Dict[str, Any]) -> Optional[str]:
+    """Where a raced sweep's wall time went, from race.json's round spans: start and the jobs' own preparation (to
+    round 1), the rounds before the extra processes, their preparation (the gap before the first round that times
+    one), the rounds after, and recording + summary (after the last round)."""
+    race = res.get("race") or {}
+    rounds = [r for r in race.get("rounds", []) if r.get("spans")]
+    if not rounds:
+        return None
+    start = lambda r: min(s[0] for s in r["spans"].values())  # noqa: E731
+    end = lambda r: max(s[1] for s in r["spans"].values())  # noqa: E731
+    first_extra = next((i for i, r in enumerate(rounds) if any(p for _, p in r.get("units", []))), None)
+    before = rounds[:first_extra] if first_extra else rounds
+    parts = [f"start + own preparation {start(rounds[0]) - res['started']:.0f} s",
+             f"rounds {before[0]['round']}-{before[-1]['round']} {end(before[-1]) - start(before[0]):.0f} s"]
+    if first_extra:
+        after = rounds[first_extra:]
+        parts += [f"extra processes {start(after[0]) - end(before[-1]):.0f} s",
+                  f"rounds {after[0]['round']}-{after[-1]['round']} {end(after[-1]) - start(after[0]):.0f} s"]
+    parts.append(f"recording + summary {res['started'] + res['wall_s'] - end(rounds[-1]):.0f} s")
+    stops = "; ".join(f"job {j}: {v['rounds']} rounds, {(v.get('stopped') or '')[:40]}"
+                      for j, v in sorted(race.get("jobs", {}).items(), key=lambda kv: int(kv[0])))
+    return f"  where the time went: {', '.join(parts)}; process sd {race.get('process_sd')}; {stops}"
 
 
 def speedups(result: Dict[str, Any]) -> Dict[str, tuple]:
