@@ -162,9 +162,10 @@ def timing_order(n_batches: int, seed: int) -> List[int]:
 
 def timing_rounds(step: Callable, batches: List[Batch], repeats: int, warmup: int, min_iterations: int,
                   min_duration_s: float, max_iterations: Optional[int], seed: int,
-                  progress: bool = False) -> TimingResult:
-    """``repeats`` timing passes after one warm-up, each over its own seeded order of the batches."""
-    out = TimingResult([], 0, 0.0)
+                  progress: bool = False, out: Optional[TimingResult] = None) -> TimingResult:
+    """``repeats`` timing passes after one warm-up, each over its own seeded order of the batches. ``out``: the
+    caller's result to add the rounds to, so that the rounds completed survive an interrupted pass."""
+    out = TimingResult([], 0, 0.0) if out is None else out
     for k in range(repeats):
         part = timing_pass(step, batches, warmup if k == 0 else 0, min_iterations, min_duration_s, max_iterations,
                            progress=progress, order=timing_order(len(batches), seed + k),

@@ -447,28 +447,49 @@ def time_step(checked: Checked, prepared: Prepared, opt: Optimized, evaluated: E
     audit = measure.TimedOutputs(prepared.batches, TEST01_BATCHES, r.seed)
     step = audit.wrap(opt.step)
     race = job.race
+    # the rounds completed so far: an interrupted run (Ctrl-C, SIGTERM, a lost launcher) still records them
+    done = measure.TimingResult([], 0, 0.0)
+    try:
+        timing = _time(checked, prepared, rec, job, rss_mb, step, done)
+    except BaseException:
+        if done.latencies_s:
+            rounds = sorted(set(done.round_ids))
+            try:
+                rec.tag({"timing.partial": f"the run ended after {len(rounds)} timing round(s): these figures "
+                                           "are from them alone"})
+                rec.record(done.metrics())
+                rec.history("round_throughput", dict(zip(rounds, stats.round_throughputs(done.rounds()))))
+            except Exception as e:  # what ended the run is what it reports
+                log.debug("the completed timing rounds could not be recorded: %s", e)
+        raise
     if race is not None:
-        # the launcher times the sweep's jobs in interleaved rounds: this job serves its rounds until told to stop
-        metric = checked.task_cls.primary_metric
-        race.ready({"run_dir": str(rec.run_dir.resolve()), "job": job.job_num, "metric": metric,
-                    "value": rec.results["metrics"].get(metric), "status": "ok", "rss_mb": rss_mb(),
-                    "decisions_file": str((rec.run_dir / DECISIONS_FILE).resolve())})
-        log.info("timing pass: raced against the sweep's other jobs, in interleaved rounds")
-        timing = race.timing(step, prepared.batches, r, checked.rc.race.round_s)
         rec.record(race.metrics())
         rec.results["race"] = dict(race.outcome)
         rec.tag({f"race.{k}": str(v) for k, v in race.outcome.items() if not isinstance(v, (dict, list))})
         for name, points in race.history().items():  # one point per race round
             rec.history(name, points)
-    else:
-        log.info("timing pass: %d round(s) of at least %g s", r.repeats, r.min_duration_s)
-        timing = measure.timing_rounds(step, prepared.batches, r.repeats, r.warmup, r.min_iterations,
-                                       r.min_duration_s, r.max_iterations, r.seed, progress=r.progress)
     rec.record(timing.metrics())
     rounds = sorted(set(timing.round_ids))
     rec.history("round_throughput", dict(zip(rounds, stats.round_throughputs(timing.rounds()))))
     timed_equals_evaluated(prepared, evaluated, audit, rec)
     return timing
+
+
+def _time(checked: Checked, prepared: Prepared, rec: Recorder, job: JobContext, rss_mb: Callable[[], float],
+          step: Callable, done: measure.TimingResult) -> measure.TimingResult:
+    """The rounds, raced (the launcher says when) or alone; each completed round is added to ``done``."""
+    r, race = checked.rc.runtime, job.race
+    if race is None:
+        log.info("timing pass: %d round(s) of at least %g s", r.repeats, r.min_duration_s)
+        return measure.timing_rounds(step, prepared.batches, r.repeats, r.warmup, r.min_iterations,
+                                     r.min_duration_s, r.max_iterations, r.seed, progress=r.progress, out=done)
+    # the launcher times the sweep's jobs in interleaved rounds: this job serves its rounds until told to stop
+    metric = checked.task_cls.primary_metric
+    race.ready({"run_dir": str(rec.run_dir.resolve()), "job": job.job_num, "metric": metric,
+                "value": rec.results["metrics"].get(metric), "status": "ok", "rss_mb": rss_mb(),
+                "decisions_file": str((rec.run_dir / DECISIONS_FILE).resolve())})
+    log.info("timing pass: raced against the sweep's other jobs, in interleaved rounds")
+    return race.timing(step, prepared.batches, r, checked.rc.race.round_s, out=done)
 
 
 def timed_equals_evaluated(prepared: Prepared, evaluated: Evaluated, audit: measure.TimedOutputs,

@@ -164,13 +164,14 @@ class RaceWorker:
     def ready(self, info: Mapping[str, Any]) -> None:
         self._send({"type": "ready", **info})
 
-    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None):
+    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None, out: Any = None):
         """Serve the launcher's rounds until it says stop; a TimingResult whose round_ids are the race's rounds.
-        A round times at least `round_s` seconds (None: runtime.min_duration_s), shared by the job's processes."""
+        A round times at least `round_s` seconds (None: runtime.min_duration_s), shared by the job's processes.
+        ``out``: the caller's TimingResult to add the rounds to (the rounds served survive an interrupt)."""
         from . import measure, stats
 
         round_s = float(runtime.min_duration_s if round_s is None else round_s)
-        out = measure.TimingResult([], 0, 0.0)
+        out = measure.TimingResult([], 0, 0.0) if out is None else out
         while True:
             msg = self._recv()
             if msg.get("cmd") == "stop":
@@ -231,22 +232,23 @@ class RaceWorker:
             pass
 
 
-def await_turn() -> None:
-    """A raced job's process, before it runs the job: import what every job imports before its first measured
-    phase, say "started", and wait for the launcher's "prepare". The launcher starts a job's process while another
-    one starts (their imports share the cores: nothing is measured yet) and lets it prepare only once the job before
-    it is ready, so each job's load, apply and accuracy pass still run alone. No-op outside a race."""
+def await_turn(preload: Iterable[str] = ()) -> None:
+    """A raced job's process, before it runs the job: import ``preload`` (what every job imports before its first
+    measured phase), say "started", and wait for the launcher's "prepare". The launcher starts a job's process while
+    another one starts (their imports share the cores: nothing is measured yet) and lets it prepare only once the job
+    before it is ready, so each job's load, apply and accuracy pass still run alone. No-op outside a race."""
+    import importlib
+
     from .environment import SPAWNED_AT_ENV
 
     fd = os.environ.get(RACE_FD_ENV)
     if not fd:
         return
-    try:
-        import mlflow  # noqa: F401  (what a run imports before its first measured phase; transformers is not)
-
-        from . import runner  # noqa: F401  (torch)
-    except ImportError:  # the job itself says what is missing, as it would have
-        pass
+    for name in preload:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # the job itself says what is missing, as it would have
+            pass
     sock = socket.socket(fileno=int(fd))
     try:
         waited = time.time()

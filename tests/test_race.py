@@ -895,6 +895,7 @@ def test_ctrl_c_in_a_race_ends_the_job_being_timed_and_the_race_goes_on(tmp_path
 
 @pytest.mark.slow
 def test_sigterm_in_a_race_ends_every_job_killed(tmp_path, tiny_encoder, sts_file):
+    import json
     import signal
 
     from conftest import finish
@@ -905,7 +906,17 @@ def test_sigterm_in_a_race_ends_every_job_killed(tmp_path, tiny_encoder, sts_fil
     done = finish(proc, 600)
     assert done.returncode != 0
     assert "SIGTERM: ending the sweep's jobs (KILLED)" in done.stdout + done.stderr
-    assert sorted(r.info.status for r in _children(uri).values()) == ["KILLED", "KILLED"]
+    runs = _children(uri)
+    assert sorted(r.info.status for r in runs.values()) == ["KILLED", "KILLED"]
+    # the rounds a job had served are recorded (run and results.json), said to be partial; the summary judges no
+    # speedup from a run that did not finish (orchestrator/verdict.py)
+    served = json.loads((tmp_path / "sweep" / R.RACE_FILE).read_text())["jobs"]["1"]["rounds"]
+    assert served >= 1  # job 1's quick round came first, job 0 was in its long one
+    res = json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())
+    assert res["status"] == "KILLED" and res["metrics"]["throughput"] > 0
+    assert runs["1"].data.metrics["throughput"] > 0
+    assert runs["1"].data.tags["timing.partial"].startswith(f"the run ended after {served} timing round(s)")
+    assert "timing.partial" not in runs["0"].data.tags  # in its first round: nothing completed
 
 
 def test_a_reference_nothing_is_paired_with_is_not_timed_beyond_min_rounds():

@@ -36,7 +36,10 @@ def main(job_in: str, job_out: str) -> int:
     from orchestrator.race import RaceLost, await_turn
 
     try:
-        await_turn()  # raced: started beside another job's start-up, prepares when the launcher says so
+        # raced: started beside another job's start-up, prepares when the launcher says so. Preloaded: what every
+        # run imports before its first measured phase (torch with the runner; MLflow) — not transformers or
+        # datasets, imported inside measured phases (model_load_s, dataset_load_s) as in a job run alone
+        await_turn(preload=("orchestrator.runner", "mlflow"))
     except RaceLost as e:
         sys.stderr.write(f"error: {e}\n")
         return 1
