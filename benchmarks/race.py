@@ -177,9 +177,9 @@ def run_engines(extra: List[str], workdir: Path, max_rounds: int, ways=tuple(ENG
         lines.append(f"{label}: {res['wall_s']:.0f} s, fastest {winner(res)}, rc {res['rc']}; {load()}; "
                      f"recommendation: {res.get('recommendation')}"
                      + (f"; not finished: {failed}" if failed else ""))
-        if phases(res):
-            lines.append(phases(res))
-        print("\n".join(lines[-2:] if phases(res) else lines[-1:]), file=sys.stderr, flush=True)
+        where = phases(res)
+        lines += [where] if where else []
+        print("\n".join(lines[-2:] if where else lines[-1:]), file=sys.stderr, flush=True)
     return lines
 
 

@@ -457,8 +457,7 @@ def time_step(checked: Checked, prepared: Prepared, opt: Optimized, evaluated: E
             try:
                 rec.tag({"timing.partial": f"the run ended after {len(rounds)} timing round(s): these figures "
                                            "are from them alone"})
-                rec.record(done.metrics())
-                rec.history("round_throughput", dict(zip(rounds, stats.round_throughputs(done.rounds()))))
+                _record_timing(rec, done)
             except Exception as e:  # what ended the run is what it reports
                 log.debug("the completed timing rounds could not be recorded: %s", e)
         raise
@@ -468,11 +467,15 @@ def time_step(checked: Checked, prepared: Prepared, opt: Optimized, evaluated: E
         rec.tag({f"race.{k}": str(v) for k, v in race.outcome.items() if not isinstance(v, (dict, list))})
         for name, points in race.history().items():  # one point per race round
             rec.history(name, points)
+    _record_timing(rec, timing)
+    timed_equals_evaluated(prepared, evaluated, audit, rec)
+    return timing
+
+
+def _record_timing(rec: Recorder, timing: measure.TimingResult) -> None:
     rec.record(timing.metrics())
     rounds = sorted(set(timing.round_ids))
     rec.history("round_throughput", dict(zip(rounds, stats.round_throughputs(timing.rounds()))))
-    timed_equals_evaluated(prepared, evaluated, audit, rec)
-    return timing
 
 
 def _time(checked: Checked, prepared: Prepared, rec: Recorder, job: JobContext, rss_mb: Callable[[], float],

@@ -251,7 +251,7 @@ def await_turn(preload: Iterable[str] = ()) -> None:
             pass
     sock = socket.socket(fileno=int(fd))
     try:
-        waited = time.time()
+        t0 = time.time()
         line = b""
         sock.sendall(json.dumps({"type": "started"}).encode() + b"\n")
         while not line.endswith(b"\n"):  # byte by byte: nothing after this line may be taken from the job's reader
@@ -259,7 +259,7 @@ def await_turn(preload: Iterable[str] = ()) -> None:
             if not byte:
                 break
             line += byte
-        waited = time.time() - waited
+        waited = time.time() - t0
     except OSError:
         line = b""
     finally:

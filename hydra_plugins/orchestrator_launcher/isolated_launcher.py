@@ -340,10 +340,8 @@ class JobProcess:
             return False
 
     def _reply(self, kind: str) -> Optional[Dict[str, Any]]:
+        self.wait_started()
         msg = self._message()
-        if msg is not None and msg.get("type") == "started" and not self.started_up:
-            self.started_up = True
-            msg = self._message()
         if msg is not None and msg.get("type") == kind:
             return msg
         if msg is not None and msg.get("type") == "abort":
@@ -564,8 +562,7 @@ class Racer:
             if not jp.begun:
                 del self.procs[idx]
                 _signal(jp.proc, signal.SIGTERM)
-                self._wait_ended(jp)
-                shutil.rmtree(jp.tmp, ignore_errors=True)
+                self.finish(jp)
 
     def _extra_processes(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
         """race.processes > 1: more processes of each job (load, precision, stack), PREPARE_AT_ONCE at a time."""
@@ -586,7 +583,6 @@ class Racer:
                 self.extra[(idx, process)] = jp
                 preparing.append(jp)
                 self._count_alive()
-            self.release(wait=False)  # the jobs stopped so far record their runs meanwhile: nothing is timed
             if preparing:
                 jp = self._first_ready(preparing)
                 preparing.remove(jp)
@@ -597,7 +593,7 @@ class Racer:
         """The first of the preparing processes with something to say (ready, failed or gone)."""
         while True:
             self.check_stop()
-            self.release(wait=False)
+            self.release(wait=False)  # the jobs stopped so far record their runs meanwhile: nothing is timed
             for jp in preparing:
                 if jp.has_message() and not jp.started_up:
                     jp.wait_started()  # "started" says nothing yet
