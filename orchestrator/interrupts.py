@@ -10,18 +10,28 @@
 
 A SIGTERM or a runtime.timeout_s alarm raises RunInterrupted wherever Python happens to be. Inside an MLflow
 store call that can leave the store's session half-written, so the run could not even be marked KILLED.
-Code in ``critical()`` defers the interrupt to the end of the block.
+Code in ``critical()`` defers the interrupt to the end of the block. And when it lands in a finalizer (a
+``__del__``, a weakref callback such as SQLAlchemy's registry clean-up, run by the garbage collector at any step),
+Python prints "Exception ignored" and goes on: the run would never stop (seen: ``runtime.timeout_s=1`` on a
+600 s timing pass ran until the test's 300 s limit). :func:`interruptible` catches that case through
+``sys.unraisablehook`` and delivers the interrupt again a moment later, outside the finalizer.
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import signal
+import sys
 import threading
 from typing import Optional
 
 from .errors import RunInterrupted
 
 DOUBLE_INTERRUPT_S = 2.0
+# how soon an interrupt that a finalizer swallowed is delivered again
+REDELIVER_S = 0.05
+
+log = logging.getLogger(__name__)
 
 _depth = 0
 _pending: Optional[RunInterrupted] = None
@@ -83,13 +93,28 @@ def interruptible(timeout_s: Optional[float]):
     def on_term(signum, frame):
         deliver(RunInterrupted(f"terminated by signal {signal.Signals(signum).name}", signum))
 
+    swallowed: list = []
+
     def on_alarm(signum, frame):
+        if swallowed:  # an interrupt Python ignored inside a finalizer: now, outside it
+            deliver(swallowed.pop())
         deliver(RunInterrupted(f"runtime.timeout_s={timeout_s:g} exceeded"))
 
+    def on_unraisable(unraisable):
+        exc = unraisable.exc_value
+        if isinstance(exc, (RunInterrupted, KeyboardInterrupt)):
+            log.debug("%s raised inside %r was ignored by Python: delivered again", exc, unraisable.object)
+            swallowed[:] = [exc]
+            signal.setitimer(signal.ITIMER_REAL, REDELIVER_S)
+            return
+        old_hook(unraisable)
+
     old_term, old_alarm = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGALRM)
+    old_hook = sys.unraisablehook
     try:
         signal.signal(signal.SIGTERM, on_term)
         signal.signal(signal.SIGALRM, on_alarm)
+        sys.unraisablehook = on_unraisable
         if timeout_s:
             signal.setitimer(signal.ITIMER_REAL, timeout_s)
         yield
@@ -97,4 +122,5 @@ def interruptible(timeout_s: Optional[float]):
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGALRM, old_alarm)
+        sys.unraisablehook = old_hook
         _pending = None
