@@ -206,13 +206,11 @@ class RaceWorker:
             # when timed alone; the job's processes share its round: together they time as long as one would alone.
             # An extra process ran no accuracy pass: before its first round it has never seen most batch shapes
             # (oneDNN primitives, engines' shape specialisations are built on first sight), so that round was its
-            # slowest by 20-30 % in every measured race; one untimed pass over every batch first. After its first
-            # round a process has seen the round's shapes: one batch (the round's first, every weight touched once)
-            # brings caches and threads back
+            # slowest by 20-30 % in every measured race; one untimed pass over every batch first. Later rounds keep
+            # runtime.warmup: with one warm-up batch instead of two, pt2e int8's rounds came out ~17 % slower
+            # (eager fp32's unchanged) on the AMD EPYC, a bias of the race, not a property of the stack
             warmup = int(runtime.warmup)
-            if out.latencies_s:
-                warmup = min(warmup, 1)
-            elif self.process:
+            if self.process and not out.latencies_s:
                 warmup = max(warmup, len(batches))
             part = measure.timing_pass(step, batches, warmup, iterations,
                                        round_s / self.processes, runtime.max_iterations,

@@ -507,8 +507,7 @@ def test_a_round_lasts_race_round_s_shared_by_the_jobs_processes():
 
 def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
     """An extra process ran no accuracy pass: its first round starts with an untimed pass over every batch (each
-    shape built once); any process's later rounds warm up one batch (runtime.warmup in its first); the job's own
-    process is otherwise unchanged. race.round_iterations batches per round are shared by the job's processes."""
+    shape built once), later rounds with runtime.warmup batches only; the job's own process is unchanged. race.round_iterations batches per round are shared by the job's processes."""
     class Warm(Runtime):
         warmup = 3
 
@@ -529,11 +528,11 @@ def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
         t.join()
         return counts
 
-    timed = -(-Warm.min_iterations // 2)  # race.round_iterations=null: runtime.min_iterations
-    assert calls_per_round(1, 2) == [(8 + timed, timed), (1 + timed, timed), (1 + timed, timed)]
-    assert calls_per_round(0, 2) == [(Warm.warmup + timed, timed), (1 + timed, timed), (1 + timed, timed)]
-    assert calls_per_round(0, 1, iterations=5) == [(Warm.warmup + 5, 5), (1 + 5, 5), (1 + 5, 5)]
-    assert calls_per_round(0, 2, iterations=5) == [(Warm.warmup + 3, 3), (1 + 3, 3), (1 + 3, 3)]
+    timed, w = -(-Warm.min_iterations // 2), Warm.warmup  # race.round_iterations=null: runtime.min_iterations
+    assert calls_per_round(1, 2) == [(8 + timed, timed), (w + timed, timed), (w + timed, timed)]
+    assert calls_per_round(0, 2) == [(w + timed, timed)] * 3
+    assert calls_per_round(0, 1, iterations=5) == [(w + 5, 5)] * 3
+    assert calls_per_round(0, 2, iterations=5) == [(w + 3, 3)] * 3
 
 
 def test_abort_is_harmless_without_a_launcher_and_a_lost_launcher_is_one_error():
