@@ -492,8 +492,7 @@ def _time(checked: Checked, prepared: Prepared, rec: Recorder, job: JobContext, 
                 "value": rec.results["metrics"].get(metric), "status": "ok", "rss_mb": rss_mb(),
                 "decisions_file": str((rec.run_dir / DECISIONS_FILE).resolve())})
     log.info("timing pass: raced against the sweep's other jobs, in interleaved rounds")
-    return race.timing(step, prepared.batches, r, checked.rc.race.round_s, out=done,
-                       round_iterations=checked.rc.race.round_iterations)
+    return race.timing(step, prepared.batches, r, checked.rc.race.round_s, out=done)
 
 
 def timed_equals_evaluated(prepared: Prepared, evaluated: Evaluated, audit: measure.TimedOutputs,

@@ -98,14 +98,8 @@ class RaceConfig:
     # alone. Shorter than a sequential round because pairing, not length, is what steadies a race's comparison: a
     # round's pair runs seconds apart, so drift cancels, and the spread between processes (item 6 of docs/sweeps.md
     # "Racing"), which no round length reduces, dominates the interval; Google Benchmark likewise shortens
-    # repetitions when it interleaves them (--benchmark_min_time)
+    # repetitions when it interleaves them (--benchmark_min_time). runtime.min_iterations still holds per round
     round_s: Optional[float] = 0.5
-    # batches each job times per round at least, shared by its processes; null: runtime.min_iterations, as when
-    # timed alone. Every job's round times the same batches first (one seeded order; a faster job fits more into
-    # round_s), so the batch mix largely cancels in the paired ratio and few batches suffice; rounds of
-    # runtime.min_iterations (10) made the slowest job's round last 3-4x round_s (eager fp32 on MiniLM: 5 batches
-    # x 150 ms per process), and the further apart a pair's two timings, the less of the machine's drift cancels
-    round_iterations: Optional[int] = 4
 
 
 def check_config(cfg: Any) -> None:
@@ -132,9 +126,6 @@ def check_config(cfg: Any) -> None:
     if get("round_s") is not None and not get("round_s") >= 0:
         raise ConfigError(f"race.round_s={get('round_s')} must be >= 0 (seconds each job is timed per round), or null "
                           "for runtime.min_duration_s")
-    if get("round_iterations") is not None and not get("round_iterations") >= 1:
-        raise ConfigError(f"race.round_iterations={get('round_iterations')} must be >= 1 (batches each job times per "
-                          "round), or null for runtime.min_iterations")
     if get("max_alive") is not None and get("max_alive") < 2 * get("processes"):
         raise ConfigError(f"race.max_alive={get('max_alive')} must be >= {2 * get('processes')} (a job and its "
                           f"reference, race.processes={get('processes')} process(es) each), or null")
@@ -173,17 +164,13 @@ class RaceWorker:
     def ready(self, info: Mapping[str, Any]) -> None:
         self._send({"type": "ready", **info})
 
-    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None, out: Any = None,
-               round_iterations: Optional[int] = None):
+    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None, out: Any = None):
         """Serve the launcher's rounds until it says stop; a TimingResult whose round_ids are the race's rounds.
-        A round times at least `round_s` seconds (None: runtime.min_duration_s) and `round_iterations` batches
-        (None: runtime.min_iterations), both shared by the job's processes.
+        A round times at least `round_s` seconds (None: runtime.min_duration_s), shared by the job's processes.
         ``out``: the caller's TimingResult to add the rounds to (the rounds served survive an interrupt)."""
         from . import measure, stats
 
         round_s = float(runtime.min_duration_s if round_s is None else round_s)
-        iterations = int(runtime.min_iterations if round_iterations is None else round_iterations)
-        iterations = max(1, -(-iterations // self.processes))
         out = measure.TimingResult([], 0, 0.0) if out is None else out
         while True:
             msg = self._recv()
@@ -206,13 +193,12 @@ class RaceWorker:
             # when timed alone; the job's processes share its round: together they time as long as one would alone.
             # An extra process ran no accuracy pass: before its first round it has never seen most batch shapes
             # (oneDNN primitives, engines' shape specialisations are built on first sight), so that round was its
-            # slowest by 20-30 % in every measured race; one untimed pass over every batch first. Later rounds keep
-            # runtime.warmup: with one warm-up batch instead of two, pt2e int8's rounds came out ~17 % slower
-            # (eager fp32's unchanged) on the AMD EPYC, a bias of the race, not a property of the stack
+            # slowest by 20-30 % in every measured race; one untimed pass over every batch first
             warmup = int(runtime.warmup)
             if self.process and not out.latencies_s:
                 warmup = max(warmup, len(batches))
-            part = measure.timing_pass(step, batches, warmup, iterations,
+            part = measure.timing_pass(step, batches, warmup,
+                                       -(-int(runtime.min_iterations) // self.processes),
                                        round_s / self.processes, runtime.max_iterations,
                                        progress=False, order=order)
             out.extend(part, r)

@@ -390,8 +390,7 @@ def test_race_settings_are_checked_in_one_line():
                        ({"max_alive": 3}, "race.max_alive=3 must be >= 4 (a job and its reference, "
                                           "race.processes=2 process(es) each)"),
                        ({"processes": 0}, "race.processes=0 is not valid; valid: 1 to 8"),
-                       ({"round_s": -1}, "race.round_s=-1 must be >= 0"),
-                       ({"round_iterations": 0}, "race.round_iterations=0 must be >= 1")):
+                       ({"round_s": -1}, "race.round_s=-1 must be >= 0")):
         with pytest.raises(ConfigError, match=words.replace("(", r"\(").replace(")", r"\)")):
             R.check_config({**vars(R.RaceConfig()), **bad})
 
@@ -507,16 +506,12 @@ def test_a_round_lasts_race_round_s_shared_by_the_jobs_processes():
 
 def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
     """An extra process ran no accuracy pass: its first round starts with an untimed pass over every batch (each
-    shape built once), later rounds with runtime.warmup batches only; the job's own process is unchanged. race.round_iterations batches per round are shared by the job's processes."""
-    class Warm(Runtime):
-        warmup = 3
-
-    def calls_per_round(process, processes, rounds=3, iterations=None):
+    shape built once), later rounds with runtime.warmup batches only; the job's own process is unchanged."""
+    def calls_per_round(process, processes, rounds=2):
         ours, theirs = socket.socketpair()
         worker, seen = R.RaceWorker(ours, process, processes), []
         f = theirs.makefile("rb")
-        t = threading.Thread(target=lambda: worker.timing(lambda inputs: seen.append(1), _batches(8), Warm, 0.0,
-                                                          round_iterations=iterations))
+        t = threading.Thread(target=lambda: worker.timing(lambda inputs: seen.append(1), _batches(8), Runtime, 0.0))
         t.start()
         counts = []
         for r in range(1, rounds + 1):
@@ -528,11 +523,9 @@ def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
         t.join()
         return counts
 
-    timed, w = -(-Warm.min_iterations // 2), Warm.warmup  # race.round_iterations=null: runtime.min_iterations
-    assert calls_per_round(1, 2) == [(8 + timed, timed), (w + timed, timed), (w + timed, timed)]
-    assert calls_per_round(0, 2) == [(w + timed, timed)] * 3
-    assert calls_per_round(0, 1, iterations=5) == [(w + 5, 5)] * 3
-    assert calls_per_round(0, 2, iterations=5) == [(w + 3, 3)] * 3
+    timed = -(-Runtime.min_iterations // 2)
+    assert calls_per_round(1, 2) == [(8 + timed, timed), (Runtime.warmup + timed, timed)]
+    assert calls_per_round(0, 2) == [(Runtime.warmup + timed, timed)] * 2
 
 
 def test_abort_is_harmless_without_a_launcher_and_a_lost_launcher_is_one_error():
