@@ -96,8 +96,9 @@ def interruptible(timeout_s: Optional[float]):
     swallowed: list = []
 
     def on_alarm(signum, frame):
-        if swallowed:  # an interrupt Python ignored inside a finalizer: now, outside it
+        if swallowed:  # an interrupt Python ignored inside a finalizer: now, outside it (deferred in critical())
             deliver(swallowed.pop())
+            return
         deliver(RunInterrupted(f"runtime.timeout_s={timeout_s:g} exceeded"))
 
     def on_unraisable(unraisable):

@@ -453,10 +453,9 @@ def time_step(checked: Checked, prepared: Prepared, opt: Optimized, evaluated: E
         timing = _time(checked, prepared, rec, job, rss_mb, step, done)
     except BaseException:
         if done.latencies_s:
-            rounds = sorted(set(done.round_ids))
             try:
-                rec.tag({"timing.partial": f"the run ended after {len(rounds)} timing round(s): these figures "
-                                           "are from them alone"})
+                rec.tag({"timing.partial": f"the run ended after {len(set(done.round_ids))} timing round(s): "
+                                           "these figures are from them alone"})
                 _record_timing(rec, done)
             except Exception as e:  # what ended the run is what it reports
                 log.debug("the completed timing rounds could not be recorded: %s", e)

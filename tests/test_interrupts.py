@@ -14,7 +14,7 @@ import time
 import pytest
 
 from orchestrator.errors import RunInterrupted
-from orchestrator.interrupts import interruptible
+from orchestrator.interrupts import critical, interruptible
 
 
 class SlowFinalizer:
@@ -50,6 +50,16 @@ def test_a_sigterm_that_lands_in_a_finalizer_still_ends_the_run():
         with interruptible(None):
             SlowFinalizer(lambda: os.kill(os.getpid(), signal.SIGTERM))
             _wait()
+
+
+def test_a_swallowed_sigterm_delivered_inside_critical_is_still_the_sigterm():
+    """Delivered again while an MLflow call runs (critical()): deferred to the block's end, and not replaced by the
+    timeout's message on the way."""
+    with pytest.raises(RunInterrupted, match="terminated by signal SIGTERM"):
+        with interruptible(60):
+            SlowFinalizer(lambda: os.kill(os.getpid(), signal.SIGTERM))
+            with critical():
+                _wait(0.5)
 
 
 def test_a_ctrl_c_that_lands_in_a_finalizer_still_ends_the_run():
