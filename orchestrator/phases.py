@@ -78,6 +78,7 @@ class Checked:
     scenario: Any = None  # the chosen LoadGen scenario (an instance) and its parsed options, or None
     scenario_options: Any = None
     busy: Optional["BusyCores"] = None  # the other processes' CPU use, sampled from preflight on
+    code_import_s: Optional[float] = None  # pipeline.import_code
 
     def batches_of(self, rows, pad_id: int, sort: bool) -> List[measure.Batch]:
         r = self.rc.runtime
@@ -148,7 +149,12 @@ class BusyCores:
     sweep's previous job."""
 
     def __init__(self, window_s: float = 0.5):
-        self.window_s, self.t0 = window_s, time.monotonic()
+        self.restart(window_s)
+
+    def restart(self, window_s: Optional[float] = None) -> None:
+        """Open the window again: a raced job waited for its turn after preflight while another job ran."""
+        self.window_s = self.window_s if window_s is None else window_s
+        self.t0 = time.monotonic()
         try:
             import psutil
 
@@ -199,9 +205,11 @@ def check_context(rc: RunConfig) -> PluginContext:
                          threads=torch.get_num_threads(), calibration_split=rc.dataset.calibration_split)
 
 
-def preflight(rc: RunConfig) -> Checked:
+def preflight(rc: RunConfig, evaluates: bool = True) -> Checked:
     """Everything the config alone can show to be wrong: ranges, choices, the stack's order and every plugin's
-    check() (an unavailable plugin costs no model load and no MLflow run)."""
+    check() (an unavailable plugin costs no model load and no MLflow run). Then the code the measured phases would
+    import on first use (``evaluates``: the task's metric library too; a race's extra process runs no accuracy
+    pass)."""
     rc, task_cls, plugins = validated(rc)
     thread_metrics = set_threads(rc)
     busy = BusyCores()
@@ -222,7 +230,9 @@ def preflight(rc: RunConfig) -> Checked:
         cls = scenarios.get(str(rc.scenario.get("name")))
         cls.check()  # LoadGen installed: one line naming the extra otherwise
         scenario, options = cls(), cls.parse_options(rc.scenario)
-    return Checked(rc, task_cls, plugins, early_fallbacks, thread_metrics, scenario, options, busy)
+    # last: a config refused above costs no import
+    code_s = pipeline.import_code(rc.model, task_cls, metrics=evaluates)
+    return Checked(rc, task_cls, plugins, early_fallbacks, thread_metrics, scenario, options, busy, code_s)
 
 
 def load(checked: Checked, rec: Recorder) -> Loaded:

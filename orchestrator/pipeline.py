@@ -37,6 +37,30 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
+def import_code(model_cfg, task_cls, metrics: bool = True) -> float:
+    """Import the code a run's measured phases would otherwise import on first use: the architecture's modeling
+    module (transformers imports it, and torchao with it, in from_pretrained: ~2 s of a ~2.5 s model_load_s on a
+    small model) and the task's metric library (Task.code). Seconds taken. Best effort: what fails here fails
+    again where it is used, with its one-line error; remote code is not run before the model is loaded."""
+    import transformers
+
+    t0 = time.perf_counter()
+    for name in task_cls.code if metrics else ():
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    try:
+        path = Path(resolve_model_path(model_cfg.name_or_path)).expanduser()
+        if not model_cfg.trust_remote_code and (path / "config.json").is_file():
+            config = transformers.AutoConfig.from_pretrained(str(path), local_files_only=True)
+            for name in (task_cls.auto_class, "AutoTokenizer", *(getattr(config, "architectures", None) or ())):
+                getattr(transformers, str(name), None)  # transformers' lazy module imports it on access
+    except Exception as e:
+        log.debug("model code not imported ahead (%s): the load imports it", e)
+    return time.perf_counter() - t0
+
+
 def _looks_local(name: str) -> bool:
     return name.startswith((".", "/", "~")) or Path(name).exists() or name.count("/") > 1
 

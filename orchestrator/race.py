@@ -161,6 +161,19 @@ class RaceWorker:
         return json.loads(line)
 
     # -- what the runner calls ----------------------------------------------------------------------------------
+    def wait_turn(self) -> None:
+        """Say "started" and block (no CPU) until the launcher says "prepare". The runner calls it once everything
+        before the job's first measured phase is done — imports, the config's checks, the MLflow store's set-up:
+        seconds of single-threaded work that run beside another job's start-up instead of alone — so that each
+        job's measured phases (load, stack, accuracy pass) still run alone."""
+        try:
+            self._send({"type": "started"})
+        except OSError as e:
+            raise RaceLost("the sweep process that races this job is gone") from e
+        msg = self._recv()
+        if msg.get("cmd") != "prepare":
+            raise RaceLost(f"unexpected message from the sweep process: {msg!r}")
+
     def ready(self, info: Mapping[str, Any]) -> None:
         self._send({"type": "ready", **info})
 
@@ -229,50 +242,6 @@ class RaceWorker:
         try:
             self._send({"type": "abort", "reason": str(reason)[:2000]})
         except OSError:
-            pass
-
-
-def await_turn(preload: Iterable[str] = ()) -> None:
-    """A raced job's process, before it runs the job: import ``preload`` (what every job imports before its first
-    measured phase), say "started", and wait for the launcher's "prepare". The launcher starts a job's process while
-    another one starts (their imports share the cores: nothing is measured yet) and lets it prepare only once the job
-    before it is ready, so each job's load, apply and accuracy pass still run alone. No-op outside a race."""
-    import importlib
-
-    from .environment import SPAWNED_AT_ENV
-
-    fd = os.environ.get(RACE_FD_ENV)
-    if not fd:
-        return
-    for name in preload:
-        try:
-            importlib.import_module(name)
-        except ImportError:  # the job itself says what is missing, as it would have
-            pass
-    sock = socket.socket(fileno=int(fd))
-    try:
-        t0 = time.time()
-        line = b""
-        sock.sendall(json.dumps({"type": "started"}).encode() + b"\n")
-        while not line.endswith(b"\n"):  # byte by byte: nothing after this line may be taken from the job's reader
-            byte = sock.recv(1)
-            if not byte:
-                break
-            line += byte
-        waited = time.time() - t0
-    except OSError:
-        line = b""
-    finally:
-        sock.detach()  # the fd stays open: the job's RaceWorker talks on it
-    if not line:
-        raise RaceLost("the sweep process that races this job is gone")
-    if json.loads(line).get("cmd") != "prepare":
-        raise RaceLost(f"unexpected message from the sweep process: {line!r}")
-    spawned = os.environ.get(SPAWNED_AT_ENV)
-    if spawned:  # process_startup_s is the start-up, not the wait for its turn
-        try:
-            os.environ[SPAWNED_AT_ENV] = repr(float(spawned) + waited)
-        except ValueError:
             pass
 
 

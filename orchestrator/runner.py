@@ -98,7 +98,7 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     rec = phases.Recorder(results, tracker, run_dir)
     state = _State()
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
-    skipped, checked = None, False
+    skipped, checked, waiting = None, False, False
     try:
         # what the config alone shows to be wrong is refused before any MLflow run exists (results.json still
         # says why, for the sweep's summary); what goes wrong later ends the run FAILED. Outside the timeout:
@@ -115,6 +115,13 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
             print(f"{run_name}: skipped (resume=true), identical config FINISHED in MLflow run "
                   f"{previous.info.run_id}")
             return skipped
+        tracker.connect()
+        if ctx.race is not None:  # raced: what came before ran beside another job's start-up; what follows, alone
+            waiting = True
+            _wait_for_turn(ctx.race, run_dir)
+            waiting = False
+            if state.checked.busy is not None:
+                state.checked.busy.restart()  # the cores others use as its turn starts, not while it waited
         tracker.start(flatten(container), tags)
         results["run_id"] = tracker.run_id
         results.write(run_dir)  # RUNNING, with its process: a sweep resumed meanwhile sees this job is alive
@@ -122,10 +129,14 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
                  f", MLflow run {tracker.run_id} ({rc.tracking.uri})" if tracker.run_id else " (untracked)")
         if startup is not None:
             rec.record({"process_startup_s": startup})
+        if state.checked.code_import_s is not None:
+            rec.record({"code_import_s": state.checked.code_import_s})
         with interruptible(rc.runtime.timeout_s):
             _measure(state.checked, rec, ctx, state)
         results["status"] = "FINISHED"
     except BaseException as e:
+        if waiting:  # ended before its turn: nothing ran, nothing is recorded (_wait_for_turn)
+            raise
         interrupted = isinstance(e, (KeyboardInterrupt, SystemExit, RunInterrupted))
         results["status"] = "KILLED" if interrupted else "FAILED"
         results["error"] = describe_error(e)
@@ -138,9 +149,39 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     finally:
         if skipped is None and results.get("refused") and not ctx.in_sweep:
             discard_run_dir(run_dir)  # a single run its config refused: one error line, nothing left behind
-        elif skipped is None:
+        elif skipped is None and not waiting:
             _finish(rec, state, rc)
     return results
+
+
+def _wait_for_turn(worker, run_dir: Path) -> None:
+    """A raced job waits for its turn to prepare (orchestrator.race.RaceWorker.wait_turn). Ended while it waits —
+    its group turned out full (the launcher ends it with SIGTERM and starts it again later), the sweep stopped, its
+    launcher died, Ctrl-C — it leaves nothing behind, as a job that never started: no record, no MLflow run (not
+    created yet), its folder as Hydra found it; it exits 143 / 130 / 1."""
+    import signal
+    import sys
+    import threading
+
+    from .race import RaceLost
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    old = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
+    try:
+        worker.wait_turn()
+    except BaseException as e:
+        discard_run_dir(run_dir)
+        if isinstance(e, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        if isinstance(e, RaceLost):
+            sys.stderr.write(f"error: {e}\n")
+            raise SystemExit(1) from None
+        raise
+    finally:
+        if old is not None:
+            signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager
@@ -169,7 +210,12 @@ def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
                            tracking_uri=None, keys={}, overrides="", tags={})
     rec = phases.Recorder(record, Tracker(rc.tracking, "", None), run_dir)  # never started: records nothing
     try:
-        checked = phases.preflight(rc)
+        checked = phases.preflight(rc, evaluates=False)
+    except BaseException as e:
+        worker.abort(describe_error(e))
+        raise
+    _wait_for_turn(worker, run_dir)  # "prepare" came with its start; a sweep stopped meanwhile ends it here
+    try:
         with _measured_process(checked, rec) as (rss, tag_fns):
             loaded = phases.load(checked, rec)
             prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))

@@ -192,6 +192,7 @@ class Tracker:
         self.run_name = run_name
         self.parent_id = parent_id  # the sweep's parent run, for a job of a sweep
         self.client = None
+        self._exp_id: Optional[str] = None
         self.run_id: Optional[str] = None
         self.error: Optional[str] = None
         self.monitor = None
@@ -236,9 +237,21 @@ class Tracker:
         return fn(*args, **kwargs)
 
     def _connect(self) -> str:
-        """Client and experiment id (the experiment is created on first use)."""
-        self.client, exp_id = open_store(self.cfg)
-        return exp_id
+        """Client and experiment id (the experiment is created on first use); opened once per run."""
+        if self.client is None or self._exp_id is None:
+            self.client, self._exp_id = open_store(self.cfg)
+        return self._exp_id
+
+    def connect(self) -> None:
+        """Open the store now (its client's imports and schema check take seconds) rather than in :meth:`start`:
+        a raced job does it before its turn. A store that cannot be opened is reported by :meth:`start`."""
+        if not self.cfg.enabled:
+            return
+        try:
+            self._connect()
+        except Exception as e:
+            log.debug("MLflow store not opened ahead of the run (%s); start() tries again", e)
+            self.client = self._exp_id = None
 
     def find_finished(self, digest: str) -> Optional[Any]:
         """The newest FINISHED run of this experiment with the same config digest (for resume), if any."""

@@ -553,22 +553,14 @@ def test_worker_from_env_is_none_unless_the_launcher_set_a_socket(monkeypatch):
     assert b"abort" in theirs.recv(100)
 
 
-def test_a_job_started_ahead_waits_for_its_turn_and_counts_no_wait_as_start_up(monkeypatch):
-    """await_turn: says "started", blocks until "prepare", takes nothing after that line from the socket (the
-    job's RaceWorker reads on), and moves the spawn time on by the wait: process_startup_s is the start-up alone."""
+def test_a_job_started_ahead_waits_for_its_turn_then_reads_on():
+    """wait_turn: says "started", blocks until "prepare", and the job's next message is read intact after it."""
     import json
-    import os
     import time
 
-    from orchestrator.environment import SPAWNED_AT_ENV
-
-    monkeypatch.delenv(R.RACE_FD_ENV, raising=False)
-    R.await_turn()  # not raced: returns at once
     ours, theirs = socket.socketpair()
-    monkeypatch.setenv(R.RACE_FD_ENV, str(ours.detach()))
-    spawned = time.time() - 1.0
-    monkeypatch.setenv(SPAWNED_AT_ENV, repr(spawned))
-    waiter = threading.Thread(target=R.await_turn)
+    worker = R.RaceWorker(ours)
+    waiter = threading.Thread(target=worker.wait_turn)
     waiter.start()
     assert json.loads(theirs.makefile("rb").readline()) == {"type": "started"}
     time.sleep(0.3)
@@ -576,13 +568,53 @@ def test_a_job_started_ahead_waits_for_its_turn_and_counts_no_wait_as_start_up(m
     theirs.sendall(b'{"cmd": "prepare"}\n{"cmd": "stop", "outcome": {"stopped": "x"}}\n')
     waiter.join(10)
     assert not waiter.is_alive()
-    assert float(os.environ[SPAWNED_AT_ENV]) >= spawned + 0.3
-    worker = R.worker_from_env()  # the same socket, the next line intact
     assert worker._recv() == {"cmd": "stop", "outcome": {"stopped": "x"}}
     theirs.close()
-    monkeypatch.setenv(R.RACE_FD_ENV, str(socket.socketpair()[0].detach()))
     with pytest.raises(R.RaceLost, match="gone"):  # its launcher died while it waited
-        R.await_turn()
+        R.RaceWorker(socket.socketpair()[0]).wait_turn()
+
+
+ENDED_WHILE_WAITING = r'''
+import os, signal, socket, sys
+from pathlib import Path
+from orchestrator import race, runner
+from orchestrator.interrupts import restore_sigint
+restore_sigint()  # as the job's process does: pytest may run with SIGINT ignored (started in the background)
+run_dir = Path(sys.argv[1])
+(run_dir / ".hydra").mkdir(parents=True)
+(run_dir / ".hydra" / "config.yaml").write_text("x: 1")
+(run_dir / "cli.log").write_text("")
+runner._wait_for_turn(race.RaceWorker(socket.socket(fileno=int(sys.argv[2]))), run_dir)
+'''
+
+
+@pytest.mark.parametrize("how, code", [("sigterm", 143), ("sigint", 130), ("launcher gone", 1)])
+def test_a_job_ended_while_it_waits_for_its_turn_leaves_nothing(tmp_path, how, code):
+    """A raced job waits for its turn after its start-up (Hydra made its folder) and before its MLflow run exists.
+    Ended then — dropped from a full group (SIGTERM; started again later in the same folder), the sweep stopped,
+    Ctrl-C, its launcher gone — it exits with the signal's status and its folder holds nothing of it."""
+    import signal
+    import subprocess
+    import sys
+
+    ours, theirs = socket.socketpair()
+    run_dir = tmp_path / "3"
+    proc = subprocess.Popen([sys.executable, "-c", ENDED_WHILE_WAITING, str(run_dir), str(theirs.fileno())],
+                            pass_fds=(theirs.fileno(),), stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    assert ours.makefile("rb").readline() == b'{"type": "started"}\n'
+    if how == "launcher gone":
+        ours.close()
+    else:
+        proc.send_signal(signal.SIGTERM if how == "sigterm" else signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == code, err
+    assert not (run_dir / ".hydra").exists() and not (run_dir / "cli.log").exists()
+    assert not (run_dir / "results.json").exists()
+    if how == "launcher gone":
+        assert err.strip().splitlines() == ["error: the sweep process that races this job is gone"]
+    else:
+        assert "Traceback" not in err
 
 
 # ---- a waiting job's CPU -----------------------------------------------------------------------------------------

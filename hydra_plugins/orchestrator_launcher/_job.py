@@ -33,16 +33,6 @@ def main(job_in: str, job_out: str) -> int:
 
     restore_sigint()  # a job started under an ignored SIGINT must still end on Ctrl-C
     _die_with_the_sweep()
-    from orchestrator.race import RaceLost, await_turn
-
-    try:
-        # raced: started beside another job's start-up, prepares when the launcher says so. Preloaded: what every
-        # run imports before its first measured phase (torch with the runner; MLflow) — not transformers or
-        # datasets, imported inside measured phases (model_load_s, dataset_load_s) as in a job run alone
-        await_turn(preload=("orchestrator.runner", "mlflow"))
-    except RaceLost as e:
-        sys.stderr.write(f"error: {e}\n")
-        return 1
     import cloudpickle
     from hydra.core.hydra_config import HydraConfig
     from hydra.core.singleton import Singleton

@@ -15,9 +15,10 @@ was started, from which the run logs ``process_startup_s``.
 Racing (``race.mode=on``, the default for a multirun of two or more jobs; orchestrator/race.py): every job's process
 prepares (load, stack, parity, accuracy pass) one at a time, eager fp32 jobs first, until it says it is ready; it
 then blocks on a socket inherited from this process (``ORCH_RACE_FD``) while the others prepare. The processes are
-started :data:`START_AHEAD` at a time (one per core): their start-up (Python, torch, MLflow imports: seconds of
-single-threaded work before anything is measured) runs side by side, then each waits, blocked, for its turn to
-prepare (``orchestrator.race.await_turn``), so each job's measured phases still run alone. The
+started :data:`START_AHEAD` at a time (one per core): their start-up (Python, torch, MLflow imports, the config's
+checks, the model's and metric's code, opening the MLflow store: seconds of single-threaded work before anything is
+measured) runs side by side, then each waits, blocked, for its turn to prepare (``RaceWorker.wait_turn``, called by
+the runner just before it creates its MLflow run), so each job's measured phases still run alone. The
 launcher then times the ready jobs in interleaved rounds, one job at a time in a fresh seeded order per round, stops
 each when its answer is known (or it is beaten, fails the accuracy gate, or rounds/budget run out). A stopped job
 holds, blocked on its socket, until its group's race is over; the held jobs then record their runs,
@@ -289,8 +290,8 @@ class JobProcess:
         self.started = time.monotonic()
         self.prep_s: Optional[float] = None  # spawn to ready: what its extra processes' preparation is ordered by
         self.held = False  # told it stopped; records its run when released (Racer.release)
-        # it imports, says "started" and waits for "prepare" (orchestrator.race.await_turn): a job started ahead
-        # prepares only once the one before it is ready
+        # it starts up (imports, checks, the MLflow store), says "started" and waits for "prepare"
+        # (RaceWorker.wait_turn): a job started ahead prepares only once the one before it is ready
         self.begun = self.started_up = False
         if begin:
             self.begin()
@@ -303,7 +304,8 @@ class JobProcess:
             self._send({"cmd": "prepare"})
 
     def wait_started(self) -> None:
-        """Until it has imported what every job imports and waits for its turn (or is gone)."""
+        """Until it has started up and waits for its turn (or is gone; or failed its checks: that message is kept
+        for wait_ready)."""
         if not self.started_up:
             msg = self._message()
             self.started_up = True
@@ -532,9 +534,9 @@ class Racer:
         self.release()
 
     def _start_ahead(self, jobs: List[Tuple[int, List[str], DictConfig]]) -> None:
-        """Start these jobs' processes together and wait until each has imported what every job imports (torch,
-        MLflow: seconds of single-threaded Python): the imports share the cores, nothing is measured yet. Each then
-        waits for its turn to prepare, blocked (no CPU). A job's own preparation still runs alone."""
+        """Start these jobs' processes together and wait until each has started up (imports, the config's checks,
+        the MLflow store: seconds of single-threaded Python): they share the cores, nothing is measured yet. Each
+        then waits for its turn to prepare, blocked (no CPU). A job's own preparation still runs alone."""
         for idx, overrides, config in jobs:
             self.procs[idx] = JobProcess(self, idx, overrides, config, begin=False)
         self.started_together.append([idx for idx, _, _ in jobs])
@@ -557,7 +559,8 @@ class Racer:
 
     def _drop_ahead(self) -> None:
         """End the processes started ahead that have not begun: their group is full (race.max_alive, memory), so
-        they would wait through its race; each is started again when its turn comes. They ran nothing."""
+        they would wait through its race; each is started again when its turn comes. They ran nothing and leave
+        nothing (orchestrator.runner._wait_for_turn: no MLflow run yet, their folder cleared)."""
         for idx, jp in list(self.procs.items()):
             if not jp.begun:
                 del self.procs[idx]

@@ -40,6 +40,9 @@ class Task:
     name: ClassVar[str] = ""
     # the transformers Auto class that loads a model for this task
     auto_class: ClassVar[str] = "AutoModel"
+    # modules evaluate() imports (its metric library): imported before the run's measured phases
+    # (pipeline.import_code), so that an import of seconds is not timed as the accuracy pass's postprocessing
+    code: ClassVar[Tuple[str, ...]] = ()
     # architecture suffix a checkpoint must declare (None: any encoder works, e.g. embeddings from the base model)
     head_suffix: ClassVar[Optional[str]] = None
     primary_metric: ClassVar[str] = ""

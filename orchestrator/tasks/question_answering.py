@@ -76,6 +76,7 @@ def squad_metric(predictions: Dict[str, str], golds: Dict[str, List[str]]) -> Di
 class QuestionAnswering(Task):
     name = "question_answering"
     auto_class = "AutoModelForQuestionAnswering"
+    code = ("torchmetrics.functional.text",)
     head_suffix = "ForQuestionAnswering"
     primary_metric = "f1"
     metric_names = ("exact_match", "f1")

@@ -16,6 +16,7 @@ SIMILARITY_TOLERANCE = 0.01
 class SentenceSimilarity(Task):
     name = "sentence_similarity"
     auto_class = "AutoModel"
+    code = ("scipy.stats",)
     head_suffix = None
     primary_metric = "spearman"
     metric_names = ("spearman", "pearson")

@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # annotations only: importing this module (as every CLI start
 class TextClassification(Task):
     name = "text_classification"
     auto_class = "AutoModelForSequenceClassification"
+    code = ("torchmetrics.functional.classification",)
     head_suffix = "ForSequenceClassification"
     primary_metric = "accuracy"
     metric_names = ("accuracy", "macro_f1")

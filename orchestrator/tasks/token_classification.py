@@ -64,6 +64,7 @@ def sort_tags(tags) -> List[str]:
 class TokenClassification(Task):
     name = "token_classification"
     auto_class = "AutoModelForTokenClassification"
+    code = ("seqeval.metrics",)
     head_suffix = "ForTokenClassification"
     primary_metric = "f1"
     metric_names = ("f1", "precision", "recall", "accuracy")
