@@ -158,7 +158,7 @@ def _wait_for_turn(worker, run_dir: Path) -> None:
     """A raced job waits for its turn to prepare (orchestrator.race.RaceWorker.wait_turn). Ended while it waits —
     its group turned out full (the launcher ends it with SIGTERM and starts it again later), the sweep stopped, its
     launcher died, Ctrl-C — it leaves nothing behind, as a job that never started: no record, no MLflow run (not
-    created yet), its folder as Hydra found it; it exits 143 / 130 / 1."""
+    created yet), Hydra's files gone from its folder; it exits 143 / 130 / 1."""
     import signal
     import sys
     import threading
