@@ -204,7 +204,9 @@ def phases(res: Dict[str, Any]) -> Optional[str]:
     parts.append(f"recording + summary {res['started'] + res['wall_s'] - end(rounds[-1]):.0f} s")
     stops = "; ".join(f"job {j}: {v['rounds']} rounds, {(v.get('stopped') or '')[:40]}"
                       for j, v in sorted(race.get("jobs", {}).items(), key=lambda kv: int(kv[0])))
-    return f"  where the time went: {', '.join(parts)}; process sd {race.get('process_sd')}; {stops}"
+    sd = race.get("process_sd")
+    spread = f"{100 * sd:.1f} %" if isinstance(sd, (int, float)) else "not measured"
+    return f"  where the time went: {', '.join(parts)}; spread between processes (sd) {spread}; {stops}"
 
 
 def speedups(result: Dict[str, Any]) -> Dict[str, tuple]:
