@@ -12,7 +12,7 @@ from orchestrator.errors import DatasetError, ModelLoadError, PluginUnavailable
 from orchestrator.runner import run
 
 REQUIRED = ["throughput", "latency_p50_ms", "latency_p99_ms", "parity_max_abs_diff", "parity_agreement",
-            "peak_rss_mb", "model_load_s", "stack_apply_s", "latency_stdev_pct", "latency_p90_ms"]
+            "peak_rss_mb", "model_load_s", "stack_apply_s", "latency_stdev_pct", "latency_p90_ms", "code_import_s"]
 
 
 def only_run(uri: str):
@@ -163,3 +163,33 @@ def test_system_metrics_are_logged_when_asked(compose, tiny_encoder, sts_file, t
     _, r = only_run(tracking_uri)
     assert results["status"] == "FINISHED"
     assert any(k.startswith("system/cpu_utilization") for k in r.data.metrics), sorted(r.data.metrics)
+
+
+IMPORT_CODE = r'''
+import json, sys
+from types import SimpleNamespace
+from orchestrator import pipeline
+from orchestrator.tasks.text_classification import TextClassification
+cfg = SimpleNamespace(name_or_path=sys.argv[1], trust_remote_code=sys.argv[2] == "remote")
+watched = ("transformers.models.bert.modeling_bert", "torchmetrics.functional.classification")
+before = [m in sys.modules for m in watched]
+seconds = pipeline.import_code(cfg, TextClassification)
+print(json.dumps({"before": before, "after": [m in sys.modules for m in watched], "seconds": seconds}))
+'''
+
+
+@pytest.mark.parametrize("remote", [False, True])
+def test_the_model_and_metric_code_is_imported_before_the_measured_phases(tiny_classifier, remote):
+    """preflight imports the architecture's module and the task's metric library (pipeline.import_code), so that
+    model_load_s and the accuracy pass do not time one-off imports; a model that asks for remote code is not
+    touched before its load."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", IMPORT_CODE, str(tiny_classifier), "remote" if remote else "local"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    seen = json.loads(out.stdout.strip().splitlines()[-1])
+    assert seen["before"] == [False, False] and seen["seconds"] >= 0
+    assert seen["after"] == [not remote, True]
+
