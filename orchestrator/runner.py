@@ -159,29 +159,23 @@ def _wait_for_turn(worker, run_dir: Path) -> None:
     its group turned out full (the launcher ends it with SIGTERM and starts it again later), the sweep stopped, its
     launcher died, Ctrl-C — it leaves nothing behind, as a job that never started: no record, no MLflow run (not
     created yet), Hydra's files gone from its folder; it exits 143 / 130 / 1."""
-    import signal
     import sys
-    import threading
 
     from .race import RaceLost
 
-    def on_term(signum, frame):
-        raise SystemExit(128 + signum)
-
-    old = signal.signal(signal.SIGTERM, on_term) if threading.current_thread() is threading.main_thread() else None
     try:
-        worker.wait_turn()
+        with interruptible(None):  # the interrupt policy's SIGTERM: RunInterrupted, its exit status 143
+            worker.wait_turn()
     except BaseException as e:
         discard_run_dir(run_dir)
+        if isinstance(e, RunInterrupted):
+            raise SystemExit(e.exit_status) from None
         if isinstance(e, KeyboardInterrupt):
             raise SystemExit(130) from None
         if isinstance(e, RaceLost):
             sys.stderr.write(f"error: {e}\n")
             raise SystemExit(1) from None
         raise
-    finally:
-        if old is not None:
-            signal.signal(signal.SIGTERM, old)
 
 
 @contextlib.contextmanager
@@ -211,11 +205,7 @@ def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
     rec = phases.Recorder(record, Tracker(rc.tracking, "", None), run_dir)  # never started: records nothing
     try:
         checked = phases.preflight(rc, evaluates=False)
-    except BaseException as e:
-        worker.abort(describe_error(e))
-        raise
-    _wait_for_turn(worker, run_dir)  # "prepare" came with its start; a sweep stopped meanwhile ends it here
-    try:
+        _wait_for_turn(worker, run_dir)  # "prepare" came with its start; a sweep stopped meanwhile ends it here
         with _measured_process(checked, rec) as (rss, tag_fns):
             loaded = phases.load(checked, rec)
             prepared = phases.prepare(checked, loaded, rec, ctx.choices.get("dataset"))
