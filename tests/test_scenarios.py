@@ -117,6 +117,34 @@ def test_the_server_search_brackets_bisects_then_verifies(monkeypatch, tmp_path)
     assert result.valid and result.figure.value == 975.0 and result.metrics["server_verify_runs"] == 1.0
 
 
+def test_a_run_that_ends_short_is_retried_with_a_larger_hint_until_it_is_not(monkeypatch, tmp_path):
+    """Offline on a stand-in for LoadGen runs: the machine speeds up several-fold after the warm-up, so the first
+    run and its first retry end before min_duration; each retry raises the hint, the third is VALID."""
+    from orchestrator.scenarios import base
+    from orchestrator.scenarios import offline as off
+
+    hints, rates = [], iter([317.0, 2453.0, 2453.0, 2453.0])
+
+    def fake_run(self, lg, step, rows, make_batches, options, settings, out_dir):
+        hints.append((settings.offline_expected_qps, out_dir.name))
+        measured = next(rates)
+        ok = settings.offline_expected_qps >= measured  # a query sized at the hint lasts min_duration
+        metrics = {"loadgen_samples_per_second": measured, "loadgen_min_duration_met": float(ok)}
+        return loadgen.Outcome(ok, not ok, "" if ok else "not met: min duration", metrics, {})
+
+    monkeypatch.setattr(off.Offline, "perf_run", fake_run)
+    monkeypatch.setattr(loadgen, "estimate", lambda *a, **k: loadgen.Estimate(0.001, 181.0, 8))
+    result = off.Offline().run(None, [{}] * 48, None, {}, tmp_path)
+    assert [d for _, d in hints] == ["offline", "offline_retry", "offline_retry2"]
+    assert [round(q, 1) for q, _ in hints] == [271.5, 543.0, 3679.5]  # 1.5x warm-up; then max(2x, 1.5x measured)
+    assert result.valid
+    # never more than SHORT_RETRIES: a machine that keeps speeding up ends INVALID, as measured
+    hints.clear()
+    rates = iter([1e3, 1e4, 1e5, 1e6, 1e7])
+    result = off.Offline().run(None, [{}] * 48, None, {}, tmp_path)
+    assert len(hints) == 1 + base.SHORT_RETRIES and not result.valid
+
+
 def test_a_failed_verifying_run_steps_the_rate_down(monkeypatch, tmp_path):
     """Short runs pass up to 1000 QPS, full-length ones only up to 800 (a busier machine, a longer tail)."""
     from orchestrator.scenarios import server as srv
