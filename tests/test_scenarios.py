@@ -363,6 +363,39 @@ def test_an_interrupt_during_a_loadgen_test_propagates(served, tmp_path):
         signal.signal(signal.SIGALRM, old)
 
 
+def test_a_test_after_an_interrupted_one_waits_for_it_instead_of_aborting_the_process(served, tmp_path, monkeypatch,
+                                                                                       caplog):
+    """An interrupted LoadGen test winds down in its own thread (its SUT answers at once). LoadGen's state is
+    global: a second StartTest meanwhile aborted the whole process (seen as "Fatal Python error: Aborted" in this
+    file's next test on a loaded machine, and possible for the next job of an in-process sweep after
+    runtime.timeout_s). The next test now waits for it; here the interrupt propagates at once (no grace)."""
+    import signal
+
+    from orchestrator.errors import RunInterrupted
+    from orchestrator.scenarios import loadgen
+
+    monkeypatch.setattr(loadgen, "ABORT_WAIT_S", 0.0)
+
+    def on_alarm(signum, frame):
+        raise RunInterrupted("runtime.timeout_s=0.3 exceeded")
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    try:
+        signal.setitimer(signal.ITIMER_REAL, 0.3)
+        with pytest.raises(RunInterrupted):
+            scenarios.get("single_stream")().run(served.step, served.rows, served.make_batches,
+                                                 {"min_duration_s": 2.0, "warmup_batches": 0}, tmp_path / "first")
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    interrupted = loadgen._running
+    assert interrupted is not None and interrupted.is_alive()  # still issuing queries until its min_duration
+    result = scenarios.get("offline")().run(served.step, served.rows, served.make_batches,
+                                            {"min_duration_s": 0.2, "warmup_batches": 1}, tmp_path / "second")
+    assert not interrupted.is_alive() and result.metrics["loadgen_query_count"] >= 1
+    assert "waiting for the interrupted LoadGen test to wind down" in caplog.text
+
+
 def test_the_sut_runs_the_step_on_the_thread_that_started_the_test(served, tmp_path):
     """torch's OpenMP runtime keeps a thread pool per calling thread, and a second pool changes how every pool's
     workers wait (libgomp stops spinning once its threads outnumber the CPUs): the step must run where the warm-up

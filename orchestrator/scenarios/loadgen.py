@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import collections
 import json
+import logging
 import queue
 import random
 import re
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from ..errors import ConfigError, DatasetError, RunInterrupted
+
+log = logging.getLogger(__name__)
 
 EXTRA = "loadgen"
 # the extra pins this; a different LoadGen may log other keys
@@ -261,6 +264,17 @@ class LoadgenRun:
 
 # how long an interrupted test may take to wind down before the interrupt propagates
 ABORT_WAIT_S = 5.0
+# LoadGen's state is global: a second StartTest while one runs aborts the whole process ("Fatal Python error:
+# Aborted"). An interrupted test may still be winding down in its daemon thread when the process goes on to another
+# (the next job of an in-process sweep, the next test of a suite): that one waits for it (run_test).
+_running: Optional[threading.Thread] = None
+
+
+def _wait_for_previous_test() -> None:
+    previous = _running
+    if previous is not None and previous.is_alive():
+        log.warning("waiting for the interrupted LoadGen test to wind down (LoadGen runs one test per process)")
+        previous.join()
 
 
 def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: Callable, max_batch: Optional[int],
@@ -269,6 +283,8 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
     the SUT (the step runs where it ran for the warm-up, see the module's note) and keeps taking signals (Ctrl-C,
     SIGTERM, runtime.timeout_s): on one the rest of the test is completed without computing and the interrupt
     propagates; LoadGen's thread then finishes on its own (a daemon, it never holds the process)."""
+    global _running
+    _wait_for_previous_test()
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json"):
@@ -295,6 +311,7 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
 
     t0 = time.perf_counter()
     thread = threading.Thread(target=start, name="loadgen", daemon=True)
+    _running = thread
     thread.start()
     try:
         sut.serve()
