@@ -343,24 +343,29 @@ def test_a_failing_step_ends_the_test_with_its_error(served, tmp_path):
                                              tmp_path)
 
 
-def test_an_interrupt_during_a_loadgen_test_propagates(served, tmp_path):
-    """runtime.timeout_s / SIGTERM raise in the main thread while LoadGen runs in its own: the run stops."""
+def _interrupted_single_stream(served, run_dir, after_s: float, min_duration_s: float) -> None:
+    """A single_stream test that runtime.timeout_s (SIGALRM here) interrupts after ``after_s``: it must raise."""
     import signal
 
     from orchestrator.errors import RunInterrupted
 
     def on_alarm(signum, frame):
-        raise RunInterrupted("runtime.timeout_s=0.5 exceeded")
+        raise RunInterrupted(f"runtime.timeout_s={after_s} exceeded")
 
     old = signal.signal(signal.SIGALRM, on_alarm)
     try:
-        signal.setitimer(signal.ITIMER_REAL, 0.5)
+        signal.setitimer(signal.ITIMER_REAL, after_s)
         with pytest.raises(RunInterrupted):
             scenarios.get("single_stream")().run(served.step, served.rows, served.make_batches,
-                                                 {"min_duration_s": 3.0, "warmup_batches": 0}, tmp_path)
+                                                 {"min_duration_s": min_duration_s, "warmup_batches": 0}, run_dir)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, old)
+
+
+def test_an_interrupt_during_a_loadgen_test_propagates(served, tmp_path):
+    """runtime.timeout_s / SIGTERM raise in the main thread while LoadGen runs in its own: the run stops."""
+    _interrupted_single_stream(served, tmp_path, after_s=0.5, min_duration_s=3.0)
 
 
 def test_a_test_after_an_interrupted_one_waits_for_it_instead_of_aborting_the_process(served, tmp_path, monkeypatch,
@@ -369,25 +374,10 @@ def test_a_test_after_an_interrupted_one_waits_for_it_instead_of_aborting_the_pr
     global: a second StartTest meanwhile aborted the whole process (seen as "Fatal Python error: Aborted" in this
     file's next test on a loaded machine, and possible for the next job of an in-process sweep after
     runtime.timeout_s). The next test now waits for it; here the interrupt propagates at once (no grace)."""
-    import signal
-
-    from orchestrator.errors import RunInterrupted
     from orchestrator.scenarios import loadgen
 
     monkeypatch.setattr(loadgen, "ABORT_WAIT_S", 0.0)
-
-    def on_alarm(signum, frame):
-        raise RunInterrupted("runtime.timeout_s=0.3 exceeded")
-
-    old = signal.signal(signal.SIGALRM, on_alarm)
-    try:
-        signal.setitimer(signal.ITIMER_REAL, 0.3)
-        with pytest.raises(RunInterrupted):
-            scenarios.get("single_stream")().run(served.step, served.rows, served.make_batches,
-                                                 {"min_duration_s": 2.0, "warmup_batches": 0}, tmp_path / "first")
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+    _interrupted_single_stream(served, tmp_path / "first", after_s=0.3, min_duration_s=2.0)
     interrupted = loadgen._running
     assert interrupted is not None and interrupted.is_alive()  # still issuing queries until its min_duration
     result = scenarios.get("offline")().run(served.step, served.rows, served.make_batches,
