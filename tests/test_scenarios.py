@@ -378,11 +378,10 @@ def test_a_test_after_an_interrupted_one_waits_for_it_instead_of_aborting_the_pr
 
     monkeypatch.setattr(loadgen, "ABORT_WAIT_S", 0.0)
     _interrupted_single_stream(served, tmp_path / "first", after_s=0.3, min_duration_s=2.0)
-    interrupted = loadgen._running
-    assert interrupted is not None and interrupted.is_alive()  # still issuing queries until its min_duration
+    assert loadgen.ONE_TEST.locked()  # the interrupted test still issues queries until its min_duration
     result = scenarios.get("offline")().run(served.step, served.rows, served.make_batches,
                                             {"min_duration_s": 0.2, "warmup_batches": 1}, tmp_path / "second")
-    assert not interrupted.is_alive() and result.metrics["loadgen_query_count"] >= 1
+    assert result.metrics["loadgen_query_count"] >= 1 and not loadgen.ONE_TEST.locked()
     assert "waiting for the interrupted LoadGen test to wind down" in caplog.text
 
 

@@ -266,15 +266,10 @@ class LoadgenRun:
 ABORT_WAIT_S = 5.0
 # LoadGen's state is global: a second StartTest while one runs aborts the whole process ("Fatal Python error:
 # Aborted"). An interrupted test may still be winding down in its daemon thread when the process goes on to another
-# (the next job of an in-process sweep, the next test of a suite): that one waits for it (run_test).
-_running: Optional[threading.Thread] = None
-
-
-def _wait_for_previous_test() -> None:
-    previous = _running
-    if previous is not None and previous.is_alive():
-        log.warning("waiting for the interrupted LoadGen test to wind down (LoadGen runs one test per process)")
-        previous.join()
+# (the next job of an in-process sweep, the next test of a suite): LoadGen's thread holds this lock across StartTest,
+# so the next test's thread waits for it. A lock taken by LoadGen's own thread, not a join() in the caller's: a
+# signal that interrupts Thread.join() marks a still-running thread as stopped (CPython 3.11, bpo-45274's fix).
+ONE_TEST = threading.Lock()
 
 
 def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: Callable, max_batch: Optional[int],
@@ -283,8 +278,8 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
     the SUT (the step runs where it ran for the warm-up, see the module's note) and keeps taking signals (Ctrl-C,
     SIGTERM, runtime.timeout_s): on one the rest of the test is completed without computing and the interrupt
     propagates; LoadGen's thread then finishes on its own (a daemon, it never holds the process)."""
-    global _running
-    _wait_for_previous_test()
+    if ONE_TEST.locked():
+        log.warning("waiting for the interrupted LoadGen test to wind down (LoadGen runs one test per process)")
     log_dir = Path(log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     for name in ("mlperf_log_summary.txt", "mlperf_log_detail.txt", "mlperf_log_accuracy.json"):
@@ -302,7 +297,8 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
     def start() -> None:
         try:
             # "" as the audit config: an audit.config lying in the working directory must not change the test
-            lg.StartTestWithLogSettings(sut.handle, qsl, settings, log_settings, "")
+            with ONE_TEST:
+                lg.StartTestWithLogSettings(sut.handle, qsl, settings, log_settings, "")
         except BaseException as e:  # noqa: BLE001
             failure.append(e)
         finally:
@@ -311,7 +307,6 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
 
     t0 = time.perf_counter()
     thread = threading.Thread(target=start, name="loadgen", daemon=True)
-    _running = thread
     thread.start()
     try:
         sut.serve()
