@@ -307,8 +307,10 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
 
     t0 = time.perf_counter()
     thread = threading.Thread(target=start, name="loadgen", daemon=True)
-    thread.start()
     try:
+        # started inside the try: a signal can land in start()'s wait for the thread, and a LoadGen test nobody
+        # serves never ends (it would hold ONE_TEST for good)
+        thread.start()
         sut.serve()
     except BaseException:
         # LoadGen cannot be cancelled: the SUT answers at once from now on, so a short test ends within moments
