@@ -15,6 +15,12 @@ Code in ``critical()`` defers the interrupt to the end of the block. And when it
 Python prints "Exception ignored" and goes on: the run would never stop (seen: ``runtime.timeout_s=1`` on a
 600 s timing pass ran until the test's 300 s limit). :func:`interruptible` catches that case through
 ``sys.unraisablehook`` and delivers the interrupt again a moment later, outside the finalizer.
+
+A process can get SIGTERM more than once for one stop: SLURM's ``scancel`` signals every process of the step and
+the job's launching process passes it on too (hydra_plugins/orchestrator_launcher/_remote.py), so that a job the
+cluster's process tracking misses still stops. The first SIGTERM ends the run; later ones are ignored while the
+run is ending (in :func:`interruptible`, and in :func:`shielded` around the record's end), so a second signal
+cannot cut the KILLED record short or kill the process before its MLflow run is closed.
 """
 from __future__ import annotations
 
@@ -90,7 +96,13 @@ def interruptible(timeout_s: Optional[float]):
         yield
         return
 
+    terminated: list = []
+
     def on_term(signum, frame):
+        if terminated:  # one stop, several signals (see the module's doc): the first one is ending the run
+            log.debug("signal %s again while the run ends: ignored", signal.Signals(signum).name)
+            return
+        terminated.append(signum)
         deliver(RunInterrupted(f"terminated by signal {signal.Signals(signum).name}", signum))
 
     swallowed: list = []
@@ -125,3 +137,25 @@ def interruptible(timeout_s: Optional[float]):
         signal.signal(signal.SIGALRM, old_alarm)
         sys.unraisablehook = old_hook
         _pending = None
+
+
+@contextlib.contextmanager
+def shielded(redeliver: bool = True):
+    """The end of a run's record (its status, its MLflow run closed, results.json): a SIGTERM that lands meanwhile
+    waits for the block to end. ``redeliver``: send it again afterwards, to whatever handled SIGTERM before (a run
+    that ended normally must still stop); False when the run is already ending KILLED because of one."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+        if held and redeliver:
+            import os
+
+            os.kill(os.getpid(), signal.SIGTERM)
+        elif held:
+            log.debug("SIGTERM while the interrupted run's record was written: ignored (the run ends KILLED)")

@@ -100,6 +100,8 @@ def load_model(model_cfg, task_cls) -> Tuple[Any, Any, Any]:
         with quiet_transformers():
             model, info = auto.from_pretrained(path, config=config, dtype=torch.float32, output_loading_info=True,
                                                **common)
+    except RunInterrupted:  # a SIGTERM or runtime.timeout_s during the load: the run ends KILLED, not FAILED
+        raise
     except Exception as e:  # missing, truncated or corrupt weights raise OSError, SafetensorError, RuntimeError...
         raise ModelLoadError(f"model.name_or_path={model_cfg.name_or_path!r}: weights could not be loaded: "
                              f"{first_line(e)}") from e

@@ -25,7 +25,7 @@ from .context import JobContext
 from .environment import environment_tags, process_startup_s, process_tags
 from .errors import RunInterrupted
 from .errors import describe as describe_error
-from .interrupts import interruptible
+from .interrupts import interruptible, shielded
 from .plugin import process_states
 from .records import (DECISIONS_FILE, comparison_keys, config_digest, PREDICTIONS_SAMPLE_FILE, RESULTS_FILE, RunRecord, discard_run_dir,
                       refuse_taken_run_dir,
@@ -99,6 +99,7 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     state = _State()
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
     skipped, checked, waiting = None, False, False
+    ending, shielding = contextlib.ExitStack(), False
     try:
         # what the config alone shows to be wrong is refused before any MLflow run exists (results.json still
         # says why, for the sweep's summary); what goes wrong later ends the run FAILED. Outside the timeout:
@@ -142,15 +143,21 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
         results["error"] = describe_error(e)
         if not checked and not interrupted:
             results["refused"] = True  # by its config, before any MLflow run: none is owed (summary, import)
+        # a SIGTERM from here on (a second one of the same stop, or a late one) waits until the run is closed
+        ending.enter_context(shielded(redeliver=not interrupted))
+        shielding = True
         tracker.set_tags({"error": results["error"]})
         if ctx.race is not None:
             ctx.race.abort(results["error"])  # the race goes on without this job
         raise
     finally:
-        if skipped is None and results.get("refused") and not ctx.in_sweep:
-            discard_run_dir(run_dir)  # a single run its config refused: one error line, nothing left behind
-        elif skipped is None and not waiting:
-            _finish(rec, state, rc)
+        with ending:
+            if skipped is None and results.get("refused") and not ctx.in_sweep:
+                discard_run_dir(run_dir)  # a single run its config refused: one error line, nothing left behind
+            elif skipped is None and not waiting:
+                if not shielding:
+                    ending.enter_context(shielded())
+                _finish(rec, state, rc)
     return results
 
 

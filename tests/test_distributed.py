@@ -105,7 +105,7 @@ def slurm_cancelled(tmp_path_factory, server, tiny_encoder, sts_file):
     tmp = tmp_path_factory.mktemp("slurm")
     proc = start_sweep(tmp, *slurm_args(tiny_encoder, sts_file, server))
     client = MlflowClient(server)
-    cancelled = None
+    cancelled, cancelled_at = None, None
     deadline = time.time() + 180
     while proc.poll() is None and time.time() < deadline:
         exp = client.get_experiment_by_name("slurm")
@@ -115,11 +115,12 @@ def slurm_cancelled(tmp_path_factory, server, tiny_encoder, sts_file):
         if runs and "spearman" in runs[0].data.metrics:
             cancelled = f"{runs[0].data.tags['slurm.array_job_id']}_{runs[0].data.tags['slurm.array_task_id']}"
             subprocess.run(["scancel", cancelled], check=True)
+            cancelled_at = time.time()
             break
         time.sleep(0.5)
     rc, out, err = finish_sweep(proc, tmp, timeout=180)
     assert cancelled, f"job 1 never started measuring: {err[-3000:]}"
-    return {"dir": tmp, "rc": rc, "out": out, "err": err, "cancelled": cancelled}
+    return {"dir": tmp, "rc": rc, "out": out, "err": err, "cancelled": cancelled, "cancelled_at": cancelled_at}
 
 
 @needs_slurm
@@ -143,7 +144,9 @@ def test_slurm_jobs_are_array_tasks_nested_under_the_parent(server, slurm_cancel
 def test_slurm_cancelled_job_ends_killed_in_mlflow_and_the_summary(server, slurm_cancelled):
     client, parent, children = sweep_picture(server, "slurm")
     killed = children[1]
-    assert killed.info.status == "KILLED" and "SIGTERM" in killed.data.tags["error"]
+    assert killed.info.status == "KILLED" and "SIGTERM" in killed.data.tags["error"], (
+        f"{killed.info.status} {(killed.info.end_time or 0) / 1000 - slurm_cancelled['cancelled_at']:.2f} s after "
+        f"scancel: {killed.data.tags.get('error')}")
     assert "model_load_s" in killed.data.metrics  # what it measured before the signal is kept
     # no hang, the summary is written and the exit code says a job did not finish
     assert slurm_cancelled["rc"] == 1

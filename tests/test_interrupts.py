@@ -14,7 +14,7 @@ import time
 import pytest
 
 from orchestrator.errors import RunInterrupted
-from orchestrator.interrupts import critical, interruptible
+from orchestrator.interrupts import critical, interruptible, shielded
 
 
 class SlowFinalizer:
@@ -79,3 +79,63 @@ def test_other_ignored_exceptions_are_reported_as_before(monkeypatch):
     with interruptible(None):
         Broken()
     assert [str(e) for e in seen] == ["broken finalizer"]
+
+
+# -- one stop, several SIGTERMs (SLURM signals the step's processes and the job's launcher passes it on) ------------
+def test_a_second_sigterm_while_the_run_ends_does_not_cut_its_ending_short():
+    ended = []
+    with pytest.raises(RunInterrupted, match="terminated by signal SIGTERM"):
+        with interruptible(None):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                _wait()
+            except RunInterrupted:
+                os.kill(os.getpid(), signal.SIGTERM)  # the second one lands while the run records its end
+                _wait(0.2)
+                ended.append(True)
+                raise
+    assert ended
+
+
+@pytest.mark.parametrize("redeliver", [False, True])
+def test_a_sigterm_while_the_record_is_written_waits_for_it(redeliver):
+    got = []
+    old = signal.signal(signal.SIGTERM, lambda signum, frame: got.append(signum))
+    try:
+        with shielded(redeliver=redeliver):
+            os.kill(os.getpid(), signal.SIGTERM)
+            _wait(0.2)
+            assert not got  # held while the record is written
+        _wait(0.2)
+        # sent again to what handled SIGTERM before, unless the run is already ending KILLED because of one
+        assert got == ([signal.SIGTERM] if redeliver else [])
+        assert signal.getsignal(signal.SIGTERM) is not None and not isinstance(signal.getsignal(signal.SIGTERM), int)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+LAUNCHING_PROCESS = r"""
+import signal, subprocess, sys
+from hydra_plugins.orchestrator_launcher._remote import wait_passing_sigterm
+# as submitit's job process does: SIGTERM only logged ("Bypassing signal SIGTERM")
+signal.signal(signal.SIGTERM, lambda *a: print("bypassed", flush=True))
+job = subprocess.Popen([sys.executable, "-c", "import signal, sys, time\n"
+                        "signal.signal(signal.SIGTERM, lambda *a: sys.exit(143))\n"
+                        "print('job started', flush=True)\ntime.sleep(60)"], start_new_session=True)
+print("job ended", wait_passing_sigterm(job), flush=True)
+"""
+
+
+def test_the_launching_process_passes_sigterm_on_to_a_job_the_signal_missed():
+    """A job in a session of its own: only the launching process gets the SIGTERM (as when SLURM's process
+    tracking misses the job's process); the job ends on it instead of running to its end."""
+    import subprocess
+
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHING_PROCESS], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "job started"
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert out.split() == ["job", "ended", "143"]

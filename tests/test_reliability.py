@@ -55,6 +55,22 @@ def test_resume_skips_jobs_already_finished(tmp_path, tiny_encoder, sts_file):
     assert parents[1].data.metrics["n_jobs"] == 4 and parents[1].data.metrics["failed_jobs"] == 2
 
 
+def test_a_sigterm_while_the_weights_load_ends_the_run_killed_not_failed(compose, tiny_encoder, sts_file,
+                                                                       tracking_uri, monkeypatch):
+    """Seen on SLURM: a scancel during the model load ended the run FAILED ("weights could not be loaded:
+    terminated by signal SIGTERM"); the loader's catch-all for bad weights must let an interrupt through."""
+    import transformers
+
+    def interrupted(*args, **kwargs):
+        raise RunInterrupted("terminated by signal SIGTERM", 15)
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", interrupted)
+    with pytest.raises(RunInterrupted):
+        run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri)))
+    _, runs = runs_of(tracking_uri)
+    assert runs[0].info.status == "KILLED" and runs[0].data.tags["error"] == "terminated by signal SIGTERM"
+
+
 def test_an_interrupt_while_flops_are_counted_still_ends_the_run_killed(compose, tiny_encoder, sts_file,
                                                                        tracking_uri, monkeypatch):
     """FLOP counting forgives a model it cannot count, but never a timeout or a signal that lands meanwhile."""

@@ -19,6 +19,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -57,6 +58,26 @@ def _die_with_parent() -> None:  # in the child, before exec: a job never outliv
         pass
 
 
+def wait_passing_sigterm(proc: subprocess.Popen) -> int:
+    """Wait for the job's process, passing a SIGTERM this process gets on to it. SLURM's ``scancel`` signals the
+    processes its process tracking finds; with ``proctrack/linuxproc`` that missed the job's process now and then
+    (seen: 1 cancel in 8 on one node), and submitit's own handler here only logs SIGTERM ("Bypassing signal"), so
+    the job ran to the end and its run ended FINISHED. The job ends its run on the first SIGTERM and ignores a
+    second one (orchestrator/interrupts.py), so a job that gets both is fine."""
+    if threading.current_thread() is not threading.main_thread():
+        return proc.wait()
+
+    def on_term(signum, frame):
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, on_term)
+    try:
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
 def run_isolated(payload: bytes, work_dir: Path, env: Optional[Dict[str, str]] = None,
                  python: Optional[str] = None) -> "tuple[Optional[JobReturn], str]":
     """Run one job in a fresh process here; (its JobReturn, "") or (None, why there is none)."""
@@ -70,7 +91,7 @@ def run_isolated(payload: bytes, work_dir: Path, env: Optional[Dict[str, str]] =
         proc = subprocess.Popen([python or sys.executable, "-m", "hydra_plugins.orchestrator_launcher._job",
                                  str(job_in), str(job_out)], env=full_env,
                                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
-        proc.wait()
+        wait_passing_sigterm(proc)
         if job_out.is_file():
             try:
                 return cloudpickle.loads(job_out.read_bytes()), ""

@@ -3,7 +3,8 @@ of it, one sbatch array task per job) with two changes.
 
 - In its array task each job runs in a fresh process of its own (``_remote.run_isolated``, the machinery of
   ``hydra/launcher=isolated``): the run records ``process.isolated=true`` and ``process_startup_s`` like any isolated
-  job, and SLURM's SIGTERM (``scancel``, time limit) reaches the job, which ends its run KILLED with what it measured.
+  job, and SLURM's SIGTERM (``scancel``, time limit) reaches the job — passed on by the launching process too
+  (``_remote.wait_passing_sigterm``) — which ends its run KILLED with what it measured.
 - A job SLURM ends before it returns (cancelled while pending, killed after ``KillWait``, node failure) no longer
   stops the sweep with submitit's ``UncompletedJobError``: it is recorded KILLED/FAILED in MLflow and in its
   ``results.json`` (``_remote.record_lost_job``), the sweep waits for the other jobs and writes its summary, and

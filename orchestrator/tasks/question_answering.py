@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..errors import ConfigError, DatasetError, ModelLoadError
+from ..errors import ConfigError, DatasetError, ModelLoadError, RunInterrupted
 from ..errors import first_line as describe_first_line
 from .base import Features, Task
 
@@ -143,6 +143,8 @@ class QuestionAnswering(Task):
             enc = self.tokenizer(first, second, truncation="only_second" if self.pad_on_right else "only_first",
                                  max_length=self.max_seq_length, stride=self.options.doc_stride,
                                  return_overflowing_tokens=True, return_offsets_mapping=True, padding=False)
+        except RunInterrupted:  # a signal or runtime.timeout_s that lands while it tokenizes is not bad data
+            raise
         except Exception as e:  # the Rust tokenizer refuses a question that leaves no room for the context
             first_line = describe_first_line(e)
             raise DatasetError(f"question answering windows could not be built with runtime.max_length="
