@@ -115,11 +115,18 @@ def _race_worker():
 def _task(cfg: DictConfig) -> Any:
     """The edge: who this job is (JobContext, built once here from Hydra), then the plain ``run(cfg, ctx)``."""
     from .context import JobContext
-    from .runner import run
 
     ctx = JobContext()
     try:
         ctx = JobContext.from_hydra(race=_race_worker())
+        if not ctx.in_sweep:  # a bad value is refused before torch loads; a sweep's job records its refusal
+            from .config import check_tracking, check_values, to_run_config
+
+            rc = to_run_config(cfg)
+            check_tracking(rc)
+            check_values(rc)
+        from .runner import run
+
         results = run(cfg, ctx)
         if results.get("tracking_error") and not ctx.in_sweep:
             # tracking was asked for: a run that could not be recorded must not look like one that was

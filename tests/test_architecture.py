@@ -77,6 +77,23 @@ def test_composing_a_config_imports_no_framework():
     assert out.stdout.strip() == "[]"
 
 
+def test_a_bad_value_is_refused_before_torch_loads(tmp_path):
+    """A single run's bad value is one error line as fast as a bad choice (0.6 s, not 3.5 s on the 2-core AMD
+    EPYC): the CLI checks the values before it imports the runner (and torch with it)."""
+    import subprocess
+    import sys
+
+    code = ("import runpy, sys\n"
+            "sys.argv = ['orchestrator', 'runtime.batch_size=0', 'tracking=off']\n"
+            "try:\n    runpy.run_module('orchestrator', run_name='__main__')\n"
+            "except SystemExit as e:\n"
+            "    print(e.code, sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.stdout.strip() == "2 []", out.stderr[-2000:]
+    assert out.stderr.strip().splitlines() == ["error: runtime.batch_size=0: must be >= 1"]
+    assert not (tmp_path / "outputs").exists() or not any((tmp_path / "outputs").rglob("results.json"))
+
+
 def test_record_owner_is_the_only_writer_of_results_json():
     """results.json is written through RunRecord only (runner, launchers, importer)."""
     writers = []
