@@ -119,15 +119,15 @@ def _task(cfg: DictConfig) -> Any:
     ctx = JobContext()
     try:
         ctx = JobContext.from_hydra(race=_race_worker())
+        config = cfg
         if not ctx.in_sweep:  # a bad value is refused before torch loads; a sweep's job records its refusal
-            from .config import check_tracking, check_values, to_run_config
+            from .config import check_values, to_run_config
 
-            rc = to_run_config(cfg)
-            check_tracking(rc)
-            check_values(rc)
+            config = to_run_config(cfg)
+            check_values(config)
         from .runner import run
 
-        results = run(cfg, ctx)
+        results = run(config, ctx)
         if results.get("tracking_error") and not ctx.in_sweep:
             # tracking was asked for: a run that could not be recorded must not look like one that was
             run_dir = results.get("run_dir")

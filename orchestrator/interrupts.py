@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 import threading
@@ -154,8 +155,6 @@ def shielded(redeliver: bool = True):
     finally:
         signal.signal(signal.SIGTERM, old)
         if held and redeliver:
-            import os
-
             os.kill(os.getpid(), signal.SIGTERM)
         elif held:
             log.debug("SIGTERM while the interrupted run's record was written: ignored (the run ends KILLED)")

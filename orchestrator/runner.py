@@ -99,7 +99,6 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
     state = _State()
     startup = process_startup_s(started)  # set when hydra/launcher=isolated started this process
     skipped, checked, waiting = None, False, False
-    ending, shielding = contextlib.ExitStack(), False
     try:
         # what the config alone shows to be wrong is refused before any MLflow run exists (results.json still
         # says why, for the sweep's summary); what goes wrong later ends the run FAILED. Outside the timeout:
@@ -143,21 +142,19 @@ def run(cfg: DictConfig | RunConfig, ctx: Optional[JobContext] = None) -> Dict[s
         results["error"] = describe_error(e)
         if not checked and not interrupted:
             results["refused"] = True  # by its config, before any MLflow run: none is owed (summary, import)
-        # a SIGTERM from here on (a second one of the same stop, or a late one) waits until the run is closed
-        ending.enter_context(shielded(redeliver=not interrupted))
-        shielding = True
-        tracker.set_tags({"error": results["error"]})
-        if ctx.race is not None:
-            ctx.race.abort(results["error"])  # the race goes on without this job
         raise
     finally:
-        with ending:
-            if skipped is None and results.get("refused") and not ctx.in_sweep:
-                discard_run_dir(run_dir)  # a single run its config refused: one error line, nothing left behind
-            elif skipped is None and not waiting:
-                if not shielding:
-                    ending.enter_context(shielded())
-                _finish(rec, state, rc)
+        if skipped is None and not waiting:
+            # a SIGTERM from here on (a second one of the same stop, or a late one) waits until the run is closed
+            with shielded(redeliver=results.get("status") != "KILLED"):
+                if results.get("error"):
+                    tracker.set_tags({"error": results["error"]})
+                    if ctx.race is not None:
+                        ctx.race.abort(results["error"])  # the race goes on without this job
+                if results.get("refused") and not ctx.in_sweep:
+                    discard_run_dir(run_dir)  # a single run its config refused: one error line, nothing left behind
+                else:
+                    _finish(rec, state, rc)
     return results
 
 
