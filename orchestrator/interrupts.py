@@ -77,6 +77,8 @@ def deliver(exc: RunInterrupted) -> None:
 
 @contextlib.contextmanager
 def critical():
+    """The interrupt policy's interrupts (and Ctrl-C, inside :func:`deferring_sigint`) wait for the block's end.
+    For the main thread: the depth is the process's."""
     global _depth, _pending
     _depth += 1
     try:
@@ -86,6 +88,37 @@ def critical():
         if _depth == 0 and _pending is not None:
             exc, _pending = _pending, None
             raise exc
+        if _depth == 0 and _deferred_sigint:
+            handler, frame = _deferred_sigint.pop(), None
+            _deferred_sigint.clear()
+            handler(signal.SIGINT, frame)
+
+
+_deferred_sigint: list = []
+
+
+@contextlib.contextmanager
+def deferring_sigint():
+    """Ctrl-C (whatever handles SIGINT now: Python's KeyboardInterrupt, a launcher's double-Ctrl-C counter) also
+    waits for the end of a :func:`critical` block, as SIGTERM and the timeout do. Where a step must never be cut in
+    two: a LoadGen sample taken but neither completed nor recorded hangs the test (scenarios/loadgen.py)."""
+    old = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or not callable(old):
+        yield
+        return
+
+    def on_int(signum, frame):
+        if _depth:
+            _deferred_sigint[:] = [old]
+            return
+        old(signum, frame)
+
+    signal.signal(signal.SIGINT, on_int)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, old)
+        _deferred_sigint.clear()
 
 
 @contextlib.contextmanager

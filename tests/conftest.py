@@ -336,6 +336,14 @@ def _no_child_outlives_its_test():
     del _STARTED[started:]
 
 
+def pytest_configure(config):
+    # pytest-timeout (pyproject) ends a hung test by ending its xdist worker; xdist would then hand the test's whole
+    # file to a new worker, which hangs again, up to 4 times per worker (--dist loadfile requeues the file): one
+    # failure with its stacks is the answer, not an hour of retries. An explicit --max-worker-restart still wins.
+    if getattr(config.option, "numprocesses", None) and getattr(config.option, "maxworkerrestart", "") is None:
+        config.option.maxworkerrestart = "0"
+
+
 def pytest_sessionfinish(session, exitstatus):  # processes that session/module fixtures started
     for proc in _STARTED:
         if proc.poll() is None:

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, NamedTuple, Optional, Sequence
 
 from ..errors import ConfigError, DatasetError, RunInterrupted
+from ..interrupts import critical, deferring_sigint
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ class BatchingSut:
     ``max_batch`` batches by ``make_batches``, which may sort them by length); > 0: it forms batches of at most
     ``max_batch``, waiting up to the timeout (from the oldest sample's arrival) for the batch to fill.
     A failing step does not hang LoadGen: the samples are completed empty and the error re-raised after the test.
+
+    LoadGen waits for every issued sample; one never completed keeps its test (and :data:`ONE_TEST`) alive for good,
+    and with it the next LoadGen test of the process. So an issued sample is never held only in a local variable of
+    the serving thread, where an interrupt (SIGTERM, runtime.timeout_s, Ctrl-C) would drop it: it is in ``_pending``
+    (appended by LoadGen's thread) or in ``_inflight`` until completed, each move between them and each completion
+    inside :func:`~orchestrator.interrupts.critical`, and :meth:`abort` completes whatever is left in either.
     """
 
     def __init__(self, lg, step: Callable, rows: Sequence[dict], make_batches: Callable, max_batch: Optional[int],
@@ -117,96 +124,119 @@ class BatchingSut:
         self.error: Optional[BaseException] = None
         # threads that called the step (the caller's alone, unless an interrupt handed the rest to a drainer)
         self.step_threads: set = set()
-        self._queue: "queue.SimpleQueue" = queue.SimpleQueue()
+        self._pending: "collections.deque" = collections.deque()  # (arrival, id, index), issued, not yet taken
+        self._inflight: Dict[int, tuple] = {}  # position -> (id, index): taken by serve(), not yet completed
+        self._wake: "queue.SimpleQueue" = queue.SimpleQueue()  # a token per issue; None once the test ended
+        self._ended = False
         self._abort = threading.Event()
         self._drainer: Optional[threading.Thread] = None
         self.handle = lg.ConstructSUT(self.issue_queries, self.flush_queries)
 
-    # LoadGen's callbacks (it holds the GIL for them): queue and return
+    # LoadGen's callbacks (in LoadGen's thread, which never takes a signal): queue and return
     def issue_queries(self, samples) -> None:
-        self._queue.put((time.perf_counter(), [(s.id, s.index) for s in samples]))
+        now = time.perf_counter()
+        self._pending.extend((now, s.id, s.index) for s in samples)
+        self._wake.put(True)
 
     def flush_queries(self) -> None:
         pass
 
     def test_ended(self) -> None:
-        """LoadGen's test returned (every sample was completed): :meth:`serve` returns once the queue is empty."""
-        self._queue.put(None)
+        """LoadGen's test returned (every sample was completed): :meth:`serve` returns."""
+        self._wake.put(None)
 
     def abort(self) -> None:
-        """The run was interrupted: complete everything from now on without computing, in a daemon thread (the
-        caller's thread is needed to propagate the interrupt), until the test ends."""
+        """The serving thread was interrupted: complete what it had taken and everything issued from now on,
+        without computing, in a daemon thread (the caller's thread is needed to propagate the interrupt), until
+        the test ends."""
         self._abort.set()
         if self._drainer is None:
-            self._drainer = threading.Thread(target=self.serve, name="loadgen-sut-drain", daemon=True)
+            self._drainer = threading.Thread(target=self._drain, name="loadgen-sut-drain", daemon=True)
             self._drainer.start()
 
     def close(self) -> None:
         self.lg.DestroySUT(self.handle)
 
+    def _wait(self, timeout: Optional[float] = None) -> None:
+        """Until LoadGen issues more (or ends the test), at most ``timeout``; interruptible."""
+        try:
+            if self._wake.get(timeout=timeout) is None:
+                self._ended = True
+        except queue.Empty:
+            pass
+
     def serve(self) -> None:
-        pending: "collections.deque" = collections.deque()  # (arrival, id, index)
-        stopping = False
-        while not (stopping and not pending):
-            if not pending and not _add(pending, self._queue.get()):
-                break
-            if self.timeout > 0 and self.max_batch and len(pending) < self.max_batch and not stopping:
+        pending = self._pending
+        while True:
+            if not pending:
+                if self._ended:
+                    return
+                self._wait()
+                continue
+            if self.timeout > 0 and self.max_batch:
                 deadline = pending[0][0] + self.timeout
-                while len(pending) < self.max_batch:
+                while len(pending) < self.max_batch and not self._ended:
                     remaining = deadline - time.perf_counter()
                     if remaining <= 0:
                         break
-                    try:
-                        item = self._queue.get(timeout=remaining)
-                    except queue.Empty:
-                        break
-                    if not _add(pending, item):
-                        stopping = True
-                        break
-            while True:  # whatever else is already queued
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if not _add(pending, item):
-                    stopping = True
-                    break
-            take = len(pending) if self.timeout <= 0 or not self.max_batch else min(len(pending), self.max_batch)
-            items = [pending.popleft()[1:] for _ in range(take)]
-            self._complete(items)
+                    self._wait(remaining)
+            with critical():  # taken and recorded as in flight in one step
+                take = len(pending) if self.timeout <= 0 or not self.max_batch else min(len(pending), self.max_batch)
+                self._inflight = {k: pending.popleft()[1:] for k in range(take)}
+            self._complete()
 
-    def _complete(self, items: List[tuple]) -> None:
+    def _complete(self) -> None:
         lg = self.lg
-        done = set()
+        items = list(self._inflight.values())
+        if self._abort.is_set() or self.error is not None:
+            self._complete_empty()
+            return
         try:
-            if self._abort.is_set() or self.error is not None:
-                raise _Skip()
             for b, offset in self._batches(items):
-                if self._abort.is_set():
-                    raise _Skip()
                 self.step_threads.add(threading.get_ident())
                 out = self.step(b.inputs)
-                keep, responses = [], []
-                for r, k in enumerate(b.rows):
-                    k += offset
+                keep, responses, positions = [], [], [k + offset for k in b.rows]
+                for r, k in enumerate(positions):
                     qid, idx = items[k]
                     # the response payload is the row's output: LoadGen logs it in accuracy mode (the evaluation)
                     arr = out[r].detach().float().contiguous().numpy()
                     keep.append(arr)
                     self.shapes[idx] = arr.shape
                     responses.append(lg.QuerySampleResponse(qid, arr.ctypes.data, arr.nbytes))
-                lg.QuerySamplesComplete(responses)
-                done.update(k + offset for k in b.rows)
+                with critical():  # completed and no longer in flight in one step: never twice, never lost
+                    lg.QuerySamplesComplete(responses)
+                    for k in positions:
+                        del self._inflight[k]
                 self.batch_sizes.append(b.size)
-        except BaseException as e:  # noqa: BLE001 - LoadGen waits for every sample; never leave one open
-            interrupt = isinstance(e, _INTERRUPTS)
-            if not interrupt and not isinstance(e, _Skip) and self.error is None:
+        except _INTERRUPTS:
+            raise  # a signal or the timeout, in the caller's thread: abort() completes what is in flight
+        except BaseException as e:  # noqa: BLE001 - the step failed: LoadGen still waits for every sample
+            if self.error is None:
                 self.error = e
-            rest = [lg.QuerySampleResponse(items[k][0], 0, 0) for k in range(len(items)) if k not in done]
+            self._complete_empty()
+
+    def _complete_empty(self) -> None:
+        with critical():
+            rest = [self.lg.QuerySampleResponse(qid, 0, 0) for qid, _ in self._inflight.values()]
+            if rest:
+                self.lg.QuerySamplesComplete(rest)
+            self._inflight = {}
+
+    def _drain(self) -> None:
+        """abort()'s thread: what was in flight, then every sample as it is issued, completed empty. Not the main
+        thread: no signal lands here, so it needs no critical() (whose depth the main thread shares)."""
+        lg = self.lg
+        rest = [lg.QuerySampleResponse(qid, 0, 0) for qid, _ in self._inflight.values()]
+        self._inflight = {}
+        while True:
+            while self._pending:
+                rest.append(lg.QuerySampleResponse(self._pending.popleft()[1], 0, 0))
             if rest:
                 lg.QuerySamplesComplete(rest)
-            if interrupt:  # a signal or the timeout, raised in the caller's thread: the run stops now
-                raise
+                rest = []
+            if self._ended:
+                return
+            self._wait()
 
     def _batches(self, items: List[tuple]):
         """``(batch, offset of its rows in items)``, collated a chunk at a time: an Offline query's first
@@ -220,10 +250,6 @@ class BatchingSut:
 
 # batches collated at once from a large query
 _CHUNK_BATCHES = 16
-
-
-class _Skip(Exception):
-    pass
 
 
 # raised in the caller's thread by a signal or runtime.timeout_s while it computes: not the step's failure
@@ -309,9 +335,10 @@ def run_test(lg, settings, step: Callable, rows: Sequence[dict], make_batches: C
     thread = threading.Thread(target=start, name="loadgen", daemon=True)
     try:
         # started inside the try: a signal can land in start()'s wait for the thread, and a LoadGen test nobody
-        # serves never ends (it would hold ONE_TEST for good)
-        thread.start()
-        sut.serve()
+        # serves never ends (it would hold ONE_TEST for good). Ctrl-C, too, waits for the SUT's critical steps
+        with deferring_sigint():
+            thread.start()
+            sut.serve()
     except BaseException:
         # LoadGen cannot be cancelled: the SUT answers at once from now on, so a short test ends within moments
         # (a long one keeps issuing until its min_duration in this daemon thread; the process is ending anyway)
@@ -485,11 +512,3 @@ def read_accuracy_log(path: Path, shapes: Dict[int, tuple], n_rows: int) -> List
         arr = np.frombuffer(data, dtype=np.float32).copy()
         outputs[idx] = torch.from_numpy(arr.reshape(shapes.get(idx, arr.shape)))
     return outputs
-
-
-def _add(pending: "collections.deque", item: Any) -> bool:
-    """Queue a LoadGen query's samples as (arrival, id, index); False for the stop sentinel (None)."""
-    if item is None:
-        return False
-    pending.extend((item[0], qid, idx) for qid, idx in item[1])
-    return True
