@@ -10,11 +10,12 @@
 
 A SIGTERM or a runtime.timeout_s alarm raises RunInterrupted wherever Python happens to be. Inside an MLflow
 store call that can leave the store's session half-written, so the run could not even be marked KILLED.
-Code in ``critical()`` defers the interrupt to the end of the block. And when it lands in a finalizer (a
-``__del__``, a weakref callback such as SQLAlchemy's registry clean-up, run by the garbage collector at any step),
-Python prints "Exception ignored" and goes on: the run would never stop (seen: ``runtime.timeout_s=1`` on a
-600 s timing pass ran until the test's 300 s limit). :func:`interruptible` catches that case through
-``sys.unraisablehook`` and delivers the interrupt again a moment later, outside the finalizer.
+Code in ``critical()`` defers the interrupt to the end of the block (Ctrl-C too, inside
+:func:`deferring_sigint`: a LoadGen test must never lose a sample half-way between two steps). And when it lands
+in a finalizer (a ``__del__``, a weakref callback such as SQLAlchemy's registry clean-up, run by the garbage
+collector at any step), Python prints "Exception ignored" and goes on: the run would never stop (seen:
+``runtime.timeout_s=1`` on a 600 s timing pass ran until the test's 300 s limit). :func:`interruptible` catches
+that case through ``sys.unraisablehook`` and delivers the interrupt again a moment later, outside the finalizer.
 
 A process can get SIGTERM more than once for one stop: SLURM's ``scancel`` signals every process of the step and
 the job's launching process passes it on too (hydra_plugins/orchestrator_launcher/_remote.py), so that a job the

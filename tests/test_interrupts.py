@@ -14,7 +14,7 @@ import time
 import pytest
 
 from orchestrator.errors import RunInterrupted
-from orchestrator.interrupts import critical, interruptible, shielded
+from orchestrator.interrupts import critical, deferring_sigint, interruptible, shielded
 
 
 class SlowFinalizer:
@@ -79,6 +79,29 @@ def test_other_ignored_exceptions_are_reported_as_before(monkeypatch):
     with interruptible(None):
         Broken()
     assert [str(e) for e in seen] == ["broken finalizer"]
+
+
+def test_a_ctrl_c_inside_a_critical_step_waits_for_its_end_where_asked():
+    """Inside deferring_sigint (a LoadGen test): Ctrl-C lands after the critical step, whatever handles SIGINT;
+    outside a critical step, and once the block is left, at once as before."""
+    steps = []
+    old = signal.getsignal(signal.SIGINT)
+    with deferring_sigint():
+        with pytest.raises(KeyboardInterrupt):
+            with critical():
+                os.kill(os.getpid(), signal.SIGINT)
+                _wait(0.2)
+                steps.append("the step ended")
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait()
+    assert steps == ["the step ended"] and signal.getsignal(signal.SIGINT) is old
+    with pytest.raises(KeyboardInterrupt):
+        with critical():  # not asked: Ctrl-C is Python's KeyboardInterrupt, at once
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait()
+            steps.append("not reached")
+    assert steps == ["the step ended"]
 
 
 # -- one stop, several SIGTERMs (SLURM signals the step's processes and the job's launcher passes it on) ------------

@@ -19,6 +19,7 @@ from the detail log, never recomputed.
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import queue
@@ -130,6 +131,7 @@ class BatchingSut:
         self._ended = False
         self._abort = threading.Event()
         self._drainer: Optional[threading.Thread] = None
+        self._atomic: Callable = critical
         self.handle = lg.ConstructSUT(self.issue_queries, self.flush_queries)
 
     # LoadGen's callbacks (in LoadGen's thread, which never takes a signal): queue and return
@@ -166,6 +168,9 @@ class BatchingSut:
             pass
 
     def serve(self) -> None:
+        # signals land in the main thread only, and critical()'s depth is the process's: elsewhere, nothing to hold
+        if threading.current_thread() is not threading.main_thread():
+            self._atomic = contextlib.nullcontext
         pending = self._pending
         while True:
             if not pending:
@@ -180,7 +185,7 @@ class BatchingSut:
                     if remaining <= 0:
                         break
                     self._wait(remaining)
-            with critical():  # taken and recorded as in flight in one step
+            with self._atomic():  # taken and recorded as in flight in one step
                 take = len(pending) if self.timeout <= 0 or not self.max_batch else min(len(pending), self.max_batch)
                 self._inflight = {k: pending.popleft()[1:] for k in range(take)}
             self._complete()
@@ -203,7 +208,7 @@ class BatchingSut:
                     keep.append(arr)
                     self.shapes[idx] = arr.shape
                     responses.append(lg.QuerySampleResponse(qid, arr.ctypes.data, arr.nbytes))
-                with critical():  # completed and no longer in flight in one step: never twice, never lost
+                with self._atomic():  # completed and no longer in flight in one step: never twice, never lost
                     lg.QuerySamplesComplete(responses)
                     for k in positions:
                         del self._inflight[k]
@@ -216,7 +221,7 @@ class BatchingSut:
             self._complete_empty()
 
     def _complete_empty(self) -> None:
-        with critical():
+        with self._atomic():
             rest = [self.lg.QuerySampleResponse(qid, 0, 0) for qid, _ in self._inflight.values()]
             if rest:
                 self.lg.QuerySamplesComplete(rest)
