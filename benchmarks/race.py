@@ -253,8 +253,10 @@ def main() -> None:
     ap.add_argument("--engines", action="store_true", help="time to answer of sweep=engines experiment=sst2_minilm")
     ap.add_argument("--ways", default=",".join(ENGINE_WAYS),
                     help=f"--engines: which ways to run, of {','.join(ENGINE_WAYS)}")
-    ap.add_argument("--out", type=Path)
+    ap.add_argument("--out", type=Path, help="a JSON file for the raw figures")
     args, extra = ap.parse_known_args()
+    if args.out and (args.out.is_dir() or not args.out.parent.is_dir()):  # found out before minutes of sweeps
+        ap.error(f"--out {args.out}: must be a file in an existing folder")
     print(f"CPU: {cpu.describe()}; {load()}", file=sys.stderr)
     hog = start_hog(args.hog_procs) if args.hog else []
     report: Dict[str, Any] = {"cpu": cpu.describe(), "hog_procs": len(hog), "extra": extra}
