@@ -405,15 +405,18 @@ def test_an_interrupt_at_any_moment_leaves_no_loadgen_test_waiting(served, tmp_p
         ctrl_c = i % 3 == 0
         timer = threading.Timer(after_s, os.kill, (os.getpid(), signal.SIGINT)) if ctrl_c else None
         try:
-            with interruptible(None if ctrl_c else after_s):
-                if timer:
-                    timer.start()
-                scenarios.get(name)().run(served.step, served.rows, served.make_batches, options, tmp_path / str(i))
+            try:
+                with interruptible(None if ctrl_c else after_s):
+                    if timer:
+                        timer.start()
+                    scenarios.get(name)().run(served.step, served.rows, served.make_batches, options,
+                                              tmp_path / str(i))
+            finally:
+                if timer:  # a Ctrl-C sent late (a loaded machine) must land here, not in pytest's session
+                    timer.cancel()
+                    timer.join()
         except (RunInterrupted, KeyboardInterrupt):
             pass
-        finally:
-            if timer:
-                timer.cancel()
         deadline = time.monotonic() + 15
         while loadgen.ONE_TEST.locked() and time.monotonic() < deadline:
             time.sleep(0.02)
