@@ -19,9 +19,11 @@ that case through ``sys.unraisablehook`` and delivers the interrupt again a mome
 
 A process can get SIGTERM more than once for one stop: SLURM's ``scancel`` signals every process of the step and
 the job's launching process passes it on too (hydra_plugins/orchestrator_launcher/_remote.py), so that a job the
-cluster's process tracking misses still stops. The first SIGTERM ends the run; later ones are ignored while the
-run is ending (in :func:`interruptible`, and in :func:`shielded` around the record's end), so a second signal
-cannot cut the KILLED record short or kill the process before its MLflow run is closed.
+cluster's process tracking misses still stops. The first SIGTERM ends the run; another within
+:data:`SAME_STOP_S` is the same stop and is ignored while the run is ending (in :func:`interruptible`; and any
+SIGTERM waits in :func:`shielded` around the record's end), so a second signal cannot cut the KILLED record short
+or kill the process before its MLflow run is closed. A later one is a new request and raises again: should a
+library's catch-all have swallowed the first RunInterrupted, the run still stops on the next SIGTERM.
 """
 from __future__ import annotations
 
@@ -36,6 +38,8 @@ from typing import Optional
 from .errors import RunInterrupted
 
 DOUBLE_INTERRUPT_S = 2.0
+# SIGTERMs this close to the first are one stop (scancel's and the launching process's arrive milliseconds apart)
+SAME_STOP_S = 5.0
 # how soon an interrupt that a finalizer swallowed is delivered again
 REDELIVER_S = 0.05
 
@@ -131,13 +135,16 @@ def interruptible(timeout_s: Optional[float]):
         yield
         return
 
-    terminated: list = []
+    first_term: list = []  # when the first SIGTERM came
 
     def on_term(signum, frame):
-        if terminated:  # one stop, several signals (see the module's doc): the first one is ending the run
+        import time
+
+        now = time.monotonic()
+        if first_term and now - first_term[0] < SAME_STOP_S:  # one stop, several signals (the module's doc)
             log.debug("signal %s again while the run ends: ignored", signal.Signals(signum).name)
             return
-        terminated.append(signum)
+        first_term[:] = [now]
         deliver(RunInterrupted(f"terminated by signal {signal.Signals(signum).name}", signum))
 
     swallowed: list = []

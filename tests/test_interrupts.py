@@ -120,6 +120,28 @@ def test_a_second_sigterm_while_the_run_ends_does_not_cut_its_ending_short():
     assert ended
 
 
+def test_a_sigterm_after_the_same_stop_raises_again_when_the_first_was_swallowed(monkeypatch):
+    """A library's catch-all (``except Exception``) that swallows the first RunInterrupted must not leave the run
+    deaf to SIGTERM: only signals of the same stop (within SAME_STOP_S) are ignored."""
+    from orchestrator import interrupts
+
+    monkeypatch.setattr(interrupts, "SAME_STOP_S", 0.3)
+    swallowed = []
+    with pytest.raises(RunInterrupted, match="terminated by signal SIGTERM"):
+        with interruptible(None):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                _wait()
+            except Exception as e:  # what a third-party catch-all does
+                swallowed.append(e)
+            os.kill(os.getpid(), signal.SIGTERM)  # the same stop: ignored
+            _wait(0.1)
+            _wait(0.3)
+            os.kill(os.getpid(), signal.SIGTERM)  # a new request: stops the run
+            _wait()
+    assert len(swallowed) == 1
+
+
 @pytest.mark.parametrize("redeliver", [False, True])
 def test_a_sigterm_while_the_record_is_written_waits_for_it(redeliver):
     got = []

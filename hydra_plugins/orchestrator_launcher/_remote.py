@@ -63,9 +63,9 @@ def wait_passing_sigterm(proc: subprocess.Popen) -> int:
     processes its process tracking finds; with ``proctrack/linuxproc`` that missed the job's process now and then
     (seen: 1 cancel in 8 on one node), and submitit's own handler here only logs SIGTERM ("Bypassing signal"), so
     the job ran to the end and its run ended FINISHED. The job ends its run on the first SIGTERM and ignores a
-    second one (orchestrator/interrupts.py), so a job that gets both is fine. The handler there was (submitit's,
-    a Ray worker's) still runs after; with none (the default action) this process dies and the job gets its
-    parent-death SIGTERM."""
+    second one of the same stop (orchestrator/interrupts.py), so a job that gets both is fine. The handler there
+    was (submitit's, a Ray worker's) still runs after; with none (the default action) this process dies and the job
+    gets its parent-death SIGTERM."""
     old = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is not threading.main_thread() or not callable(old):
         return proc.wait()
