@@ -33,6 +33,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from typing import Optional
 
 from .errors import RunInterrupted
@@ -64,8 +65,6 @@ class DoubleInterrupt:
 
     def press(self) -> bool:
         """Record a Ctrl-C now; True when it is the second of a double Ctrl-C."""
-        import time
-
         now = time.monotonic()
         second = now - self._last < self.window_s
         self._last = now
@@ -94,9 +93,7 @@ def critical():
             exc, _pending = _pending, None
             raise exc
         if _depth == 0 and _deferred_sigint:
-            handler, frame = _deferred_sigint.pop(), None
-            _deferred_sigint.clear()
-            handler(signal.SIGINT, frame)
+            _deferred_sigint.pop()(signal.SIGINT, None)
 
 
 _deferred_sigint: list = []
@@ -138,8 +135,6 @@ def interruptible(timeout_s: Optional[float]):
     first_term: list = []  # when the first SIGTERM came
 
     def on_term(signum, frame):
-        import time
-
         now = time.monotonic()
         if first_term and now - first_term[0] < SAME_STOP_S:  # one stop, several signals (the module's doc)
             log.debug("signal %s again while the run ends: ignored", signal.Signals(signum).name)

@@ -135,8 +135,7 @@ def test_a_sigterm_after_the_same_stop_raises_again_when_the_first_was_swallowed
             except Exception as e:  # what a third-party catch-all does
                 swallowed.append(e)
             os.kill(os.getpid(), signal.SIGTERM)  # the same stop: ignored
-            _wait(0.1)
-            _wait(0.3)
+            _wait(0.4)  # past SAME_STOP_S
             os.kill(os.getpid(), signal.SIGTERM)  # a new request: stops the run
             _wait()
     assert len(swallowed) == 1

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import math
 import random
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import CONF_DIR, WORDS, make_tiny_model
+from conftest import CONF_DIR, WORDS, make_tiny_model, wait_for
 
 pytest.importorskip("mlperf_loadgen", reason="the loadgen extra is not installed")
 
@@ -417,11 +416,9 @@ def test_an_interrupt_at_any_moment_leaves_no_loadgen_test_waiting(served, tmp_p
                     timer.join()
         except (RunInterrupted, KeyboardInterrupt):
             pass
-        deadline = time.monotonic() + 15
-        while loadgen.ONE_TEST.locked() and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert not loadgen.ONE_TEST.locked(), f"interrupt {i} ({name}, {'Ctrl-C' if ctrl_c else 'timeout'} after " \
-                                              f"{after_s:.3f} s) left the LoadGen test waiting for a sample"
+        how = f"interrupt {i} ({name}, {'Ctrl-C' if ctrl_c else 'timeout'} after {after_s:.3f} s)"
+        wait_for(lambda: not loadgen.ONE_TEST.locked(), f"the LoadGen test to wind down after {how}: it waits for "
+                 "a sample nobody completes", timeout=15, every=0.02)
 
 
 def test_the_sut_runs_the_step_on_the_thread_that_started_the_test(served, tmp_path):

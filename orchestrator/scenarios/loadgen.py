@@ -129,7 +129,6 @@ class BatchingSut:
         self._inflight: Dict[int, tuple] = {}  # position -> (id, index): taken by serve(), not yet completed
         self._wake: "queue.SimpleQueue" = queue.SimpleQueue()  # a token per issue; None once the test ended
         self._ended = False
-        self._abort = threading.Event()
         self._drainer: Optional[threading.Thread] = None
         self._atomic: Callable = critical
         self.handle = lg.ConstructSUT(self.issue_queries, self.flush_queries)
@@ -151,7 +150,6 @@ class BatchingSut:
         """The serving thread was interrupted: complete what it had taken and everything issued from now on,
         without computing, in a daemon thread (the caller's thread is needed to propagate the interrupt), until
         the test ends."""
-        self._abort.set()
         if self._drainer is None:
             self._drainer = threading.Thread(target=self._drain, name="loadgen-sut-drain", daemon=True)
             self._drainer.start()
@@ -193,7 +191,7 @@ class BatchingSut:
     def _complete(self) -> None:
         lg = self.lg
         items = list(self._inflight.values())
-        if self._abort.is_set() or self.error is not None:
+        if self.error is not None:  # the step failed before: the rest is completed empty
             self._complete_empty()
             return
         try:
