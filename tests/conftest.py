@@ -326,6 +326,21 @@ def kill_tree(proc: subprocess.Popen) -> None:
         pass
 
 
+def descendants_running(pid: int, needle: str) -> list:
+    """The live descendants of ``pid`` whose command line holds ``needle``. A descendant that ended meanwhile (a
+    zombie its parent has not reaped yet: a job just done, a ``git`` call) is skipped, not an error."""
+    import psutil
+
+    found = []
+    for p in psutil.Process(pid).children(recursive=True):
+        try:
+            if needle in " ".join(p.cmdline()):
+                found.append(p)
+        except (psutil.ZombieProcess, psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return found
+
+
 @pytest.fixture(autouse=True)
 def _no_child_outlives_its_test():
     started = len(_STARTED)

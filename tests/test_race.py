@@ -763,7 +763,7 @@ def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_fil
 
     import psutil
 
-    from conftest import mlflow_store, start_cli
+    from conftest import descendants_running, mlflow_store, start_cli
 
     uri = mlflow_store(tmp_path / "store.db")
     proc = start_cli("-m", f"model.name_or_path={tiny_encoder}", f"dataset.data_files={sts_file}", "runtime=quick",
@@ -772,8 +772,7 @@ def test_killing_the_sweep_ends_its_waiting_jobs(tmp_path, tiny_encoder, sts_fil
     deadline = time.time() + 300
     jobs = []
     while time.time() < deadline and proc.poll() is None:
-        jobs = [p for p in psutil.Process(proc.pid).children(recursive=True)
-                if "hydra_plugins.orchestrator_launcher._job" in " ".join(p.cmdline())]
+        jobs = descendants_running(proc.pid, "hydra_plugins.orchestrator_launcher._job")
         if len(jobs) == 2 and (tmp_path / "sweep" / "1" / "decisions.json").exists():
             break
         time.sleep(0.5)
