@@ -326,6 +326,17 @@ def kill_tree(proc: subprocess.Popen) -> None:
         pass
 
 
+@pytest.fixture()
+def ctrl_c_raises():
+    """SIGINT at Python's own handler for the test, as the CLI and job processes set it (interrupts.restore_sigint):
+    a suite started in the background (`nohup pytest &`, a CI script) runs with SIGINT ignored, and a test that sends
+    its own process a Ctrl-C would then see nothing happen."""
+    before = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, before)
+
+
 def descendants_running(pid: int, needle: str) -> list:
     """The live descendants of ``pid`` whose command line holds ``needle``. A descendant that ended meanwhile (a
     zombie its parent has not reaped yet: a job just done, a ``git`` call) is skipped, not an error."""

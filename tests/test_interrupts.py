@@ -62,7 +62,7 @@ def test_a_swallowed_sigterm_delivered_inside_critical_is_still_the_sigterm():
                 _wait(0.5)
 
 
-def test_a_ctrl_c_that_lands_in_a_finalizer_still_ends_the_run():
+def test_a_ctrl_c_that_lands_in_a_finalizer_still_ends_the_run(ctrl_c_raises):
     with pytest.raises(KeyboardInterrupt):
         with interruptible(None):
             SlowFinalizer(lambda: os.kill(os.getpid(), signal.SIGINT))
@@ -81,7 +81,7 @@ def test_other_ignored_exceptions_are_reported_as_before(monkeypatch):
     assert [str(e) for e in seen] == ["broken finalizer"]
 
 
-def test_a_ctrl_c_inside_a_critical_step_waits_for_its_end_where_asked():
+def test_a_ctrl_c_inside_a_critical_step_waits_for_its_end_where_asked(ctrl_c_raises):
     """Inside deferring_sigint (a LoadGen test): Ctrl-C lands after the critical step, whatever handles SIGINT;
     outside a critical step, and once the block is left, at once as before."""
     steps = []

@@ -384,7 +384,7 @@ STRESS_OPTIONS = {"single_stream": {}, "multi_stream": {}, "offline": {},
                              "max_batch": 4, "batch_timeout_ms": 2.0}}
 
 
-def test_an_interrupt_at_any_moment_leaves_no_loadgen_test_waiting(served, tmp_path, monkeypatch):
+def test_an_interrupt_at_any_moment_leaves_no_loadgen_test_waiting(served, tmp_path, monkeypatch, ctrl_c_raises):
     """LoadGen waits for every sample it issued. An interrupt that landed between the SUT taking a sample off its
     queue and completing it dropped the sample: the test never ended, held ONE_TEST, and the next LoadGen test of
     the process waited for good (CI timed out on the next test of this file; a probe hung within 7-21 interrupts).
