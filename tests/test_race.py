@@ -825,6 +825,15 @@ def test_raced_rows_get_paired_speedups_and_the_runner_up_is_named():
     line, _ = _assess(_rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
                              2: ("ipex", {r: 1.5 * v for r, v in tie.items()})}))
     assert "is a tie within noise" in line and "choose between them by other criteria (memory, apply time)" in line
+    assert "margin" not in line  # its interval spans 1.0: noise alone makes it a tie
+
+    # an interval that excludes 1.0 but not the summary.min_effect band: a tie, and the line says by which rule
+    rows = _rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
+                  2: ("ipex", {r: 1.5 / 1.03 * v * (1.001 if r % 2 else 0.999) for r, v in base.items()})})
+    _assess(rows)
+    said = verdict.runner_up(rows[1], rows, 0.05)
+    assert said.startswith("; the runner-up job 2 (ipex/fp32) is a tie within noise (1.03x [95% 1.0")
+    assert "; not beyond the 5% margin, summary.min_effect): choose between them" in said, said
 
     # the recommended job beaten beyond noise by a rival (one whose own speedup was undecided) is no tie
     rows = _rows({0: ("eager", base), 1: ("jit", {r: 1.5 * v for r, v in base.items()}),
