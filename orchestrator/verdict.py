@@ -245,7 +245,7 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]], min_effect: floa
         faster = f"{1 / s[0]:.2f}x [95% {1 / s[2]:.2f}-{1 / s[1]:.2f}, {s[3]}]"
         return (f"; but {_label(second)} is faster than it by {faster} and is not recommended only because its own "
                 "speedup over eager fp32 is undecided: race more rounds (race.max_rounds, race.budget_s) to settle it")
-    if s[1] > 1.0 or s[2] < 1.0:  # the interval excludes 1.0 yet is no win: say which rule made it a tie
+    if not stats.within_noise(s[1], s[2]):  # the interval excludes 1.0 yet is no win: say which rule made it a tie
         what += f"; not beyond the {min_effect:.0%} margin, summary.min_effect"
     return (f"; the runner-up {_label(second)} is a tie within noise ({what}): choose between them by other "
             "criteria (memory, apply time)")

@@ -331,8 +331,10 @@ def ctrl_c_raises():
     """SIGINT at Python's own handler for the test, as the CLI and job processes set it (interrupts.restore_sigint):
     a suite started in the background (`nohup pytest &`, a CI script) runs with SIGINT ignored, and a test that sends
     its own process a Ctrl-C would then see nothing happen."""
+    from orchestrator.interrupts import restore_sigint
+
     before = signal.getsignal(signal.SIGINT)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    restore_sigint()
     yield
     signal.signal(signal.SIGINT, before)
 
