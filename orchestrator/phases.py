@@ -26,7 +26,7 @@ import torch
 from . import cpu, data, devdata, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, validated
 from .context import JobContext
-from .environment import available_cpus, pkg_version
+from .environment import available_cpus, busy_cores_warning, pkg_version
 from .errors import MeasuredFailure, RunInterrupted
 from .errors import describe as describe_error
 from .plugin import Plugin, PluginContext
@@ -180,22 +180,12 @@ def busy_at_start(checked: Checked, rec: Recorder) -> None:
     busy = checked.busy.read() if checked.busy is not None else None
     if busy is None:
         return
-    why = busy_cores_warning(busy, len(available_cpus()), torch.get_num_threads())
+    available = len(available_cpus())
+    why = busy_cores_warning(busy, available, torch.get_num_threads())
     if why:
         log.warning("%s", why)
-    rec.record({"cores_busy_at_start": busy})
-
-
-def busy_cores_warning(load: Optional[float], available: int, threads: int) -> Optional[str]:
-    """One line when other work holds cores this run's threads need. OpenMP's barriers make every batch wait for
-    its slowest thread, so a thread that shares its core with a busy process slows the whole run by far more than
-    its share: on the 2-core Xeon one busy-loop process took the default run from 563 to 33 sentences/s."""
-    if load is None or load < 0.75 + max(available - threads, 0):
-        return None
-    return (f"other processes keep {load:.1f} of {available} core(s) busy while this run uses {threads} thread(s): "
-            "each batch waits for the thread that is not running; "
-            f"runtime.threads={max(1, min(threads, available - round(load)))} times it on the cores left "
-            "(timings are of a shared machine either way)")
+    # the sweep's summary repeats the warning where it explains a missing recommendation
+    rec.record({"cores_busy_at_start": busy, "cores_available": float(available)})
 
 
 def check_context(rc: RunConfig) -> PluginContext:

@@ -23,6 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from . import stats
+from .environment import busy_cores_warning
 from .records import EAGER
 
 
@@ -251,6 +252,25 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]], min_effect: floa
             "criteria (memory, apply time)")
 
 
+def busy_note(rows: List[Dict[str, Any]]) -> str:
+    """Why a sweep on a busy machine may find no difference: its jobs' threads shared cores with other work, so
+    every batch waited on a descheduled thread and the jobs' timings converge on the scheduler's, not their
+    compute's (seen under a one-core hog: fp32 and bf16 both ~940 ms per batch with 2 threads; bf16 1.84x with
+    runtime.threads=1). The busiest start among the jobs, with the setting that fits; empty on a quiet machine."""
+    busy = [r for r in rows if r.get("cores_busy_at_start") is not None and r.get("cores_available")
+            and r.get("threads") and busy_cores_warning(r["cores_busy_at_start"], int(r["cores_available"]),
+                                                        int(r["threads"]))]
+    if not busy:
+        return ""
+    worst = max(busy, key=lambda r: r["cores_busy_at_start"])
+    available, threads = int(worst["cores_available"]), int(worst["threads"])
+    fits = max(1, min(threads, available - round(worst["cores_busy_at_start"])))
+    return (f"; {len(busy)} of {len(rows)} jobs ran {threads} thread(s) while other processes kept up to "
+            f"{worst['cores_busy_at_start']:.1f} of {available} core(s) busy: their batches waited for a thread "
+            f"that was not running, which can hide a real difference (runtime.threads={fits} times them on the "
+            "cores left)")
+
+
 def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[str]:
     """One line: the fastest job that passes the gate with a speedup beyond noise, or why there is none.
     The chosen rows get ``recommended=True``."""
@@ -284,7 +304,8 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
             top = max(good, key=speed)
             lines.append(f"{prefix}no recommendation: {_label(top)} is the fastest that passes the gate but its "
                          f"speedup {_interval(top)} spans more than {WIDE:g}x either way: too uncertain to act on "
-                         "(race more rounds: race.max_rounds, race.budget_s; or a quieter machine)")
+                         "(race more rounds: race.max_rounds, race.budget_s; or a quieter machine)"
+                         + busy_note([r for r in rows if r.get("workload") == w]))
             continue
         faster = sorted((r for r in group if r.get("speedup", 0) > 1.0), key=lambda r: -speed(r))
         note = ""
@@ -294,5 +315,5 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
                    else "within noise" if top.get("noise") == "within noise" else "no interval")
             note = f" (fastest, {_label(top)} at {_interval(top)}, {why})"
         lines.append(f"{prefix}no recommendation: nothing beat eager fp32 beyond noise while passing the "
-                     f"accuracy gate{note}")
+                     f"accuracy gate{note}" + busy_note([r for r in rows if r.get("workload") == w]))
     return "; ".join(lines)

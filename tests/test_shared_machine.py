@@ -10,16 +10,17 @@ import time
 import psutil
 
 from orchestrator import phases
+from orchestrator.environment import busy_cores_warning
 
 
 def test_the_warning_names_the_busy_cores_and_the_thread_setting_that_fits():
-    line = phases.busy_cores_warning(1.0, 2, 2)
+    line = busy_cores_warning(1.0, 2, 2)
     assert line.startswith("other processes keep 1.0 of 2 core(s) busy while this run uses 2 thread(s)")
     assert "runtime.threads=1" in line and "\n" not in line
-    assert phases.busy_cores_warning(0.3, 2, 2) is None  # a quiet machine: nothing to say
-    assert phases.busy_cores_warning(1.0, 2, 1) is None  # one thread on the core left: fine
-    assert phases.busy_cores_warning(None, 2, 2) is None  # not measurable here
-    assert "runtime.threads=2" in phases.busy_cores_warning(2.0, 4, 4)
+    assert busy_cores_warning(0.3, 2, 2) is None  # a quiet machine: nothing to say
+    assert busy_cores_warning(1.0, 2, 1) is None  # one thread on the core left: fine
+    assert busy_cores_warning(None, 2, 2) is None  # not measurable here
+    assert "runtime.threads=2" in busy_cores_warning(2.0, 4, 4)
 
 
 def test_busy_cores_sees_a_busy_process():
@@ -30,3 +31,25 @@ def test_busy_cores_sees_a_busy_process():
     finally:
         hog.kill()
     assert busy is not None and 0.5 <= busy <= (psutil.cpu_count() or 1) + 0.01
+
+
+def test_a_sweep_without_a_recommendation_on_a_busy_machine_says_why_and_what_fits():
+    """fp32 and bf16 both at ~940 ms per batch under a one-core hog with 2 threads (the AMD EPYC, 2026-12-04): the
+    summary line, not only a job's log, names the busy cores and runtime.threads=1 (bf16 1.84x with it)."""
+    from orchestrator import verdict
+
+    def row(job, precision, thr, busy):
+        return {"job": job, "stack": "eager", "precision": precision, "status": "FINISHED", "metric": "accuracy",
+                "value": 80.0, "throughput": thr, "throughput_ci_low": thr * 0.95, "throughput_ci_high": thr * 1.05,
+                "task": "text_classification", "workload": "w", "baseline_key": "b", "threads": 2.0,
+                "cores_available": 2.0, "cores_busy_at_start": busy}
+
+    rows = [row(0, "fp32", 68.0, 0.4), row(1, "bf16", 69.0, 1.02)]
+    verdict.assess(rows, 0.99, 0.95, lambda t: None, lambda r: None)
+    line = verdict.recommend(rows)
+    assert line.startswith("no recommendation: nothing beat eager fp32 beyond noise"), line
+    assert ("1 of 2 jobs ran 2 thread(s) while other processes kept up to 1.0 of 2 core(s) busy" in line
+            and "runtime.threads=1" in line and "\n" not in line), line
+    for r in rows:  # a quiet machine: the line is as before
+        r["cores_busy_at_start"] = 0.1
+    assert verdict.recommend(rows).endswith("within noise)")
