@@ -195,3 +195,12 @@ def test_defaults_are_not_written_again_in_code():
                             *(REPO / "plugins").rglob("*.py")]
              if path.name not in owners for f in _default_literals(path)]
     assert found == []
+
+
+def test_the_suite_order_names_only_test_files_that_exist():
+    """FILE_SECONDS queues the heaviest files first (conftest): a renamed file would silently fall back to the
+    per-test estimate and could run last again."""
+    from conftest import FILE_SECONDS
+
+    missing = [name for name in FILE_SECONDS if not (REPO / "tests" / name).is_file()]
+    assert not missing, f"FILE_SECONDS names files that are gone: {missing}"
