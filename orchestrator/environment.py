@@ -104,5 +104,10 @@ def busy_cores_warning(load: Optional[float], available: int, threads: int) -> O
         return None
     return (f"other processes keep {load:.1f} of {available} core(s) busy while this run uses {threads} thread(s): "
             "each batch waits for the thread that is not running; "
-            f"runtime.threads={max(1, min(threads, available - round(load)))} times it on the cores left "
+            f"runtime.threads={threads_that_fit(load, available, threads)} times it on the cores left "
             "(timings are of a shared machine either way)")
+
+
+def threads_that_fit(load: float, available: int, threads: int) -> int:
+    """The thread count that leaves the cores other work keeps busy to it (one at least)."""
+    return max(1, min(threads, available - round(load)))

@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from . import stats
-from .environment import busy_cores_warning
+from .environment import busy_cores_warning, threads_that_fit
 from .records import EAGER
 
 
@@ -263,12 +263,13 @@ def busy_note(rows: List[Dict[str, Any]]) -> str:
     if not busy:
         return ""
     worst = max(busy, key=lambda r: r["cores_busy_at_start"])
-    available, threads = int(worst["cores_available"]), int(worst["threads"])
-    fits = max(1, min(threads, available - round(worst["cores_busy_at_start"])))
-    return (f"; {len(busy)} of {len(rows)} jobs ran {threads} thread(s) while other processes kept up to "
-            f"{worst['cores_busy_at_start']:.1f} of {available} core(s) busy: their batches waited for a thread "
-            f"that was not running, which can hide a real difference (runtime.threads={fits} times them on the "
-            "cores left)")
+    available, load = int(worst["cores_available"]), worst["cores_busy_at_start"]
+    threads = {int(r["threads"]) for r in busy}
+    ran = f"ran {threads.pop()} thread(s)" if len(threads) == 1 else "ran more threads than the cores left"
+    fits = threads_that_fit(load, available, max(int(r["threads"]) for r in busy))
+    return (f"; {len(busy)} of {len(rows)} jobs {ran} while other processes kept up to {load:.1f} of "
+            f"{available} core(s) busy: their batches waited for a thread that was not running, which can hide a "
+            f"real difference (runtime.threads={fits} times them on the cores left)")
 
 
 def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[str]:

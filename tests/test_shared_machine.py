@@ -53,3 +53,10 @@ def test_a_sweep_without_a_recommendation_on_a_busy_machine_says_why_and_what_fi
     for r in rows:  # a quiet machine: the line is as before
         r["cores_busy_at_start"] = 0.1
     assert verdict.recommend(rows).endswith("within noise)")
+    rows[0]["cores_busy_at_start"], rows[1]["threads"] = 1.0, 1.0  # one job on 2 threads, one on 1: only the first
+    line = verdict.recommend(rows)
+    assert "1 of 2 jobs ran 2 thread(s) while other processes kept up to 1.0 of 2 core(s) busy" in line, line
+    for r, threads in zip(rows, (4.0, 3.0)):  # 4 cores, 2 kept busy, jobs on 4 and 3 threads: both need them
+        r.update(cores_available=4.0, cores_busy_at_start=2.0, threads=threads)
+    line = verdict.recommend(rows)
+    assert "2 of 2 jobs ran more threads than the cores left" in line and "runtime.threads=2" in line, line
