@@ -111,3 +111,40 @@ def busy_cores_warning(load: Optional[float], available: int, threads: int) -> O
 def threads_that_fit(load: float, available: int, threads: int) -> int:
     """The thread count that leaves the cores other work keeps busy to it (one at least)."""
     return max(1, min(threads, available - round(load)))
+
+
+class OthersBusy:
+    """The cores other processes kept busy while ``pid`` ran: the machine's busy CPU time minus that process's and
+    this one's, over the wall time between :meth:`start` and :meth:`read`. The race takes one per timed round (the
+    launcher waits in ``select`` meanwhile): a load that arrives after the jobs' start, where their own sample
+    (``cores_busy_at_start``) was taken, still shows. Kernel CPU times tick every 10 ms, so a window shorter than
+    ``min_s`` says nothing (None), as does a machine without /proc."""
+
+    def __init__(self, pid: int, min_s: float = 0.2):
+        self.pid, self.min_s = pid, min_s
+        self._t0: Optional[tuple] = None
+
+    def _now(self) -> Optional[tuple]:
+        try:
+            import time
+
+            import psutil
+
+            machine = psutil.cpu_times()
+            busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
+            # guest time is counted in user time already (Linux): not twice
+            busy -= getattr(machine, "guest", 0.0) + getattr(machine, "guest_nice", 0.0)
+            own = sum(psutil.Process().cpu_times()[:2]) + sum(psutil.Process(self.pid).cpu_times()[:2])
+            return time.monotonic(), busy, own
+        except Exception:  # the process ended, or no /proc
+            return None
+
+    def start(self) -> None:
+        self._t0 = self._now()
+
+    def read(self) -> Optional[float]:
+        t1 = self._now()
+        if self._t0 is None or t1 is None or t1[0] - self._t0[0] < self.min_s:
+            return None
+        wall = t1[0] - self._t0[0]
+        return max(0.0, ((t1[1] - self._t0[1]) - (t1[2] - self._t0[2])) / wall)

@@ -282,6 +282,8 @@ class Contender:
     spans: Dict[int, Tuple[float, float]] = field(default_factory=dict)
     # {process: {round: rows/s}}, and the processes still timed (0: the job's own; more with race.processes)
     per_process: Dict[int, Dict[int, float]] = field(default_factory=dict)
+    # {round: cores other processes kept busy while it was timed} (the most over its processes; launcher-measured)
+    others_busy: Dict[int, float] = field(default_factory=dict)
     processes: List[int] = field(default_factory=lambda: [0])
     live: bool = True
     entered: bool = False  # its group has started racing
@@ -443,8 +445,10 @@ class Race:
                     len(c.processes))
 
     def record(self, job: int, r: int, throughput: float, start: Optional[float] = None,
-               end: Optional[float] = None, process: int = 0) -> None:
+               end: Optional[float] = None, others: Optional[float] = None, process: int = 0) -> None:
         c = self.jobs[job]
+        if others is not None:
+            c.others_busy[r] = max(others, c.others_busy.get(r, 0.0))
         c.per_process.setdefault(process, {})[r] = float(throughput)
         ran = [p[r] for p in c.per_process.values() if p.get(r, 0.0) > 0]
         c.throughputs[r] = float(math.exp(sum(map(math.log, ran)) / len(ran))) if ran else float(throughput)
@@ -458,6 +462,8 @@ class Race:
             c.spans[r] = (min(start, old[0]), max(end, old[1])) if old else (start, end)
             if entry is not None:
                 entry["spans"][job] = list(c.spans[r])
+        if entry is not None and r in c.others_busy:
+            entry.setdefault("others_busy", {})[job] = round(c.others_busy[r], 3)
 
     def lost(self, job: int, r: int, why: str) -> None:
         """A job that ended on its own (failed, killed): out of the race."""
@@ -628,6 +634,9 @@ class Race:
                 metrics.update({"race_speedup": s[0], "race_speedup_ci_low": s[1], "race_speedup_ci_high": s[2]})
         sd, dof = self.process_spread()
         metrics.update({"race_processes": float(_timed(c)), "race_process_sd": sd})
+        if c.others_busy:  # the summary line names a busy machine from it (verdict.busy_note)
+            busy = sorted(c.others_busy.values())
+            metrics["cores_busy_in_rounds"] = busy[len(busy) // 2]
         outcome = {"stopped": c.stopped, "rounds": len(c.throughputs), "stopped_round": c.stopped_round,
                    "order_seed": self.cfg.seed, "reference_job": c.reference,
                    "throughputs": {str(k): v for k, v in sorted(c.throughputs.items())},
@@ -675,7 +684,8 @@ class Race:
 class RoundRunner:
     """What the driver needs from a raced job (a process in the launcher, a fake in tests)."""
 
-    def time_round(self, r: int) -> Optional[Tuple[float, float, float]]:  # (rows/s, start, end); None: gone
+    def time_round(self, r: int) -> Optional[tuple]:
+        """(rows/s, start, end) or (rows/s, start, end, cores others kept busy meanwhile); None: the job is gone."""
         raise NotImplementedError
 
     def stop(self, message: Dict[str, Any]) -> None:

@@ -336,7 +336,8 @@ COLUMNS = ["job", "stack", "precision", "metric", "value", "accuracy_delta", "th
            "rounds", "stopped", "scenario", "figure", "figure_value", "figure_unit", "scenario_valid"]
 _ROW_METRICS = ("throughput", "throughput_ci_low", "throughput_ci_high", "latency_p50_ms", "latency_p90_ms",
                 "latency_p99_ms", "parity_max_abs_diff", "parity_agreement", "eval_throughput", "peak_fraction_pct",
-                "timed_equals_evaluated", "threads", "cores_busy_at_start", "cores_available")
+                "timed_equals_evaluated", "threads", "cores_busy_at_start", "cores_busy_in_rounds",
+                "cores_available")
 
 
 def task_class(task: Optional[str]):

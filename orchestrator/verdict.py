@@ -256,18 +256,21 @@ def busy_note(rows: List[Dict[str, Any]]) -> str:
     """Why a sweep on a busy machine may find no difference: its jobs' threads shared cores with other work, so
     every batch waited on a descheduled thread and the jobs' timings converge on the scheduler's, not their
     compute's (seen under a one-core hog: fp32 and bf16 both ~940 ms per batch with 2 threads; bf16 1.84x with
-    runtime.threads=1). The busiest start among the jobs, with the setting that fits; empty on a quiet machine."""
-    busy = [r for r in rows if r.get("cores_busy_at_start") is not None and r.get("cores_available")
-            and r.get("threads") and busy_cores_warning(r["cores_busy_at_start"], int(r["cores_available"]),
-                                                        int(r["threads"]))]
+    runtime.threads=1). The busiest job (its timed rounds' median when raced, else its start), with the setting that
+    fits; empty on a quiet machine."""
+    def load(r):  # a raced job's rounds (launcher-measured) say more than its start
+        return r["cores_busy_in_rounds"] if r.get("cores_busy_in_rounds") is not None else r.get("cores_busy_at_start")
+
+    busy = [r for r in rows if load(r) is not None and r.get("cores_available") and r.get("threads")
+            and busy_cores_warning(load(r), int(r["cores_available"]), int(r["threads"]))]
     if not busy:
         return ""
-    worst = max(busy, key=lambda r: r["cores_busy_at_start"])
-    available, load = int(worst["cores_available"]), worst["cores_busy_at_start"]
+    worst = max(busy, key=load)
+    available, most = int(worst["cores_available"]), load(worst)
     threads = {int(r["threads"]) for r in busy}
     ran = f"ran {threads.pop()} thread(s)" if len(threads) == 1 else "ran more threads than the cores left"
-    fits = threads_that_fit(load, available, max(int(r["threads"]) for r in busy))
-    return (f"; {len(busy)} of {len(rows)} jobs {ran} while other processes kept up to {load:.1f} of "
+    fits = threads_that_fit(most, available, max(int(r["threads"]) for r in busy))
+    return (f"; {len(busy)} of {len(rows)} jobs {ran} while other processes kept up to {most:.1f} of "
             f"{available} core(s) busy: their batches waited for a thread that was not running, which can hide a "
             f"real difference (runtime.threads={fits} times them on the cores left)")
 

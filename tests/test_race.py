@@ -1003,3 +1003,29 @@ def test_timed_outputs_that_differ_from_the_evaluated_ones_fail_the_gate(tmp_pat
     assert json.loads((sweep_dir / "0" / "results.json").read_text())["metrics"]["timed_equals_evaluated"] == 1.0
     rows = {r["job"]: r for r in csv.DictReader(open(sweep_dir / "summary.csv"))}
     assert rows["1"]["gate"] == "fail", rows["1"]
+
+
+def test_the_cores_others_kept_busy_in_the_rounds_reach_the_job_and_race_json():
+    """The launcher measures the machine's other load during each timed round (a hog that starts after the jobs'
+    own start sample still shows); each job's stop message carries the median over its rounds, which the summary
+    line uses to explain a missing recommendation (verdict.busy_note)."""
+
+    class Loaded(FakeJob):
+        def time_round(self, r):
+            thr, start, end = super().time_round(r)
+            return thr, start, end, (1.0 if r > 2 else 0.1)  # the hog arrives in round 3
+
+    world = World(0)
+    race = R.Race(R.RaceConfig(max_rounds=6), clock=lambda: world.t)
+    runners = {0: Loaded(world, 1.0), 1: Loaded(world, 1.02)}
+    for j in runners:
+        race.add(R.Contender(job=j, key="k", workload="w", baseline=(j == 0), gate=True))
+    R.run_group(race, runners, list(runners))
+    R.end_race(race, runners)
+    for runner in runners.values():
+        assert runner.stopped["metrics"]["cores_busy_in_rounds"] == 1.0
+    log = race.log_dict()
+    assert log["rounds"][0]["others_busy"] == {0: 0.1, 1: 0.1} and log["rounds"][3]["others_busy"][1] == 1.0
+    # runners without the measurement (a machine without /proc) leave the metric out
+    race2, plain = race_of([1.0, 1.02], R.RaceConfig(max_rounds=6))
+    assert all("cores_busy_in_rounds" not in r.stopped["metrics"] for r in plain.values())

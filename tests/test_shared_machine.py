@@ -3,6 +3,7 @@ every batch wait for the thread that is not running (one busy process took the d
 sentences/s on the 2-core Xeon), so the run names the cores in use elsewhere and the setting that avoids it."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -60,3 +61,39 @@ def test_a_sweep_without_a_recommendation_on_a_busy_machine_says_why_and_what_fi
         r.update(cores_available=4.0, cores_busy_at_start=2.0, threads=threads)
     line = verdict.recommend(rows)
     assert "2 of 2 jobs ran more threads than the cores left" in line and "runtime.threads=2" in line, line
+
+
+def test_others_busy_counts_other_processes_not_the_timed_one():
+    """What the race measures per timed round: a hog beside the timed process counts, the timed process itself
+    does not."""
+    from orchestrator.environment import OthersBusy
+
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        readings = {}
+        for name, pid in (("beside a hog", sleeper.pid), ("the hog itself", hog.pid)):
+            sample = OthersBusy(pid)
+            sample.start()
+            time.sleep(1.0)
+            readings[name] = sample.read()
+    finally:
+        hog.kill()
+        sleeper.kill()
+    assert readings["beside a hog"] >= 0.6 and readings["beside a hog"] - readings["the hog itself"] >= 0.6, readings
+    short = OthersBusy(os.getpid())
+    short.start()
+    assert short.read() is None  # shorter than the kernel's CPU-time ticks can tell
+
+
+def test_a_raced_sweep_names_a_load_that_came_during_its_rounds():
+    from orchestrator import verdict
+
+    rows = [{"job": j, "stack": "eager", "precision": p, "status": "FINISHED", "metric": "accuracy", "value": 80.0,
+             "throughput": 68.0, "throughput_ci_low": 64.0, "throughput_ci_high": 72.0, "task": "text_classification",
+             "workload": "w", "baseline_key": "b", "threads": 2.0, "cores_available": 2.0,
+             "cores_busy_at_start": 0.0, "cores_busy_in_rounds": 1.1} for j, p in ((0, "fp32"), (1, "bf16"))]
+    verdict.assess(rows, 0.99, 0.95, lambda t: None, lambda r: None)
+    assert "2 of 2 jobs ran 2 thread(s) while other processes kept up to 1.1 of 2 core(s) busy" in \
+        verdict.recommend(rows)

@@ -63,7 +63,7 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.utils import JobReturn, configure_log, filter_overrides
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
-from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV
+from orchestrator.environment import ISOLATED_ENV, SPAWNED_AT_ENV, OthersBusy
 from orchestrator.interrupts import DOUBLE_INTERRUPT_S, DoubleInterrupt
 
 from ._remote import SweepLauncher, job_payload
@@ -365,13 +365,17 @@ class JobProcess:
             return True
         return bool(select.select([self.sock], [], [], 0)[0])
 
-    def time_round(self, r: int) -> Optional[Tuple[float, float, float]]:
+    def time_round(self, r: int) -> Optional[Tuple[float, float, float, Optional[float]]]:
+        """(rows/s, start, end, the cores other processes kept busy meanwhile) of one timed round."""
         self.racer.current = self
+        others = OthersBusy(self.proc.pid)
+        others.start()
         if not self._send({"cmd": "round", "round": r}):
             self.racer.finish(self)
             return None
         msg = self._reply("round")
-        return None if msg is None else (float(msg["throughput"]), float(msg["start"]), float(msg["end"]))
+        return None if msg is None else (float(msg["throughput"]), float(msg["start"]), float(msg["end"]),
+                                         others.read())
 
     def stop(self, message: Dict[str, Any]) -> None:
         """Tell the job why it stopped. It holds (blocked on its socket, no CPU) until released: recording a run
