@@ -5,6 +5,7 @@ import functools
 import os
 import platform
 import subprocess
+import time
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -126,8 +127,6 @@ class OthersBusy:
 
     def _now(self) -> Optional[tuple]:
         try:
-            import time
-
             import psutil
 
             machine = psutil.cpu_times()
