@@ -101,12 +101,17 @@ def busy_cores_warning(load: Optional[float], available: int, threads: int) -> O
     """One line when other work holds cores this run's threads need. OpenMP's barriers make every batch wait for
     its slowest thread, so a thread that shares its core with a busy process slows the whole run by far more than
     its share: on the 2-core Xeon one busy-loop process took the default run from 563 to 33 sentences/s."""
-    if load is None or load < 0.75 + max(available - threads, 0):
+    if not threads_wait_on_busy_cores(load, available, threads):
         return None
     return (f"other processes keep {load:.1f} of {available} core(s) busy while this run uses {threads} thread(s): "
             "each batch waits for the thread that is not running; "
             f"runtime.threads={threads_that_fit(load, available, threads)} times it on the cores left "
             "(timings are of a shared machine either way)")
+
+
+def threads_wait_on_busy_cores(load: Optional[float], available: int, threads: int) -> bool:
+    """Other work holds a core this run's threads need (the cores left over by the threads absorb part of it)."""
+    return load is not None and load >= 0.75 + max(available - threads, 0)
 
 
 def threads_that_fit(load: float, available: int, threads: int) -> int:
@@ -116,7 +121,7 @@ def threads_that_fit(load: float, available: int, threads: int) -> int:
 
 class OthersBusy:
     """The cores other processes kept busy while ``pid`` ran: the machine's busy CPU time minus that process's and
-    this one's, over the wall time between :meth:`start` and :meth:`read`. The race takes one per timed round (the
+    this one's (once, when they are the same), over the wall time between :meth:`start` and :meth:`read`. The race takes one per timed round (the
     launcher waits in ``select`` meanwhile): a load that arrives after the jobs' start, where their own sample
     (``cores_busy_at_start``) was taken, still shows. Kernel CPU times tick every 10 ms, so a window shorter than
     ``min_s`` says nothing (None), as does a machine without /proc."""
@@ -133,13 +138,15 @@ class OthersBusy:
             busy = sum(machine) - machine.idle - getattr(machine, "iowait", 0.0)
             # guest time is counted in user time already (Linux): not twice
             busy -= getattr(machine, "guest", 0.0) + getattr(machine, "guest_nice", 0.0)
-            own = sum(psutil.Process().cpu_times()[:2]) + sum(psutil.Process(self.pid).cpu_times()[:2])
+            own = sum(sum(psutil.Process(pid).cpu_times()[:2]) for pid in {os.getpid(), self.pid})
             return time.monotonic(), busy, own
         except Exception:  # the process ended, or no /proc
             return None
 
-    def start(self) -> None:
+    def start(self) -> bool:
+        """Open the window; False where nothing can be measured (the read will say None)."""
         self._t0 = self._now()
+        return self._t0 is not None
 
     def read(self) -> Optional[float]:
         t1 = self._now()

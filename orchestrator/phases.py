@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import torch
 from . import cpu, data, devdata, feature_cache, flops, measure, pipeline, stats
 from .config import RunConfig, validated
 from .context import JobContext
-from .environment import available_cpus, busy_cores_warning, pkg_version
+from .environment import OthersBusy, available_cpus, busy_cores_warning, pkg_version
 from .errors import MeasuredFailure, RunInterrupted
 from .errors import describe as describe_error
 from .plugin import Plugin, PluginContext
@@ -146,33 +147,23 @@ class BusyCores:
     """Cores other processes keep busy as a run starts: the whole machine's CPU use minus this process's, over a
     window that opens at preflight and is read once the model is loaded (so the sample costs a run no wall time;
     the subtraction keeps the load's own work out). Not the load average: that lags a minute and would count a
-    sweep's previous job."""
+    sweep's previous job. The sampler is the one the race takes per timed round (environment.OthersBusy)."""
 
     def __init__(self, window_s: float = 0.5):
-        self.restart(window_s)
+        self.window_s = window_s
+        self._sample = OthersBusy(os.getpid())
+        self.restart()
 
-    def restart(self, window_s: Optional[float] = None) -> None:
+    def restart(self) -> None:
         """Open the window again: a raced job waited for its turn after preflight while another job ran."""
-        self.window_s = self.window_s if window_s is None else window_s
         self.t0 = time.monotonic()
-        try:
-            import psutil
-
-            self._psutil, self._me = psutil, psutil.Process()
-            self._me.cpu_percent(None)
-            psutil.cpu_percent(None)
-        except Exception:  # no /proc (a sandbox): nothing to say
-            self._me = None
+        self._measurable = self._sample.start()
 
     def read(self) -> Optional[float]:
-        if self._me is None:
+        if not self._measurable:  # no /proc (a sandbox): nothing to say, and nothing to wait for
             return None
         time.sleep(max(0.0, self.window_s - (time.monotonic() - self.t0)))
-        try:
-            total = self._psutil.cpu_percent(None) / 100.0 * (self._psutil.cpu_count() or 1)
-            return max(0.0, total - self._me.cpu_percent(None) / 100.0)
-        except Exception:
-            return None
+        return self._sample.read()
 
 
 def busy_at_start(checked: Checked, rec: Recorder) -> None:

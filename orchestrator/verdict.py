@@ -23,7 +23,7 @@ from __future__ import annotations
 from typing import Any, Callable, Dict, List, Optional
 
 from . import stats
-from .environment import busy_cores_warning, threads_that_fit
+from .environment import threads_that_fit, threads_wait_on_busy_cores
 from .records import EAGER
 
 
@@ -261,8 +261,8 @@ def busy_note(rows: List[Dict[str, Any]]) -> str:
     def load(r):  # a raced job's rounds (launcher-measured) say more than its start
         return r["cores_busy_in_rounds"] if r.get("cores_busy_in_rounds") is not None else r.get("cores_busy_at_start")
 
-    busy = [r for r in rows if load(r) is not None and r.get("cores_available") and r.get("threads")
-            and busy_cores_warning(load(r), int(r["cores_available"]), int(r["threads"]))]
+    busy = [r for r in rows if r.get("cores_available") and r.get("threads")
+            and threads_wait_on_busy_cores(load(r), int(r["cores_available"]), int(r["threads"]))]
     if not busy:
         return ""
     worst = max(busy, key=load)
