@@ -121,6 +121,12 @@ class MlflowSweepCallback(Callback):
         self.sweep_dir: Optional[Path] = None
         self.config: Optional[DictConfig] = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # the launchers that start jobs elsewhere (isolated, Ray, SLURM) pickle Hydra's callbacks into every job's
+        # payload; Hydra calls no job hook of this one, and unpickling the sweep's MlflowClient made each job process
+        # import MLflow's client (~1.3 s) before anything else, the race's extra processes that record nothing too
+        return {**self.__dict__, "client": None, "config": None}
+
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         global _current
         _current, self.config = self, config

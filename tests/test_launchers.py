@@ -155,3 +155,26 @@ def test_launchers_that_do_not_race_say_their_speedups_are_unpaired(tmp_path):
         note = unpaired_note(_hydra_cfg(tmp_path, f"hydra/launcher={name}"))
         assert note.startswith(f"hydra/launcher={name} times each job on its own, not raced: speedups are unpaired")
         assert "\n" not in note
+
+
+def test_a_job_payload_carries_no_mlflow_client_of_the_sweep(tmp_path):
+    """The isolated, Ray and SLURM launchers pickle Hydra's callbacks into each job's payload: the sweep's MLflow
+    client must not travel with them (unpickling it imported MLflow's client in every job process, the race's
+    extra processes that record nothing included)."""
+    import subprocess
+    import sys
+
+    import cloudpickle
+    from mlflow.tracking import MlflowClient
+
+    from orchestrator.sweep import MlflowSweepCallback
+
+    callback = MlflowSweepCallback()
+    callback.client, callback.parent_id = MlflowClient(sqlite_uri(tmp_path / "m.db")), "abc"
+    blob = tmp_path / "payload.pkl"
+    blob.write_bytes(cloudpickle.dumps({"callbacks": [callback]}))
+    code = ("import sys, cloudpickle; p = cloudpickle.loads(open(sys.argv[1], 'rb').read()); c = p['callbacks'][0]; "
+            "print(c.client, c.parent_id, 'mlflow' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(blob)], capture_output=True, text=True, timeout=300)
+    assert out.stdout.split() == ["None", "abc", "False"], out.stderr[-2000:]
+    assert callback.client is not None  # the sweep's own callback keeps its client
