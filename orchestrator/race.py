@@ -210,12 +210,13 @@ class RaceWorker:
             warmup = int(runtime.warmup)
             if self.process and not out.latencies_s:
                 warmup = max(warmup, len(batches))
-            part = measure.timing_pass(step, batches, warmup,
-                                       -(-int(runtime.min_iterations) // self.processes),
-                                       round_s / self.processes, runtime.max_iterations,
-                                       progress=False, order=order)
+            common = -(-int(runtime.min_iterations) // self.processes)
+            part = measure.timing_pass(step, batches, warmup, common, round_s / self.processes,
+                                       runtime.max_iterations, progress=False, order=order)
             out.extend(part, r)
-            thr = stats.round_throughputs([(part.batch_rows, part.latencies_s)])[0]
+            # what the race pairs: rows/s over the batches every unit of the round timed (the order's first
+            # `common`), so that a pair's ratio compares the same batches (stats.matched_throughput)
+            thr = stats.matched_throughput(part.batch_ids, part.batch_rows, part.latencies_s, common)
             self._send({"type": "round", "round": r, "throughput": thr, "start": t0, "end": time.time(),
                         "iterations": len(part.latencies_s)})
 

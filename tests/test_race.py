@@ -504,6 +504,49 @@ def test_a_round_lasts_race_round_s_shared_by_the_jobs_processes():
     assert serve(worker(), None)["iterations"] == Runtime.min_iterations  # null: runtime.min_duration_s (0)
 
 
+def test_a_round_is_paired_over_the_batches_every_unit_timed():
+    """A slow job stops after runtime.min_iterations batches of the round's order, a fast one fills race.round_s
+    with passes over all of them: their raw rows/s mixed different batches. What a round reports is rows/s over the
+    order's first min_iterations batches (each at its mean time in the round), the same batches for both."""
+    import time
+
+    def unit(factor, round_s, r):
+        ours, theirs = socket.socketpair()
+        worker = R.RaceWorker(ours)
+        f = theirs.makefile("rb")
+        box = {}
+        # batch k takes (k + 1) x 15 ms x factor: four lengths, as length-sorted batches do
+        t = threading.Thread(target=lambda: box.setdefault("timing", worker.timing(
+            lambda inputs: time.sleep(0.015 * factor * (1 + float(inputs["x"][0, 0]))), _batches(), Runtime,
+            round_s)))
+        t.start()
+        theirs.sendall(f'{{"cmd": "round", "round": {r}}}\n'.encode())
+        got = R.json.loads(f.readline())
+        theirs.sendall(b'{"cmd": "stop", "outcome": {}}\n')
+        t.join()
+        return got, box["timing"]
+
+    from orchestrator import measure
+
+    # a round whose order leaves the longest batch out of the slow job's three: raw rows/s favour it most
+    r = next(r for r in range(1, 50) if measure.timing_order(4, r)[Runtime.min_iterations:] == [3])
+    slow, slow_t = unit(2.0, 0.0, r)
+    fast, fast_t = unit(1.0, 0.5, r)
+    assert slow["iterations"] == Runtime.min_iterations and fast["iterations"] > 4 * Runtime.min_iterations
+    raw = stats.round_throughputs([(fast_t.batch_rows, fast_t.latencies_s), (slow_t.batch_rows, slow_t.latencies_s)])
+    assert raw[0] / raw[1] < 1.8  # the true 2x, understated by 15 %: the slow job skipped the longest batch
+    assert fast["throughput"] / slow["throughput"] == pytest.approx(2.0, rel=0.1)
+
+
+def test_matched_throughput_weighs_the_common_batches_at_their_mean_times():
+    ids, rows, secs = [2, 0, 1, 2, 0, 1, 2], [4, 1, 2, 4, 1, 2, 4], [0.4, 0.1, 0.2, 0.6, 0.3, 0.2, 0.5]
+    # the first three of the order: batches 2, 0, 1 at their means 0.5, 0.2, 0.2
+    assert stats.matched_throughput(ids, rows, secs, 3) == pytest.approx(7 / 0.9)
+    assert stats.matched_throughput(ids, rows, secs, 1) == pytest.approx(4 / 0.5)
+    assert stats.matched_throughput(ids[:2], rows[:2], secs[:2], 5) == pytest.approx(5 / 0.5)  # fewer timed
+    assert stats.matched_throughput([], [], [], 3) == 0.0
+
+
 def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
     """An extra process ran no accuracy pass: its first round starts with an untimed pass over every batch (each
     shape built once), later rounds with runtime.warmup batches only; the job's own process is unchanged."""
