@@ -127,10 +127,17 @@ def deferring_sigint():
 def interruptible(timeout_s: Optional[float]):
     """SIGTERM and runtime.timeout_s raise RunInterrupted between Python steps, so the run can end KILLED
     with what it measured; SIGINT already raises KeyboardInterrupt. Only possible in the main thread."""
-    global _pending
+    global _pending, _depth
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    # a run is never inside a critical() block, so any depth left now leaked from an earlier run of this process:
+    # a Ctrl-C (Python's own handler raises anywhere) between critical()'s count and its try, or at the start of its
+    # finally, kept the count up, and every later interrupt of the process waited for a block end that never came
+    # (seen: a LoadGen test in CI ran on past its runtime.timeout_s)
+    if _depth:
+        log.debug("critical() depth %d left by an earlier interrupt: reset", _depth)
+    _depth, _pending = 0, None
 
     first_term: list = []  # when the first SIGTERM came
 
@@ -173,7 +180,7 @@ def interruptible(timeout_s: Optional[float]):
         signal.signal(signal.SIGTERM, old_term)
         signal.signal(signal.SIGALRM, old_alarm)
         sys.unraisablehook = old_hook
-        _pending = None
+        _pending, _depth = None, 0
 
 
 @contextlib.contextmanager

@@ -69,6 +69,21 @@ def test_a_ctrl_c_that_lands_in_a_finalizer_still_ends_the_run(ctrl_c_raises):
             _wait()
 
 
+def test_a_critical_depth_left_by_an_earlier_interrupt_does_not_hold_the_next_runs_timeout(monkeypatch):
+    """A Ctrl-C that lands between critical()'s count and its try (Python's own handler raises anywhere) leaves the
+    process's depth up; every later interrupt then waited for a block end that never came (a LoadGen test in CI
+    ran on past its timeout). A run is never inside a critical block: interruptible() starts from depth 0."""
+    from orchestrator import interrupts
+
+    monkeypatch.setattr(interrupts, "_depth", 1)  # what such a Ctrl-C leaves behind
+    with pytest.raises(RunInterrupted, match="timeout_s"):
+        with interruptible(0.05):
+            _wait()
+    assert interrupts._depth == 0
+    with critical():  # and the policy still defers inside a block
+        assert interrupts._depth == 1
+
+
 def test_other_ignored_exceptions_are_reported_as_before(monkeypatch):
     class Broken:
         def __del__(self):
