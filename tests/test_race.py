@@ -515,9 +515,10 @@ def test_a_round_is_paired_over_the_batches_every_unit_timed():
         worker = R.RaceWorker(ours)
         f = theirs.makefile("rb")
         box = {}
-        # batch k takes (k + 1) x 15 ms x factor: four lengths, as length-sorted batches do
+        # batch k takes (k + 1) x 25 ms x factor: four lengths, as length-sorted batches do (long enough that a
+        # loaded machine's few ms of late wake-up stay small beside them)
         t = threading.Thread(target=lambda: box.setdefault("timing", worker.timing(
-            lambda inputs: time.sleep(0.015 * factor * (1 + float(inputs["x"][0, 0]))), _batches(), Runtime,
+            lambda inputs: time.sleep(0.025 * factor * (1 + float(inputs["x"][0, 0]))), _batches(), Runtime,
             round_s)))
         t.start()
         theirs.sendall(f'{{"cmd": "round", "round": {r}}}\n'.encode())
@@ -531,7 +532,7 @@ def test_a_round_is_paired_over_the_batches_every_unit_timed():
     # a round whose order leaves the longest batch out of the slow job's three: raw rows/s favour it most
     r = next(r for r in range(1, 50) if measure.timing_order(4, r)[Runtime.min_iterations:] == [3])
     slow, slow_t = unit(2.0, 0.0, r)
-    fast, fast_t = unit(1.0, 0.5, r)
+    fast, fast_t = unit(1.0, 1.0, r)
     assert slow["iterations"] == Runtime.min_iterations and fast["iterations"] > 4 * Runtime.min_iterations
     raw = stats.round_throughputs([(fast_t.batch_rows, fast_t.latencies_s), (slow_t.batch_rows, slow_t.latencies_s)])
     assert raw[0] / raw[1] < 1.8  # the true 2x, understated by 15 %: the slow job skipped the longest batch
