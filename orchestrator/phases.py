@@ -482,7 +482,8 @@ def _time(checked: Checked, prepared: Prepared, rec: Recorder, job: JobContext, 
                 "value": rec.results["metrics"].get(metric), "status": "ok", "rss_mb": rss_mb(),
                 "decisions_file": str((rec.run_dir / DECISIONS_FILE).resolve())})
     log.info("timing pass: raced against the sweep's other jobs, in interleaved rounds")
-    return race.timing(step, prepared.batches, r, checked.rc.race.round_s, out=done)
+    return race.timing(step, prepared.batches, r, checked.rc.race.round_s, out=done,
+                       warmup=checked.rc.race.warmup)
 
 
 def timed_equals_evaluated(prepared: Prepared, evaluated: Evaluated, audit: measure.TimedOutputs,

@@ -100,6 +100,11 @@ class RaceConfig:
     # "Racing"), which no round length reduces, dominates the interval; Google Benchmark likewise shortens
     # repetitions when it interleaves them (--benchmark_min_time). runtime.min_iterations still holds per round
     round_s: Optional[float] = 0.5
+    # untimed batches before each round's timing pass, the shortest of the job's batches: the process waited
+    # seconds for its turn, and any forward pass brings back what a wait loses (every weight read into the caches,
+    # the thread pool woken) whatever its length, so the cheapest batch does it; every shape was built in the
+    # accuracy pass. null: runtime.warmup batches of the round's order, as a job timed alone warms up
+    warmup: Optional[int] = 1
 
 
 def check_config(cfg: Any) -> None:
@@ -126,6 +131,9 @@ def check_config(cfg: Any) -> None:
     if get("round_s") is not None and not get("round_s") >= 0:
         raise ConfigError(f"race.round_s={get('round_s')} must be >= 0 (seconds each job is timed per round), or null "
                           "for runtime.min_duration_s")
+    if get("warmup") is not None and not get("warmup") >= 0:
+        raise ConfigError(f"race.warmup={get('warmup')} must be >= 0 (untimed batches before each round), or null "
+                          "for runtime.warmup")
     if get("max_alive") is not None and get("max_alive") < 2 * get("processes"):
         raise ConfigError(f"race.max_alive={get('max_alive')} must be >= {2 * get('processes')} (a job and its "
                           f"reference, race.processes={get('processes')} process(es) each), or null")
@@ -177,14 +185,17 @@ class RaceWorker:
     def ready(self, info: Mapping[str, Any]) -> None:
         self._send({"type": "ready", **info})
 
-    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None, out: Any = None):
+    def timing(self, step: Callable, batches: list, runtime: Any, round_s: Optional[float] = None, out: Any = None,
+               warmup: Optional[int] = None):
         """Serve the launcher's rounds until it says stop; a TimingResult whose round_ids are the race's rounds.
-        A round times at least `round_s` seconds (None: runtime.min_duration_s), shared by the job's processes.
+        A round times at least `round_s` seconds (None: runtime.min_duration_s), shared by the job's processes,
+        after ``warmup`` untimed runs of the shortest batch (None: runtime.warmup batches of the round's order).
         ``out``: the caller's TimingResult to add the rounds to (the rounds served survive an interrupt)."""
         from . import measure, stats
 
         round_s = float(runtime.min_duration_s if round_s is None else round_s)
         out = measure.TimingResult([], 0, 0.0) if out is None else out
+        shortest = min(batches, key=_cost) if batches else None
         while True:
             msg = self._recv()
             if msg.get("cmd") == "stop":
@@ -207,11 +218,12 @@ class RaceWorker:
             # An extra process ran no accuracy pass: before its first round it has never seen most batch shapes
             # (oneDNN primitives, engines' shape specialisations are built on first sight), so that round was its
             # slowest by 20-30 % in every measured race; one untimed pass over every batch first
-            warmup = int(runtime.warmup)
-            if self.process and not out.latencies_s:
-                warmup = max(warmup, len(batches))
+            first = self.process and not out.latencies_s
+            in_order = len(batches) if first else int(runtime.warmup) if warmup is None else 0
+            for _ in range(0 if first or warmup is None else int(warmup)):
+                step(shortest.inputs)
             common = -(-int(runtime.min_iterations) // self.processes)
-            part = measure.timing_pass(step, batches, warmup, common, round_s / self.processes,
+            part = measure.timing_pass(step, batches, in_order, common, round_s / self.processes,
                                        runtime.max_iterations, progress=False, order=order)
             out.extend(part, r)
             # what the race pairs: rows/s over the batches every unit of the round timed (the order's first
@@ -244,6 +256,11 @@ class RaceWorker:
             self._send({"type": "abort", "reason": str(reason)[:2000]})
         except OSError:
             pass
+
+
+def _cost(batch: Any) -> int:
+    """A batch's size in elements (rows x width): its forward pass's cost, up to a constant."""
+    return max((v.numel() for v in batch.inputs.values() if hasattr(v, "numel")), default=0)
 
 
 def worker_from_env() -> Optional[RaceWorker]:

@@ -216,7 +216,7 @@ def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
             opt = phases.optimize(checked, loaded, prepared, rec, tag_fns)
             worker.ready({"job": ctx.job_num, "process": worker.process, "status": "ok", "rss_mb": rss.peak_mb})
             log.info("process %d of job %s: timed in the race's rounds", worker.process, ctx.job_num)
-            worker.timing(opt.step, prepared.batches, rc.runtime, rc.race.round_s)
+            worker.timing(opt.step, prepared.batches, rc.runtime, rc.race.round_s, warmup=rc.race.warmup)
     except BaseException as e:
         worker.abort(describe_error(e))
         raise

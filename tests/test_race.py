@@ -572,6 +572,45 @@ def test_an_extra_process_sees_every_batch_once_before_its_first_timed_round():
     assert calls_per_round(0, 2) == [(Runtime.warmup + timed, timed)] * 2
 
 
+def test_a_round_warms_up_on_the_shortest_batch_untimed():
+    """race.warmup: each round starts with that many untimed runs of the cheapest batch (the process waited for
+    its turn; any forward pass brings caches and threads back); an extra process's first round still sees every
+    batch once; null keeps runtime.warmup batches of the round's order."""
+    import torch
+
+    from orchestrator import measure
+    from orchestrator.measure import Batch
+
+    widths = [9, 3, 7, 5]  # batch 1 is the shortest
+    batches = [Batch([i], {"input_ids": torch.zeros(2, w, dtype=torch.long)}) for i, w in enumerate(widths)]
+
+    def rounds(warmup, process=0, processes=1, n=2):
+        ours, theirs = socket.socketpair()
+        worker, seen = R.RaceWorker(ours, process, processes), []
+        f = theirs.makefile("rb")
+        t = threading.Thread(target=lambda: worker.timing(lambda inputs: seen.append(inputs["input_ids"].shape[1]),
+                                                          batches, Runtime, 0.0, warmup=warmup))
+        t.start()
+        got = []
+        for r in range(1, n + 1):
+            before = len(seen)
+            theirs.sendall(f'{{"cmd": "round", "round": {r}}}\n'.encode())
+            timed = R.json.loads(f.readline())["iterations"]
+            got.append(seen[before:len(seen) - timed])  # what ran untimed before the timed batches
+        theirs.sendall(b'{"cmd": "stop", "outcome": {}}\n')
+        t.join()
+        return got
+
+    assert rounds(1) == [[3], [3]] and rounds(2) == [[3, 3], [3, 3]] and rounds(0) == [[], []]
+    first, second = rounds(1, process=1, processes=2)
+    assert sorted(first) == sorted(widths) and second == [3]
+    old = rounds(None)  # runtime.warmup (1) batches of each round's order
+    assert [len(w) for w in old] == [Runtime.warmup] * 2
+    assert old[0] == [widths[measure.timing_order(len(widths), 1)[0]]]
+    with pytest.raises(Exception, match=r"race.warmup=-1 must be >= 0"):
+        R.check_config({**vars(R.RaceConfig()), "warmup": -1})
+
+
 def test_abort_is_harmless_without_a_launcher_and_a_lost_launcher_is_one_error():
     ours, theirs = socket.socketpair()
     worker = R.RaceWorker(ours)
