@@ -39,19 +39,25 @@ def qa_args(model, squad, uri):
             f"tracking.uri={uri}", "runtime.max_length=64", "dataset.task_options.doc_stride=16"]
 
 
-@pytest.mark.slow
-def test_a_random_task_head_is_refused_unless_asked_for(tmp_path, tiny_encoder):
+def test_a_random_task_head_is_refused_unless_asked_for(tmp_path, tiny_encoder, compose, caplog):
+    """In process: the CLI adds nothing to the error line (exit status and message are cli.exit_code/one_line's,
+    test_weights_that_do_not_match... runs a load refusal through the CLI)."""
+    from orchestrator.cli import exit_code, one_line
+    from orchestrator.runner import run
+
     squad = write_squad(tmp_path / "s.json", [("alpha beta gamma delta", [("q1", "beta gamma", "gamma")])])
     uri = mlflow_store(tmp_path / "store.db")
-    refused = run_cli(*qa_args(tiny_encoder, squad, uri), cwd=tmp_path)
-    assert refused.returncode == 2
-    assert refused.stderr.strip().splitlines()[-1] == (
+    with pytest.raises(Exception) as refused:
+        run(compose(*qa_args(tiny_encoder, squad, uri)))
+    assert exit_code(refused.value) == 2
+    assert f"error: {one_line(refused.value)}" == (
         f"error: model '{tiny_encoder}' has architectures ['BertModel']; task question_answering needs a checkpoint "
         "with a *ForQuestionAnswering head (loaded with AutoModelForQuestionAnswering); or set "
         "model.allow_random_head=true to measure speed only")
-    allowed = run_cli(*qa_args(tiny_encoder, squad, uri), "model.allow_random_head=true", cwd=tmp_path)
-    assert allowed.returncode == 0, allowed.stderr[-2000:]
-    assert "head is newly initialized; its accuracy is not meaningful" in allowed.stdout + allowed.stderr
+    with caplog.at_level("WARNING"):
+        allowed = run(compose(*qa_args(tiny_encoder, squad, uri), "model.allow_random_head=true"))
+    assert allowed["status"] == "FINISHED"
+    assert "head is newly initialized; its accuracy is not meaningful" in caplog.text
     client = MlflowClient(uri)
     runs = client.search_runs(client.search_experiments()[0].experiment_id, "attributes.status = 'FINISHED'")
     assert runs[0].data.tags["model.random_head"] == "true"
