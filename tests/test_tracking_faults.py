@@ -66,15 +66,18 @@ def test_a_store_that_is_a_directory_costs_no_retries_the_run_goes_untracked_exi
     assert results["status"] == "FINISHED" and "spearman" in results["metrics"]
 
 
-def test_a_full_disk_is_refused_up_front_and_no_run_is_left_running(tmp_path, tiny_encoder, sts_file):
+def test_a_full_disk_is_refused_up_front_and_no_run_is_left_running(tmp_path, tiny_encoder, sts_file, compose):
+    """In process: the run's record says what the CLI's error line prints (the line itself: the directory-store
+    test below runs the CLI)."""
+    from orchestrator.runner import run
+
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     # more free space than any disk has: what a full disk looks like to the check
-    proc = run_cli(*tiny_sts_overrides(tiny_encoder, sts_file, uri), "tracking.min_free_mb=1e12", cwd=tmp_path,
-                   timeout=300)
-    assert proc.returncode == 1, proc.stderr[-2000:]
-    line = first_err(proc)
-    assert line.startswith(f"error: MLflow tracking failed (start: tracking.uri={uri}: only ") and \
-        "tracking.min_free_mb=1e+12 (a full disk leaves runs RUNNING)" in line
+    results = run(compose(*tiny_sts_overrides(tiny_encoder, sts_file, uri), "tracking.min_free_mb=1e12"))
+    assert results["status"] == "FINISHED" and "spearman" in results["metrics"]  # measured, untracked
+    error = results["tracking_error"]
+    assert error.startswith(f"start: tracking.uri={uri}: only ") and \
+        "tracking.min_free_mb=1e+12 (a full disk leaves runs RUNNING)" in error, error
     assert not (tmp_path / "mlflow.db").exists()  # MLflow was never asked: no store, no RUNNING run
 
 
