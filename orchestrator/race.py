@@ -213,8 +213,10 @@ class RaceWorker:
             r = int(msg["round"])
             order = measure.timing_order(len(batches), int(getattr(runtime, "seed", 0)) + r)
             t0 = time.time()
-            # its own untimed warm-up first (caches and clocks come back after the wait), inside the timing pass as
-            # when timed alone; the job's processes share its round: together they time as long as one would alone.
+            # its own untimed warm-up first (caches and the thread pool come back after the wait): `warmup` runs of
+            # the shortest batch (race.warmup), or, None, runtime.warmup batches of the round's order inside the
+            # timing pass as when timed alone; the job's processes share its round: together they time as long as
+            # one would alone.
             # An extra process ran no accuracy pass: before its first round it has never seen most batch shapes
             # (oneDNN primitives, engines' shape specialisations are built on first sight), so that round was its
             # slowest by 20-30 % in every measured race; one untimed pass over every batch first
