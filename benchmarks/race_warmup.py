@@ -81,7 +81,6 @@ def main(argv=None) -> int:
     recipes = args.recipes.split(",")
     with tempfile.TemporaryDirectory(prefix="race-warmup-") as tmp:
         built = {r: build(r, overrides, Path(tmp)) for r in recipes}
-    cost = {r: [max(v.numel() for v in b.inputs.values()) for b in bs] for r, (_, bs) in built.items()}
     rng = random.Random(0)
     units = [(r, w) for r in recipes for w in WARMUPS]
     rows = []  # (rep, recipe, warm-up, position, batch, seconds)
@@ -93,7 +92,7 @@ def main(argv=None) -> int:
             order = list(range(len(batches)))
             rng.shuffle(order)
             if w == "short1":
-                step(batches[min(order, key=lambda k: cost[r][k])].inputs)
+                step(min(batches, key=lambda b: b.elements).inputs)  # as RaceWorker.timing picks it
             elif w == "order2":
                 for k in order[:2]:
                     step(batches[k].inputs)
@@ -112,7 +111,7 @@ def main(argv=None) -> int:
     print(f"CPU {cpu.describe()}; load {load0[0]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end; "
           f"{args.reps} repetitions, {args.timed} timed batches per unit; time relative to each batch's median")
     for r in recipes:
-        print(f"{r}: per-batch medians " + ", ".join(f"{1000 * median[(r, k)]:.0f}" for k in range(len(cost[r])))
+        print(f"{r}: per-batch medians " + ", ".join(f"{1000 * median[(r, k)]:.0f}" for k in range(len(built[r][1])))
               + " ms")
         for w in WARMUPS:
             units_w = sorted(statistics.mean(v) for (rr, ww, _), v in unit_rel.items() if (rr, ww) == (r, w))

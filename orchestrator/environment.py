@@ -123,8 +123,8 @@ class OthersBusy:
     """The cores other processes kept busy while ``pid`` ran: the machine's busy CPU time minus that process's and
     this one's (once, when they are the same), over the wall time between :meth:`start` and :meth:`read`. The race
     takes one per timed round (the launcher waits in ``select`` meanwhile): a load that arrives after the jobs'
-    start, where their own sample (``cores_busy_at_start``) was taken, still shows. Kernel CPU times tick every 10 ms, so a window shorter than
-    ``min_s`` says nothing (None), as does a machine without /proc."""
+    start, where their own sample (``cores_busy_at_start``) was taken, still shows. Kernel CPU times tick every 10
+    ms, so a window shorter than ``min_s`` says nothing (None), as does a machine without /proc."""
 
     def __init__(self, pid: int, min_s: float = 0.2):
         self.pid, self.min_s = pid, min_s

@@ -29,6 +29,11 @@ class Batch:
     def size(self) -> int:
         return len(self.rows)
 
+    @property
+    def elements(self) -> int:
+        """Rows x width (its largest input): what a forward pass over it costs, up to a constant."""
+        return max((v.numel() for v in self.inputs.values() if hasattr(v, "numel")), default=0)
+
 
 def make_batches(rows: Sequence[Dict[str, List[int]]], batch_size: int, pad_id: int, padding: str,
                  max_length: int, sort_by_length: bool, pad_to_multiple_of: Optional[int] = None) -> List[Batch]:

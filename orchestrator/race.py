@@ -195,7 +195,7 @@ class RaceWorker:
 
         round_s = float(runtime.min_duration_s if round_s is None else round_s)
         out = measure.TimingResult([], 0, 0.0) if out is None else out
-        shortest = min(batches, key=_cost) if batches else None
+        shortest = min(batches, key=lambda b: b.elements) if batches else None
         while True:
             msg = self._recv()
             if msg.get("cmd") == "stop":
@@ -220,9 +220,13 @@ class RaceWorker:
             # An extra process ran no accuracy pass: before its first round it has never seen most batch shapes
             # (oneDNN primitives, engines' shape specialisations are built on first sight), so that round was its
             # slowest by 20-30 % in every measured race; one untimed pass over every batch first
-            first = self.process and not out.latencies_s
-            in_order = len(batches) if first else int(runtime.warmup) if warmup is None else 0
-            for _ in range(0 if first or warmup is None else int(warmup)):
+            if self.process and not out.latencies_s:
+                in_order, short = len(batches), 0
+            elif warmup is None:
+                in_order, short = int(runtime.warmup), 0
+            else:
+                in_order, short = 0, int(warmup)
+            for _ in range(short):
                 step(shortest.inputs)
             common = -(-int(runtime.min_iterations) // self.processes)
             part = measure.timing_pass(step, batches, in_order, common, round_s / self.processes,
@@ -258,11 +262,6 @@ class RaceWorker:
             self._send({"type": "abort", "reason": str(reason)[:2000]})
         except OSError:
             pass
-
-
-def _cost(batch: Any) -> int:
-    """A batch's size in elements (rows x width): its forward pass's cost, up to a constant."""
-    return max((v.numel() for v in batch.inputs.values() if hasattr(v, "numel")), default=0)
 
 
 def worker_from_env() -> Optional[RaceWorker]:
