@@ -252,12 +252,14 @@ def runner_up(best: Dict[str, Any], rows: List[Dict[str, Any]], min_effect: floa
             "criteria (memory, apply time)")
 
 
-def busy_note(rows: List[Dict[str, Any]]) -> str:
-    """Why a sweep on a busy machine may find no difference: its jobs' threads shared cores with other work, so
-    every batch waited on a descheduled thread and the jobs' timings converge on the scheduler's, not their
-    compute's (seen under a one-core hog: fp32 and bf16 both ~940 ms per batch with 2 threads; bf16 1.84x with
-    runtime.threads=1). The busiest job (its timed rounds' median when raced, else its start), with the setting that
-    fits; empty on a quiet machine."""
+def busy_note(rows: List[Dict[str, Any]], recommended: bool = False) -> str:
+    """Why a sweep on a busy machine may find no difference, or the wrong size of one: its jobs' threads shared
+    cores with other work, so every batch waited on a descheduled thread and the jobs' timings converge on the
+    scheduler's, not their compute's (seen under a one-core hog: fp32 and bf16 both ~940 ms per batch with 2
+    threads; bf16 1.84x with runtime.threads=1). Beside a recommendation the same wait inflates the speedups over
+    an eager fp32 whose threads wait most (the AMD EPYC, 2026-12-05: openvino int8 recommended at 8.54x under a
+    one-core hog, where quiet races chose pt2e int8 at 2.7-3.0x). The busiest job (its timed rounds' median
+    when raced, else its start), with the setting that fits; empty on a quiet machine."""
     def load(r):  # a raced job's rounds (launcher-measured) say more than its start
         return r["cores_busy_in_rounds"] if r.get("cores_busy_in_rounds") is not None else r.get("cores_busy_at_start")
 
@@ -270,9 +272,11 @@ def busy_note(rows: List[Dict[str, Any]]) -> str:
     threads = {int(r["threads"]) for r in busy}
     ran = f"ran {threads.pop()} thread(s)" if len(threads) == 1 else "ran more threads than the cores left"
     fits = threads_that_fit(most, available, max(int(r["threads"]) for r in busy))
+    effect = ("can change the speedups and the winner: treat this recommendation as this load's, not the CPU's"
+              if recommended else "can hide a real difference")
     return (f"; {len(busy)} of {len(rows)} jobs {ran} while other processes kept up to {most:.1f} of "
-            f"{available} core(s) busy: their batches waited for a thread that was not running, which can hide a "
-            f"real difference (runtime.threads={fits} times them on the cores left)")
+            f"{available} core(s) busy: their batches waited for a thread that was not running, which {effect} "
+            f"(runtime.threads={fits} times them on the cores left)")
 
 
 def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[str]:
@@ -302,7 +306,8 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
             agree = best.get("agreement_vs_baseline")
             lines.append(f"{prefix}recommended: {_label(best)}: {_interval(best)} vs eager fp32, "
                          f"{best['metric']} {delta:+.2f}" + (f", agreement {agree:.1%}" if agree is not None else "")
-                         + runner_up(best, rows, min_effect))
+                         + runner_up(best, rows, min_effect)
+                         + busy_note([r for r in rows if r.get("workload") == w], recommended=True))
             continue
         if good:
             top = max(good, key=speed)

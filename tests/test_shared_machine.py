@@ -102,3 +102,27 @@ def test_a_raced_sweep_names_a_load_that_came_during_its_rounds():
     verdict.assess(rows, 0.99, 0.95, lambda t: None, lambda r: None)
     assert "2 of 2 jobs ran 2 thread(s) while other processes kept up to 1.1 of 2 core(s) busy" in \
         verdict.recommend(rows)
+
+
+def test_a_recommendation_made_on_a_busy_machine_says_the_load_may_have_chosen_it():
+    """Under a one-core hog a raced sweep recommended openvino int8 at 8.54x (pt2e int8 at 2.7-3.0x when quiet, the
+    AMD EPYC, 2026-12-05): eager fp32's threads waited for the hog's core, so the speedups and the winner were the
+    load's. The recommended line says so; on a quiet machine it is as before."""
+    from orchestrator import verdict
+
+    def row(job, stack, thr, busy):
+        return {"job": job, "stack": stack, "precision": "fp32" if stack == "eager" else "int8", "status": "FINISHED",
+                "metric": "accuracy", "value": 80.0, "throughput": thr, "throughput_ci_low": thr * 0.95,
+                "throughput_ci_high": thr * 1.05, "task": "text_classification", "workload": "w",
+                "baseline_key": "b", "threads": 2.0, "cores_available": 2.0, "cores_busy_in_rounds": busy}
+
+    rows = [row(0, "eager", 10.0, 1.0), row(1, "openvino", 85.0, 1.0)]
+    verdict.assess(rows, 0.99, 0.95, lambda t: None, lambda r: None)
+    line = verdict.recommend(rows)
+    assert line.startswith("recommended: job 1 (openvino/int8)") and rows[1]["recommended"], line
+    assert ("2 of 2 jobs ran 2 thread(s) while other processes kept up to 1.0 of 2 core(s) busy" in line
+            and "can change the speedups and the winner" in line and "runtime.threads=1" in line
+            and "\n" not in line), line
+    for r in rows:
+        r["cores_busy_in_rounds"] = 0.1
+    assert "core(s) busy" not in verdict.recommend(rows)
