@@ -41,9 +41,6 @@ def build(recipe: str, overrides: list, tmp: Path):
 
     from orchestrator import phases
     from orchestrator.config import register_configs, to_run_config
-    from orchestrator.naming import stack_label
-    from orchestrator.records import RunRecord
-    from orchestrator.tracking import Tracker
 
     register_configs()
     GlobalHydra.instance().clear()
@@ -53,10 +50,7 @@ def build(recipe: str, overrides: list, tmp: Path):
     rc = to_run_config(cfg)
     run_dir = tmp / recipe
     run_dir.mkdir()
-    record = RunRecord.new(run_name=recipe, stack=stack_label(rc.optimization), precision=rc.precision.name,
-                           task=rc.dataset.task, config={}, run_dir=run_dir, tracking_uri=None, keys={},
-                           overrides="", tags={})
-    rec = phases.Recorder(record, Tracker(rc.tracking, "", None), run_dir)  # never started: records nothing
+    rec = phases.Recorder.unrecorded(rc, run_dir, recipe)
     checked = phases.preflight(rc, evaluates=False)
     loaded = phases.load(checked, rec)
     prepared = phases.prepare(checked, loaded, rec, None)

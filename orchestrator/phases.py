@@ -47,6 +47,15 @@ class Recorder:
     def __init__(self, record: RunRecord, tracker: Tracker, run_dir: Path):
         self.results, self.tracker, self.run_dir = record, tracker, run_dir
 
+    @classmethod
+    def unrecorded(cls, rc: RunConfig, run_dir: Path, run_name: str) -> "Recorder":
+        """For a build that is timed but never recorded (a race's extra process, a benchmark): the phases write to
+        a record no one reads and a tracker that is never started, so nothing reaches results.json or MLflow."""
+        record = RunRecord.new(run_name=run_name, stack=stack_label(rc.optimization), precision=rc.precision.name,
+                               task=rc.dataset.task, config={}, run_dir=run_dir, tracking_uri=None, keys={},
+                               overrides="", tags={})
+        return cls(record, Tracker(rc.tracking, "", None), run_dir)
+
     def record(self, values: Dict[str, float]) -> None:
         self.results.record(values)
         self.tracker.log_metrics(values)

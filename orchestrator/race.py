@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 RACE_FD_ENV = "ORCH_RACE_FD"
 # which of a job's processes this one is ("1 of 2": 0-based index, count); only process 0 records the job
 RACE_PROCESS_ENV = "ORCH_RACE_PROCESS"
-RACE_FILE = "race.json"
 # elimination looks at the data after every round: a stricter level than the reported 95 % keeps the chance that
 # an identical job is ever called "slower beyond noise" over all looks of a race near 5 % (tests/test_race.py)
 ELIMINATION_CONFIDENCE = 0.995
@@ -762,13 +761,3 @@ def run_group(race: Race, runners: Runners, jobs: Iterable[int],
 def end_race(race: Race, runners: Runners) -> None:
     for job, _ in race.finish():
         _stop_job(race, runners, job)
-
-
-def write_log(race: Race, sweep_dir: Any) -> None:
-    from pathlib import Path
-
-    path = Path(sweep_dir) / RACE_FILE
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(race.log_dict(), indent=2, default=str))
-    os.replace(tmp, path)
-

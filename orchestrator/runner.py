@@ -203,10 +203,7 @@ def _extra_process(rc: RunConfig, ctx: JobContext) -> Dict[str, Any]:
     worker = ctx.race
     run_dir = Path(ctx.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    record = RunRecord.new(run_name=f"process {worker.process}", stack=stack_label(rc.optimization),
-                           precision=rc.precision.name, task=rc.dataset.task, config={}, run_dir=run_dir,
-                           tracking_uri=None, keys={}, overrides="", tags={})
-    rec = phases.Recorder(record, Tracker(rc.tracking, "", None), run_dir)  # never started: records nothing
+    rec = phases.Recorder.unrecorded(rc, run_dir, f"process {worker.process}")
     try:
         checked = phases.preflight(rc, evaluates=False)
         _wait_for_turn(worker, run_dir)  # "prepare" came with its start; a sweep stopped meanwhile ends it here

@@ -14,7 +14,7 @@ import pytest
 
 from hydra_plugins.orchestrator_launcher import isolated_launcher
 from orchestrator import race as R
-from orchestrator import stats, verdict
+from orchestrator import records, stats, verdict
 
 
 # ---- fakes ------------------------------------------------------------------------------------------------------
@@ -784,7 +784,7 @@ def test_the_isolated_launcher_races_three_jobs_in_interleaved_rounds(tmp_path, 
     out = proc.stdout + proc.stderr
     assert "raced in interleaved timing rounds" in out, out[-3000:]
     assert proc.returncode == 0, out[-3000:]
-    log = json.loads((sweep_dir / R.RACE_FILE).read_text())
+    log = json.loads((sweep_dir / records.RACE_FILE).read_text())
     assert sorted(log["jobs"]) == ["0", "1", "2", "3"] and log["order_seed"] == 0
     assert _spans_alternate(log)
     assert len({tuple(r["order"]) for r in log["rounds"]}) > 1  # fresh orders
@@ -1011,7 +1011,7 @@ def test_ctrl_c_in_a_race_ends_the_job_being_timed_and_the_race_goes_on(tmp_path
     assert "Ctrl-C: ending job 0 (KILLED)" in out
     runs = _children(uri)
     assert runs["0"].info.status == "KILLED" and runs["1"].info.status == "FINISHED"
-    log = json.loads((tmp_path / "sweep" / R.RACE_FILE).read_text())
+    log = json.loads((tmp_path / "sweep" / records.RACE_FILE).read_text())
     assert log["jobs"]["0"]["stopped"].startswith("failed:") and log["jobs"]["1"]["rounds"] >= 6
 
 
@@ -1032,7 +1032,7 @@ def test_sigterm_in_a_race_ends_every_job_killed(tmp_path, tiny_encoder, sts_fil
     assert sorted(r.info.status for r in runs.values()) == ["KILLED", "KILLED"]
     # the rounds a job had served are recorded (run and results.json), said to be partial; the summary judges no
     # speedup from a run that did not finish (orchestrator/verdict.py)
-    served = json.loads((tmp_path / "sweep" / R.RACE_FILE).read_text())["jobs"]["1"]["rounds"]
+    served = json.loads((tmp_path / "sweep" / records.RACE_FILE).read_text())["jobs"]["1"]["rounds"]
     assert served >= 1  # job 1's quick round came first, job 0 was in its long one
     res = json.loads((tmp_path / "sweep" / "1" / "results.json").read_text())
     assert res["status"] == "KILLED" and res["metrics"]["throughput"] > 0

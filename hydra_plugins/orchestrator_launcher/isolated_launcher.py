@@ -766,7 +766,7 @@ class Racer:
             self.finish(p)
 
     def _write_log(self) -> None:
-        from orchestrator.race import RACE_FILE
+        from orchestrator.records import RACE_FILE
 
         if not self.race.jobs:
             return
