@@ -20,7 +20,7 @@ Exit status 0: the sweep ran and the pages were shot. Needs no network beyond 12
 
 Not part of the test suite (a sweep plus headless Chromium takes minutes): run it by hand after a change to what the
 dashboard shows. The suite checks the same tags and metrics without a browser: a sweep into a real `mlflow server`
-(tests/test_tracking_server.py) and the parent run's note and metrics (tests/test_dashboard.py).
+(tests/test_distributed.py, check_server_picture) and the parent run's note and metrics (tests/test_dashboard.py).
 """
 from __future__ import annotations
 

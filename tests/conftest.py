@@ -385,7 +385,7 @@ FILE_SECONDS = {"test_race.py": 188, "test_tracking_faults.py": 152, "test_engin
                 "test_engines_reference.py": 115, "test_distributed.py": 108, "test_trust.py": 88, "test_cli.py": 74,
                 "test_reliability.py": 45, "test_hardening2.py": 62, "test_bad_data.py": 55, "test_launchers.py": 52,
                 "test_reference.py": 37, "test_scenarios.py": 34, "test_newcomer.py": 31, "test_weights.py": 14,
-                "test_plugins.py": 25, "test_bad_input.py": 22, "test_run.py": 22, "test_tracking_server.py": 20,
+                "test_plugins.py": 25, "test_bad_input.py": 22, "test_run.py": 22,
                 "test_stress.py": 19, "test_question_answering.py": 18, "test_postgres.py": 18,
                 "test_performance.py": 15, "test_extension.py": 14, "test_records.py": 14, "test_configs.py": 12}
 

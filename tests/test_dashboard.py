@@ -1,7 +1,7 @@
 """The sweep's story at a glance: plot labels that never collide, units on every axis and column, what the MLflow
 parent run and experiment carry for the UI (winner, speedup with interval, accuracy cost, every job's figure), and
 how much a sweep stored. What a real sweep leaves on a live server for the UI is checked in
-tests/test_tracking_server.py; the browser screenshots are benchmarks/dashboard_screenshots.py (run by hand: a
+tests/test_distributed.py (check_server_picture); the browser screenshots are benchmarks/dashboard_screenshots.py (run by hand: a
 sweep and headless Chromium take minutes, and the PNGs are for a person to look at)."""
 from __future__ import annotations
 

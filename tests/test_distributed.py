@@ -375,13 +375,39 @@ def test_ray_sweep_on_a_local_cluster(server, ray_cluster, tiny_encoder, sts_fil
 
 
 @needs_ray
-def test_ray_sweep_on_a_private_instance(server, tiny_encoder, sts_file, tmp_path):
+def test_ray_sweep_on_a_private_instance(mlflow_server, tiny_encoder, sts_file, tmp_path):
+    """Also the sweep the tracking server's own checks read (what the UI's dashboard shows, the checks
+    benchmarks/dashboard_screenshots.py makes before it shoots the pages): one sweep serves both."""
+    server = mlflow_server.url
     proc = start_sweep(tmp_path, *ray_args(tiny_encoder, sts_file, server, "ray-private",
                                            "+hydra.launcher.init.num_cpus=2"))
     with LoopbackGuard(proc.pid):  # ray.init(address="local") starts its daemons as the sweep's children
         rc, out, err = finish_sweep(proc, tmp_path, timeout=300)
     assert "jobs run on a private Ray instance on 127.0.0.1" in out + err
     check_ray_picture(server, "ray-private", out, rc, err)
+    check_server_picture(server, mlflow_server.artifacts, "ray-private", tmp_path)
+
+
+def check_server_picture(url: str, artifacts: Path, experiment: str, cwd: Path) -> None:
+    """A sweep logged to a real `mlflow server` (sqlite backend, artifact folder), read back through it."""
+    client, parent, children = sweep_picture(url, experiment)
+    for child in children:
+        assert {"spearman", "throughput", "latency_p50_ms", "parity_max_abs_diff"} <= set(child.data.metrics)
+        assert child.data.params["runtime.batch_size"] == "32"
+        names = {a.path for a in client.list_artifacts(child.info.run_id)}
+        assert {"results.json", "predictions_sample.json", "hydra"} <= names
+    assert {"summary.csv", "summary.png"} <= {a.path for a in client.list_artifacts(parent.info.run_id)}
+    # the dashboard: the experiment opens on the runs view, the parent's description names the outcome, and every
+    # job has its figures on the parent
+    exp = client.get_experiment_by_name(experiment)
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    tags, metrics = parent.data.tags, parent.data.metrics
+    assert tags["mlflow.note.content"].startswith("### ") and tags["winner"]
+    assert all(f"job{c.data.tags['job_num']}_throughput" in metrics for c in children)
+    assert any(k.startswith("job") and k.endswith("_speedup") for k in metrics), sorted(metrics)
+    # artifacts went through the server into its own folder, not into the client's working directory
+    assert any((Path(artifacts) / exp.experiment_id).rglob("results.json"))
+    assert not (cwd / "mlartifacts").exists()
 
 
 @needs_ray

@@ -302,7 +302,10 @@ def test_an_export_failure_is_one_line_with_its_cause_and_a_log_file(tmp_path, c
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_engine(n)) for n in ENGINE_FAILURES])
+# one engine through the CLI: the test above holds each engine's line, log and quiet output (fd-level, C++ logs
+# included); what the CLI adds (exit status 2, stderr that one line, the run FAILED in results.json and MLflow) is the
+# runner's and the CLI's, the same for every engine. OpenVINO: its converter's native logs are the loudest
+@pytest.mark.parametrize("name", [pytest.param("openvino", marks=needs_engine("openvino"))])
 def test_an_engine_on_a_model_it_cannot_export_through_the_cli(tmp_path, sts_file, name):
     import json
 
