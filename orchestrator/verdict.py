@@ -257,8 +257,8 @@ def busy_note(rows: List[Dict[str, Any]], recommended: bool = False) -> str:
     cores with other work, so every batch waited on a descheduled thread and the jobs' timings converge on the
     scheduler's, not their compute's (seen under a one-core hog: fp32 and bf16 both ~940 ms per batch with 2
     threads; bf16 1.84x with runtime.threads=1). Beside a recommendation the same wait inflates the speedups over
-    an eager fp32 whose threads wait most (the AMD EPYC, 2026-12-05: openvino int8 recommended at 8.54x under a
-    one-core hog, where quiet races chose pt2e int8 at 2.7-3.0x). The busiest job (its timed rounds' median
+    an eager fp32 whose threads wait most (the AMD EPYC, 2026-12-05: an engine's int8 recommended at 8.54x under a
+    one-core hog, where quiet races chose another stack at 2.7-3.0x). The busiest job (its timed rounds' median
     when raced, else its start), with the setting that fits; empty on a quiet machine."""
     def load(r):  # a raced job's rounds (launcher-measured) say more than its start
         return r["cores_busy_in_rounds"] if r.get("cores_busy_in_rounds") is not None else r.get("cores_busy_at_start")

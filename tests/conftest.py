@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -13,7 +15,8 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
-from typing import Dict, List, Optional
+from types import SimpleNamespace
+from typing import Callable, Dict, List, Optional
 
 import pytest
 
@@ -377,17 +380,17 @@ def pytest_configure(config):
         config.option.loadscopereorder = False
 
 
-# Test files by their seconds in a full run (the README's command, AMD EPYC 2 cores, 2026-12-05: the sum of each
+# Test files by their seconds in a full run (the README's command, AMD EPYC 2 cores, 2026-12-05, late): the sum of each
 # file's tests; the two reference files since their batches are length-sorted), the heaviest queued first so the
 # two workers finish together (longest first is within 4/3 of the best split); a file not listed counts 0.5 s per
 # test. Only the order changes: refresh it when a file's share moves (--durations, or --junitxml per file).
-FILE_SECONDS = {"test_race.py": 188, "test_tracking_faults.py": 152, "test_engines.py": 123,
-                "test_engines_reference.py": 115, "test_distributed.py": 108, "test_trust.py": 88, "test_cli.py": 74,
-                "test_reliability.py": 45, "test_hardening2.py": 62, "test_bad_data.py": 55, "test_launchers.py": 52,
-                "test_reference.py": 37, "test_scenarios.py": 34, "test_newcomer.py": 31, "test_weights.py": 14,
-                "test_plugins.py": 25, "test_bad_input.py": 22, "test_run.py": 22,
-                "test_stress.py": 19, "test_question_answering.py": 18, "test_postgres.py": 18,
-                "test_performance.py": 15, "test_extension.py": 14, "test_records.py": 14, "test_configs.py": 12}
+FILE_SECONDS = {"test_race.py": 197, "test_tracking_faults.py": 177, "test_distributed.py": 132,
+                "test_engines_reference.py": 127, "test_trust.py": 112, "test_engines.py": 79, "test_cli.py": 75,
+                "test_launchers.py": 51, "test_bad_data.py": 51, "test_reliability.py": 48, "test_scenarios.py": 38,
+                "test_reference.py": 37, "test_newcomer.py": 31, "test_run.py": 24, "test_plugins.py": 22,
+                "test_hardening2.py": 21, "test_bad_input.py": 21, "test_stress.py": 21,
+                "test_question_answering.py": 18, "test_postgres.py": 17, "test_records.py": 15,
+                "test_extension.py": 15, "test_performance.py": 14, "test_configs.py": 14, "test_weights.py": 11}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -452,6 +455,16 @@ def run_cli(*args: str, cwd: Path, env: Optional[dict] = None, timeout: float = 
             tool: str = "orchestrator") -> subprocess.CompletedProcess:
     """``orchestrator ARGS`` (or ``orchestrator-import``/``-report``) as a user runs it, in ``cwd``."""
     return finish(start_cli(*args, cwd=cwd, env=env, tool=tool), timeout)
+
+
+def run_tool(main: Callable[[List[str]], int], *args: str) -> SimpleNamespace:
+    """``orchestrator-import``/``-report`` in this process (``main`` is the console script's function): for a
+    second call whose subject is the store, not the tool's start-up (each tool is run through its console script
+    elsewhere). stdout and stderr as the CLI's would be."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main(list(args))
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 
 # -- configs -------------------------------------------------------------------------------------------------------

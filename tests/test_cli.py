@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import mlflow_store, run_cli, runs_of, sqlite_uri
+from conftest import mlflow_store, run_cli, run_tool, runs_of, sqlite_uri
+from orchestrator import importer
+from orchestrator.summary import report_main
 
 pytestmark = pytest.mark.slow
 
@@ -56,11 +58,13 @@ def test_sweep_creates_parent_children_and_summary(tmp_path, tiny_encoder, sts_f
     assert len(csv) == 5 and header[:6] == ["job", "stack", "precision", "dataset.max_samples", "metric", "value"]
     assert {"throughput", "speedup", "speedup_ci_low", "speedup_ci_high", "gate", "agreement_vs_baseline"} <= set(header)
 
-    report = run_cli(parent.info.run_id, "--tracking-uri", uri, cwd=tmp_path, tool="orchestrator-report")
+    # the report and the import of this sweep, in process (both tools run through their console scripts in
+    # tests/test_tracking_faults.py)
+    report = run_tool(report_main, parent.info.run_id, "--tracking-uri", uri)
     assert report.returncode == 0, report.stderr
     assert "4 jobs, 2 not finished" in report.stdout and "FAILED" in report.stdout
     # importing the sweep adds nothing: the refused jobs are meant to have no MLflow run
-    imported = run_cli(str(sweep_dir), "--tracking-uri", uri, cwd=tmp_path, tool="orchestrator-import")
+    imported = run_tool(importer.main, str(sweep_dir), "--tracking-uri", uri)
     assert imported.returncode == 0, imported.stderr
     assert imported.stdout.count("refused by its config before any run") == 2
     assert len(runs_of(uri)[1]) == 3

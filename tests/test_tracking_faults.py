@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (MlflowServer, finish, measuring, mlflow_store, run_cli, runs_of, sqlite_uri, start_cli,
-                      tiny_sts_overrides, wait_for)
+from conftest import (MlflowServer, finish, measuring, mlflow_store, run_cli, run_tool, runs_of, sqlite_uri,
+                      start_cli, tiny_sts_overrides, wait_for)
+from orchestrator import importer
 
 pytestmark = pytest.mark.slow
 
@@ -104,7 +105,7 @@ def test_import_puts_an_untracked_run_into_mlflow_once(untracked_run):
     assert run.data.params["runtime.batch_size"] == "32" and run.data.tags["stack"] == "eager"
     assert run.data.tags["process.pid"] and run.data.tags["run_dir"] == str(run_dir.resolve())
     assert {"results.json", "decisions.json", "hydra"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
-    second = import_cli(str(run_dir), "--tracking-uri", uri, cwd=tmp_path)
+    second = run_tool(importer.main, str(run_dir), "--tracking-uri", uri)  # the store's answer, in process
     assert second.returncode == 0 and "nothing to add" in second.stdout
     _, again = runs_of(uri)
     assert len(again) == 1 and again[0].data.metrics == run.data.metrics
@@ -164,7 +165,7 @@ def test_a_server_killed_mid_sweep_costs_no_results_and_import_completes_the_swe
         assert sorted(jobs) == ["0", "1", "2"]
         assert all(r.info.status == "FINISHED" and "throughput" in r.data.metrics for r in jobs.values())
         assert parent.info.status == "FINISHED" and parent.data.metrics["n_jobs"] == 3
-        second = import_cli(str(sweep_dir), cwd=tmp_path)
+        second = run_tool(importer.main, str(sweep_dir))  # the store's answer, in process
         assert second.returncode == 0 and "created" not in second.stdout and " +" not in second.stdout
         assert len(runs_of(url)[1]) == len(runs)
     finally:
