@@ -32,6 +32,10 @@ class Registry:
         self._check_class(name, cls, "the registered object")
         self._loaded[name] = cls
 
+    def unregister(self, name: str) -> None:
+        """Undo ``register`` (a test's plugin must not outlive the test: the stack-order message lists every name)."""
+        self._loaded.pop(name, None)
+
     def names(self) -> List[str]:
         return sorted(set(self._entry_points()) | set(self._loaded))
 

@@ -123,11 +123,14 @@ def test_plugin_failure_policy(compose, tiny_encoder, sts_file, tracking_uri):
             raise RuntimeError("kernel refused")
 
     plugins.register("broken", Broken)
-    base = tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri) + ["+optimization.broken={}"]
-    with pytest.raises(PluginUnavailable, match="optimization plugin 'broken' is unavailable: apply failed: "
-                                                "RuntimeError: kernel refused"):
-        run(compose(*base))
-    results = run(compose(*base, "runtime.on_plugin_error=fallback"))
+    try:
+        base = tiny_sts_overrides(tiny_encoder, sts_file, tracking_uri) + ["+optimization.broken={}"]
+        with pytest.raises(PluginUnavailable, match="optimization plugin 'broken' is unavailable: apply failed: "
+                                                    "RuntimeError: kernel refused"):
+            run(compose(*base))
+        results = run(compose(*base, "runtime.on_plugin_error=fallback"))
+    finally:
+        plugins.unregister("broken")  # later tests in this worker list the registered names
     assert results["status"] == "FINISHED" and results["applied"] == []
     assert results["tags"]["plugin.broken.fallback"] == "RuntimeError: kernel refused"
 
