@@ -292,7 +292,8 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
         return "no recommendation: the sweep has no finished eager fp32 job to measure speedups and accuracy against"
     lines = []
     for w in workloads:
-        group = [r for r in rows if r.get("workload") == w and r.get("speedup") and r.get("gate") != "baseline"]
+        ours = [r for r in rows if r.get("workload") == w]
+        group = [r for r in ours if r.get("speedup") and r.get("gate") != "baseline"]
         # a scenario's figure is one LoadGen run: better is all it can say (its line says there is no interval)
         good = [r for r in group if r.get("gate") == "pass" and (
             stats.faster_beyond(r.get("speedup_ci_low"), min_effect)
@@ -307,14 +308,14 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
             lines.append(f"{prefix}recommended: {_label(best)}: {_interval(best)} vs eager fp32, "
                          f"{best['metric']} {delta:+.2f}" + (f", agreement {agree:.1%}" if agree is not None else "")
                          + runner_up(best, rows, min_effect)
-                         + busy_note([r for r in rows if r.get("workload") == w], recommended=True))
+                         + busy_note(ours, recommended=True))
             continue
         if good:
             top = max(good, key=speed)
             lines.append(f"{prefix}no recommendation: {_label(top)} is the fastest that passes the gate but its "
                          f"speedup {_interval(top)} spans more than {WIDE:g}x either way: too uncertain to act on "
                          "(race more rounds: race.max_rounds, race.budget_s; or a quieter machine)"
-                         + busy_note([r for r in rows if r.get("workload") == w]))
+                         + busy_note(ours))
             continue
         faster = sorted((r for r in group if r.get("speedup", 0) > 1.0), key=lambda r: -speed(r))
         note = ""
@@ -324,5 +325,5 @@ def recommend(rows: List[Dict[str, Any]], min_effect: float = 0.0) -> Optional[s
                    else "within noise" if top.get("noise") == "within noise" else "no interval")
             note = f" (fastest, {_label(top)} at {_interval(top)}, {why})"
         lines.append(f"{prefix}no recommendation: nothing beat eager fp32 beyond noise while passing the "
-                     f"accuracy gate{note}" + busy_note([r for r in rows if r.get("workload") == w]))
+                     f"accuracy gate{note}" + busy_note(ours))
     return "; ".join(lines)

@@ -225,18 +225,21 @@ def telemetry_only_by_consent() -> str:
         from openvino_telemetry.utils.opt_in_checker import ConsentCheckResult, OptInChecker
     except ImportError:
         return "not installed"
-    check = OptInChecker.check
+    changed = "as openvino_telemetry decides (its consent check changed)"
+    check = getattr(OptInChecker, "check", None)
+    if check is None or not all(hasattr(ConsentCheckResult, n) for n in ("NO_FILE", "DECLINED", "ACCEPTED")):
+        return changed  # an openvino_telemetry this was not written against: its own behaviour, said in the tag
     if not getattr(check, "by_consent_only", False):
-        if not callable(check) or not hasattr(ConsentCheckResult, "NO_FILE"):
-            return "as openvino_telemetry decides (its consent check changed)"
-
         def by_consent(self, *args, **kwargs):
             result = check(self, *args, **kwargs)
             return ConsentCheckResult.DECLINED if result == ConsentCheckResult.NO_FILE else result
 
         by_consent.by_consent_only = True
         OptInChecker.check = by_consent
-    answer = OptInChecker.check(OptInChecker(), False)
+    try:
+        answer = OptInChecker().check(False)
+    except TypeError:  # another signature: the telemetry must not stop the run
+        return changed
     return "sent (the user opted in)" if answer == ConsentCheckResult.ACCEPTED else "off"
 
 
